@@ -1,0 +1,134 @@
+"""Clients for Storage (blob, queue, table) and Key Vault, built from the settings.
+
+In Azure every client authenticates with the user-assigned managed identity; locally, storage uses Azurite's
+connection string and Key Vault a credential from the environment (see README, "Local stack"). Clients are
+created on first use and shared: the SDK clients are thread-safe.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Any
+from urllib.parse import urlparse
+
+from azure.core.credentials import TokenCredential
+from azure.core.exceptions import ResourceExistsError
+from azure.data.tables import TableClient, TableServiceClient
+from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
+from azure.keyvault.secrets import SecretClient
+from azure.storage.blob import BlobServiceClient, ContainerClient
+from azure.storage.queue import QueueClient, QueueServiceClient, TextBase64DecodePolicy, TextBase64EncodePolicy
+
+from shared.settings import Settings
+
+# Storage calls should fail fast enough that one slow dependency cannot eat a run's time budget.
+STORAGE_TIMEOUTS: dict[str, Any] = {"connection_timeout": 10, "read_timeout": 60}
+_lock = threading.Lock()
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    return {"connection_verify": settings.ca_bundle} if settings.ca_bundle else {}
+
+
+@functools.cache
+def azure_credential(settings: Settings) -> TokenCredential:
+    """The app's identity: the user-assigned managed identity in Azure, the developer's environment locally."""
+    if settings.managed_identity_client_id and not _environment_has_client_secret():
+        return ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
+    return DefaultAzureCredential(
+        exclude_interactive_browser_credential=True,
+        # A private or sovereign authority host is not in MSAL's discovery list; trust the configured one.
+        disable_instance_discovery=not settings.is_public_cloud_authority,
+        **_transport_options(settings),
+    )
+
+
+def _environment_has_client_secret() -> bool:
+    return bool(os.environ.get("AZURE_CLIENT_SECRET"))
+
+
+@functools.cache
+def blob_service(settings: Settings) -> BlobServiceClient:
+    storage = settings.storage
+    if storage.connection_string:
+        return BlobServiceClient.from_connection_string(storage.connection_string, **STORAGE_TIMEOUTS)
+    assert storage.blob_uri is not None
+    return BlobServiceClient(storage.blob_uri, credential=azure_credential(settings), **STORAGE_TIMEOUTS)
+
+
+@functools.cache
+def queue_service(settings: Settings) -> QueueServiceClient:
+    storage = settings.storage
+    policies: dict[str, Any] = {
+        # The Functions queue trigger expects base64 (host.json messageEncoding) and so do consumers.
+        "message_encode_policy": TextBase64EncodePolicy(),
+        "message_decode_policy": TextBase64DecodePolicy(),
+    }
+    if storage.connection_string:
+        return QueueServiceClient.from_connection_string(storage.connection_string, **policies, **STORAGE_TIMEOUTS)
+    assert storage.queue_uri is not None
+    return QueueServiceClient(
+        storage.queue_uri, credential=azure_credential(settings), **policies, **STORAGE_TIMEOUTS
+    )
+
+
+@functools.cache
+def table_service(settings: Settings) -> TableServiceClient:
+    storage = settings.storage
+    if storage.connection_string:
+        return TableServiceClient.from_connection_string(storage.connection_string, **STORAGE_TIMEOUTS)
+    assert storage.table_uri is not None
+    return TableServiceClient(storage.table_uri, credential=azure_credential(settings), **STORAGE_TIMEOUTS)
+
+
+@functools.cache
+def secret_client(settings: Settings) -> SecretClient:
+    return SecretClient(
+        settings.key_vault_uri,
+        azure_credential(settings),
+        # Only a real vault's challenge names a resource under its own domain; the local endpoint's does not.
+        verify_challenge_resource=".vault." in (urlparse(settings.key_vault_uri).hostname or ""),
+        # A handful of quick retries: throttling is retried by the next run, not by stalling this one.
+        retry_total=3,
+        retry_backoff_max=8,
+        **_transport_options(settings),
+    )
+
+
+_created: set[tuple[str, str]] = set()
+
+
+def _once(kind: str, name: str, create: Any) -> None:
+    """Create a queue, container or table the first time this process uses it (idempotent, cheap after)."""
+    with _lock:
+        if (kind, name) in _created:
+            return
+    create()
+    with _lock:
+        _created.add((kind, name))
+
+
+def container(settings: Settings, name: str) -> ContainerClient:
+    client = blob_service(settings).get_container_client(name)
+    _once("container", name, lambda: _ignore_exists(client.create_container))
+    return client
+
+
+def queue(settings: Settings, name: str) -> QueueClient:
+    client = queue_service(settings).get_queue_client(name)
+    _once("queue", name, lambda: _ignore_exists(client.create_queue))
+    return client
+
+
+def table(settings: Settings, name: str) -> TableClient:
+    _once("table", name, lambda: table_service(settings).create_table_if_not_exists(name))
+    return table_service(settings).get_table_client(name)
+
+
+def _ignore_exists(create: Any) -> None:
+    try:
+        create()
+    except ResourceExistsError:
+        pass

@@ -1,0 +1,52 @@
+"""Mailbox addresses and the names derived from them (registry keys, Key Vault secret names, blob names)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+
+from shared.errors import ConfigurationError
+
+# Deliberately narrower than RFC 5321: the address ends up in URLs, IMAP commands and SASL strings, so anything
+# that could smuggle a CR, LF, quote, space or control character is refused outright.
+_ADDRESS = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                      r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+MAX_ADDRESS_LENGTH = 254
+
+
+class InvalidMailboxError(ValueError):
+    """The text is not a mailbox address this app accepts; the message says why."""
+
+
+def normalize_address(text: str, *, allowed_domains: Sequence[str] = ()) -> str:
+    """Return the lower-cased address, or raise InvalidMailboxError.
+
+    ``allowed_domains`` (empty: any) limits which domains may be authorized.
+    """
+    address = text.strip().lower()
+    if len(address) > MAX_ADDRESS_LENGTH or not _ADDRESS.match(address) or ".." in address:
+        raise InvalidMailboxError("not a valid email address")
+    domain = address.rsplit("@", 1)[1]
+    if allowed_domains and domain not in allowed_domains:
+        raise InvalidMailboxError(f"the domain {domain} is not in ALLOWED_MAIL_DOMAINS")
+    return address
+
+
+def mailbox_key(address: str) -> str:
+    """A stable key made of letters, digits and dashes, readable and unique per address.
+
+    It is the registry row key and the Key Vault secret name (which allows letters, digits and dashes, up to
+    127 characters), so it carries a hash: two addresses that differ only in punctuation never collide.
+    """
+    readable = re.sub(r"[^a-z0-9]+", "-", address.lower()).strip("-")[:80]
+    digest = hashlib.sha256(address.lower().encode()).hexdigest()[:12]
+    return f"mbx-{readable}-{digest}"
+
+
+def require_address(text: str) -> str:
+    """Like normalize_address for addresses that come from our own storage; a bad one is a configuration error."""
+    try:
+        return normalize_address(text)
+    except InvalidMailboxError as e:
+        raise ConfigurationError(f"stored mailbox address {text!r} is invalid: {e}") from e

@@ -1,0 +1,65 @@
+"""A logging filter that keeps tokens, codes, secrets and SASL strings out of every log record.
+
+It is a safety net, not the main defence: the code never formats secrets into messages. It also scrubs what
+libraries log (MSAL, azure-core, imaplib) when an operator turns on DEBUG.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+REDACTED = "[redacted]"
+
+_PATTERNS: tuple[re.Pattern[str], ...] = (
+    # JSON Web Tokens (access and id tokens): three base64url segments, the first one a JSON header.
+    re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),
+    # Bearer credentials in headers or SASL strings.
+    re.compile(r"(?i)(bearer\s+)[^\s\"',;\x01]+"),
+    # key=value and "key": "value" forms of OAuth secrets, in query strings, form bodies and JSON.
+    re.compile(
+        r"(?i)((?:refresh_token|access_token|id_token|client_secret|client_assertion|code_verifier|"
+        r"code|state|nonce|password|secret|assertion|sig|AccountKey)[\"']?\s*[=:]\s*[\"']?)[^&\s\"',;]+"
+    ),
+    # base64 of a SASL XOAUTH2 / OAUTHBEARER initial response ("user=" / "n,a=" prefixes).
+    re.compile(r"(?:dXNlcj|bixhPS|biwsYT)[A-Za-z0-9+/=]{16,}"),
+    # Microsoft refresh tokens are opaque and long; they start with a version marker such as "0.A".
+    re.compile(r"\b[01]\.A[A-Za-z0-9_.\-*]{40,}"),
+)
+
+
+def redact(text: str) -> str:
+    """Return ``text`` with every secret-looking value replaced by ``[redacted]``."""
+    for pattern in _PATTERNS:
+        text = pattern.sub(lambda m: (m.group(1) if m.lastindex else "") + REDACTED, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Formats the record once, scrubs it, and freezes the result so handlers see only the scrubbed text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string must not hide the record
+            message = f"{record.msg!r} {record.args!r}"
+        record.msg = redact(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+def install(logger: logging.Logger | None = None) -> None:
+    """Put the filter on ``logger``'s handlers (default: the root logger's), once each.
+
+    Filters on handlers see records from every library logger that propagates to them.
+    """
+    target = logger or logging.getLogger()
+    if not target.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for handler in target.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())

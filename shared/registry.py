@@ -1,0 +1,199 @@
+"""The mailbox registry: one Table storage row per authorized mailbox, with its settings, checkpoint and status.
+
+A row is written only after the mailbox's token cache is in Key Vault, so a row never points to a missing
+secret. The checkpoint (UIDVALIDITY, last UID) lives in the same row and only moves forward after the messages up
+to it are on the queue and the after-action is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.data.tables import TableClient, UpdateMode
+
+from shared.errors import TransientError
+from shared.mailboxes import mailbox_key
+
+logger = logging.getLogger(__name__)
+
+PARTITION = "mailbox"
+
+ACTIVE = "active"
+NEEDS_RECONSENT = "needs_reconsent"
+DISABLED = "disabled"
+STATUSES = (ACTIVE, NEEDS_RECONSENT, DISABLED)
+
+AFTER_ACTIONS = ("leave", "seen", "move", "delete")
+DEFAULT_FOLDER = "INBOX"
+DEFAULT_AFTER_ACTION = "seen"
+DEFAULT_MAX_MESSAGES = 500
+DEFAULT_MAX_BYTES = 200 * 1024 * 1024  # per mailbox and run; at least one message is always taken
+
+
+@dataclass(frozen=True)
+class MailboxOptions:
+    """What an admin chooses per mailbox: where to read, what to do with collected mail, and per-run caps."""
+
+    folder: str = DEFAULT_FOLDER
+    after_action: str = DEFAULT_AFTER_ACTION
+    move_to: str = ""
+    max_messages: int = DEFAULT_MAX_MESSAGES
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def __post_init__(self) -> None:
+        if self.after_action not in AFTER_ACTIONS:
+            raise ValueError(f"after_action must be one of {', '.join(AFTER_ACTIONS)}")
+        if self.after_action == "move" and not self.move_to:
+            raise ValueError("after_action 'move' needs move_to (the folder to move collected mail to)")
+        if not self.folder or any(c in self.folder for c in "\r\n\"\0") or len(self.folder) > 200:
+            raise ValueError("folder must be a plain folder name")
+        if self.move_to and (any(c in self.move_to for c in "\r\n\"\0") or len(self.move_to) > 200):
+            raise ValueError("move_to must be a plain folder name")
+        if not 1 <= self.max_messages <= 100_000:
+            raise ValueError("max_messages must be between 1 and 100000")
+        if not 1 <= self.max_bytes <= 10 * 1024**3:
+            raise ValueError("max_bytes must be between 1 and 10 GiB")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], base: MailboxOptions | None = None) -> MailboxOptions:
+        """Options from user input (JSON or query), on top of ``base``. Raises ValueError naming the bad field."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown option(s): {', '.join(unknown)}")
+        values = dataclasses.asdict(base or cls())
+        for name, value in data.items():
+            if name in ("max_messages", "max_bytes"):
+                try:
+                    values[name] = int(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{name} must be a whole number") from None
+            elif isinstance(value, str):
+                values[name] = value.strip()
+            else:
+                raise ValueError(f"{name} must be text")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    address: str
+    status: str = ACTIVE
+    options: MailboxOptions = MailboxOptions()
+    signed_in_as: str = ""
+    consented_by: str = ""
+    consented_at: datetime | None = None
+    uidvalidity: int = 0
+    last_uid: int = 0
+    last_run_at: datetime | None = None
+    last_success_at: datetime | None = None
+    last_error_class: str = ""
+    last_error: str = ""
+    consecutive_failures: int = 0
+    token_saved_at: datetime | None = None
+    retry_after: datetime | None = None
+    collected_total: int = 0
+
+    @property
+    def key(self) -> str:
+        return mailbox_key(self.address)
+
+    def to_public(self) -> dict[str, Any]:
+        """A JSON-ready view for admins (no secrets are held in the row in the first place)."""
+        data = dataclasses.asdict(self)
+        for name, value in data.items():
+            if isinstance(value, datetime):
+                data[name] = value.isoformat()
+        return data
+
+
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(MailboxOptions))
+_ROW_FIELDS = tuple(f.name for f in dataclasses.fields(Mailbox) if f.name != "options")
+
+
+def _to_entity(mailbox: Mailbox) -> dict[str, Any]:
+    entity: dict[str, Any] = {"PartitionKey": PARTITION, "RowKey": mailbox.key}
+    for name in _ROW_FIELDS:
+        value = getattr(mailbox, name)
+        if value is not None:
+            entity[name] = value
+    for name in _OPTION_FIELDS:
+        entity[f"opt_{name}"] = getattr(mailbox.options, name)
+    # Table storage has 64-bit integers only as a typed value; Python ints above 2**31 need it.
+    entity["opt_max_bytes"] = (entity["opt_max_bytes"], "Edm.Int64")
+    return entity
+
+
+def _from_entity(entity: Mapping[str, Any]) -> Mailbox:
+    options = {name: entity[f"opt_{name}"] for name in _OPTION_FIELDS if f"opt_{name}" in entity}
+    if "max_bytes" in options:
+        options["max_bytes"] = int(getattr(options["max_bytes"], "value", options["max_bytes"]))
+    values = {name: entity[name] for name in _ROW_FIELDS if name in entity}
+    for name, value in values.items():
+        values[name] = getattr(value, "value", value)  # EntityProperty for Int64
+    return Mailbox(options=MailboxOptions(**options), **values)
+
+
+class MailboxRegistry:
+    """CRUD over the registry table. Storage failures become TransientError (nothing was changed or lost)."""
+
+    def __init__(self, table: TableClient) -> None:
+        self._table = table
+
+    def get(self, address: str) -> Mailbox:
+        """Raises KeyError when the mailbox is not registered."""
+        try:
+            return _from_entity(self._call(self._table.get_entity, PARTITION, mailbox_key(address)))
+        except ResourceNotFoundError:
+            raise KeyError(address) from None
+
+    def find(self, address: str) -> Mailbox | None:
+        try:
+            return self.get(address)
+        except KeyError:
+            return None
+
+    def list(self) -> list[Mailbox]:
+        return list(self._iter())
+
+    def _iter(self) -> Iterator[Mailbox]:
+        query = f"PartitionKey eq '{PARTITION}'"
+        for entity in self._call(lambda: list(self._table.query_entities(query))):
+            yield _from_entity(entity)
+
+    def put(self, mailbox: Mailbox) -> None:
+        """Create or fully replace a row."""
+        self._call(self._table.upsert_entity, _to_entity(mailbox), mode=UpdateMode.REPLACE)
+
+    def update(self, address: str, **fields: Any) -> None:
+        """Merge the named fields into an existing row (status, checkpoint, counters)."""
+        entity: dict[str, Any] = {"PartitionKey": PARTITION, "RowKey": mailbox_key(address)}
+        entity.update({k: v for k, v in fields.items() if v is not None})
+        self._call(self._table.update_entity, entity, mode=UpdateMode.MERGE)
+
+    def delete(self, address: str) -> None:
+        """Succeeds when the row is already absent."""
+        self._call(self._table.delete_entity, PARTITION, mailbox_key(address))
+
+    @staticmethod
+    def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ResourceNotFoundError:
+            raise
+        except AzureError as e:
+            raise TransientError(
+                f"mailbox registry (Table storage) unavailable: {type(e).__name__}",
+                remedy="check the storage account and the app identity's Storage Table Data Contributor role; "
+                "the next run retries",
+            ) from e
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
