@@ -1,0 +1,359 @@
+"""Start, stop and describe the local stand-ins for Azure: Azurite, the Key Vault endpoint, the Entra ID
+stand-in and Dovecot. Everything listens on loopback; state, certificates and logs live in ``.stack/``.
+
+``start`` is idempotent: parts already running (pid alive and port answering) are left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from devstack import certs
+
+REPO = Path(__file__).resolve().parent.parent
+NODE_BIN = REPO / "devstack" / "node_modules" / ".bin"
+START_TIMEOUT = 40.0  # seconds; Dovecot's first start and Node's module loading are the slow ones
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("STACK_DIR", REPO / ".stack"))
+
+
+def _port(name: str, default: int) -> int:
+    return int(os.environ.get(f"STACK_{name}_PORT", default))
+
+
+@dataclass(frozen=True)
+class Ports:
+    blob: int = _port("BLOB", 10000)
+    queue: int = _port("QUEUE", 10001)
+    table: int = _port("TABLE", 10002)
+    keyvault: int = _port("KEYVAULT", 10444)
+    entra: int = _port("ENTRA", 10443)
+    imaps: int = _port("IMAPS", 10993)
+    host: int = _port("HOST", 7071)
+
+
+class StackError(RuntimeError):
+    """A part of the local stack failed to start or is not running; the message names it."""
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    port: int
+    command: Callable[[], list[str]]
+    ready: Callable[[], bool]
+    env: dict[str, str] | None = None
+
+
+def _identity(folder: Path) -> dict[str, str]:
+    """Tenant, client and the test user's password: made once, then kept so that stored settings stay valid."""
+    path = folder / "identity.json"
+    if path.exists():
+        data: dict[str, str] = json.loads(path.read_text())
+        return data
+    data = {
+        "tenant_id": str(uuid.uuid4()),
+        "client_id": str(uuid.uuid4()),
+        "client_secret": secrets.token_urlsafe(32),
+        "user_password": secrets.token_urlsafe(12),
+        "function_key": secrets.token_urlsafe(24),
+        "master_key": secrets.token_urlsafe(24),
+    }
+    path.write_text(json.dumps(data, indent=2))
+    path.chmod(0o600)
+    return data
+
+
+def describe() -> dict[str, Any]:
+    """Everything a client needs to use the stack (written to ``.stack/stack.json`` too)."""
+    folder = run_dir()
+    ports = Ports()
+    paths = certs.ensure_certificates(folder / "tls")
+    signing_key, signing_public, kid = certs.ensure_signing_key(folder / "tls")
+    ident = _identity(folder)
+    entra_origin = f"https://localhost:{ports.entra}"
+    storage = (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        # Azurite's published development key: a well-known constant, not a secret.
+        "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
+        f"BlobEndpoint=http://127.0.0.1:{ports.blob}/devstoreaccount1;"
+        f"QueueEndpoint=http://127.0.0.1:{ports.queue}/devstoreaccount1;"
+        f"TableEndpoint=http://127.0.0.1:{ports.table}/devstoreaccount1;"
+    )
+    return {
+        "run_dir": str(folder),
+        "ports": ports.__dict__,
+        "ca": str(paths["ca"]),
+        "ca_bundle": str(paths["bundle"]),
+        "tls_cert": str(paths["cert"]),
+        "tls_key": str(paths["key"]),
+        "signing_key": str(signing_key),
+        "signing_public_key": str(signing_public),
+        "signing_kid": kid,
+        "entra_origin": entra_origin,
+        "issuer": f"{entra_origin}/{ident['tenant_id']}/v2.0",
+        "key_vault_uri": f"https://localhost:{ports.keyvault}",
+        "imap_host": "localhost",
+        "imap_port": ports.imaps,
+        "storage_connection_string": storage,
+        "host_origin": f"http://localhost:{ports.host}",
+        "dovecot_config": str(folder / "dovecot" / "dovecot.conf"),
+        **ident,
+    }
+
+
+def app_settings(info: dict[str, Any]) -> dict[str, str]:
+    """App settings for running the function app against this stack (the Values of local.settings.json)."""
+    return {
+        "FUNCTIONS_WORKER_RUNTIME": "python",
+        "AzureWebJobsFeatureFlags": "EnableWorkerIndexing",
+        "AzureWebJobsStorage": info["storage_connection_string"],
+        "KEY_VAULT_URI": info["key_vault_uri"],
+        # Locally the app authenticates to Key Vault as the Entra app itself (azure-identity's environment
+        # credential); in Azure it is the managed identity and these three are absent.
+        "AZURE_TENANT_ID": info["tenant_id"],
+        "AZURE_CLIENT_ID": info["client_id"],
+        "AZURE_CLIENT_SECRET": info["client_secret"],
+        "AZURE_AUTHORITY_HOST": info["entra_origin"],
+        "ENTRA_TENANT_ID": info["tenant_id"],
+        "ENTRA_CLIENT_ID": info["client_id"],
+        "ENTRA_CLIENT_SECRET": info["client_secret"],
+        "ENTRA_AUTHORITY_HOST": info["entra_origin"],
+        "IMAP_HOST": info["imap_host"],
+        "IMAP_PORT": str(info["imap_port"]),
+        "TLS_CA_BUNDLE": info["ca_bundle"],
+        "COLLECT_SCHEDULE": "0 */5 * * * *",
+        "LOCAL_FUNCTION_KEY": info["function_key"],
+        "LOCAL_MASTER_KEY": info["master_key"],
+    }
+
+
+def write_local_settings(info: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps({"IsEncrypted": False, "Values": app_settings(info)}, indent=2) + "\n")
+    path.chmod(0o600)
+
+
+def _tcp_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _https_ok(url: str, ca: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            context = ssl.create_default_context(cafile=ca)
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    return check
+
+
+def _parts(info: dict[str, Any]) -> list[Part]:
+    folder = Path(info["run_dir"])
+    ports = Ports()
+    from devstack import dovecot  # imported here: it is only needed when Dovecot is started
+
+    def azurite() -> list[str]:
+        return [
+            str(NODE_BIN / "azurite"),
+            "--silent",
+            "--location", str(folder / "azurite"),
+            "--blobHost", "127.0.0.1", "--blobPort", str(ports.blob),
+            "--queueHost", "127.0.0.1", "--queuePort", str(ports.queue),
+            "--tableHost", "127.0.0.1", "--tablePort", str(ports.table),
+            "--skipApiVersionCheck", "--disableTelemetry", "--loose",
+        ]  # fmt: skip
+
+    def keyvault() -> list[str]:
+        return [
+            sys.executable, "-m", "devstack.keyvault",
+            "--host", "127.0.0.1", "--port", str(ports.keyvault),
+            "--cert", info["tls_cert"], "--key", info["tls_key"],
+            "--state", str(folder / "keyvault.json"),
+        ]  # fmt: skip
+
+    def entra() -> list[str]:
+        config = folder / "entra.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "host": "127.0.0.1",
+                    "port": ports.entra,
+                    "public_origin": info["entra_origin"],
+                    "tls_cert": info["tls_cert"],
+                    "tls_key": info["tls_key"],
+                    "signing_key": info["signing_key"],
+                    "signing_kid": info["signing_kid"],
+                    "tenant_id": info["tenant_id"],
+                    "user_password": info["user_password"],
+                    "access_token_ttl_seconds": 3600,
+                    "clients": [
+                        {
+                            "client_id": info["client_id"],
+                            "client_secret": info["client_secret"],
+                            "redirect_uris": [f"http://localhost:{ports.host}/api/auth/callback"],
+                        }
+                    ],
+                },
+                indent=2,
+            )
+        )
+        config.chmod(0o600)
+        return ["node", str(REPO / "devstack" / "entra" / "server.mjs"), "--config", str(config)]
+
+    def dovecot_command() -> list[str]:
+        conf = dovecot.write_config(
+            folder,
+            port=ports.imaps,
+            tls_cert=Path(info["tls_cert"]),
+            tls_key=Path(info["tls_key"]),
+            signing_public_key=Path(info["signing_public_key"]),
+            signing_kid=info["signing_kid"],
+            issuer=info["issuer"],
+        )
+        return ["dovecot", "-F", "-c", str(conf)]
+
+    return [
+        Part("azurite", ports.queue, azurite, lambda: all(_tcp_open(p) for p in (ports.blob, ports.queue, ports.table))),
+        Part("keyvault", ports.keyvault, keyvault,
+             _https_ok(f"https://localhost:{ports.keyvault}/_control/health", info["ca"]),
+             env={"PYTHONPATH": str(REPO)}),
+        Part("entra", ports.entra, entra, _https_ok(f"{info['entra_origin']}/_control/health", info["ca"])),
+        Part("dovecot", ports.imaps, dovecot_command, lambda: _tcp_open(ports.imaps)),
+    ]  # fmt: skip
+
+
+def _pid_file(name: str) -> Path:
+    return run_dir() / "pids" / f"{name}.pid"
+
+
+def _running_pid(name: str) -> int | None:
+    try:
+        pid = int(_pid_file(name).read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def _log_tail(name: str, lines: int = 15) -> str:
+    path = run_dir() / "logs" / f"{name}.log"
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start(*, parts: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Start every part (or the named ones) that is not running, wait until each answers, and return describe().
+
+    Raises StackError naming the part that did not come up, with the end of its log.
+    """
+    folder = run_dir()
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    (folder / "pids").mkdir(parents=True, exist_ok=True)
+    info = describe()
+    (folder / "stack.json").write_text(json.dumps(info, indent=2))
+    (folder / "stack.json").chmod(0o600)
+    for part in _parts(info):
+        if parts and part.name not in parts:
+            continue
+        if _running_pid(part.name) and part.ready():
+            continue
+        if part.ready():
+            raise StackError(
+                f"{part.name}: port {part.port} is taken by another process; stop it or set STACK_*_PORT"
+            )
+        log = (folder / "logs" / f"{part.name}.log").open("ab")
+        try:
+            process = subprocess.Popen(  # noqa: S603 - fixed argument lists
+                part.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+                env={**os.environ, **(part.env or {})},
+                start_new_session=True,
+            )
+        except FileNotFoundError as e:
+            raise StackError(f"{part.name}: cannot run {e.filename}; run scripts/setup.sh first") from e
+        _pid_file(part.name).write_text(str(process.pid))
+        deadline = time.monotonic() + START_TIMEOUT
+        while not part.ready():
+            if process.poll() is not None or time.monotonic() > deadline:
+                state = f"exited with {process.returncode}" if process.poll() is not None else "did not answer"
+                raise StackError(
+                    f"{part.name} {state} on port {part.port}; its log ({folder / 'logs'}) ends with:\n"
+                    + _log_tail(part.name)
+                )
+            time.sleep(0.2)
+    return info
+
+
+def stop() -> None:
+    """Stop every part this stack started (by process group); parts not running are skipped."""
+    for name in ("dovecot", "entra", "keyvault", "azurite"):
+        pid = _running_pid(name)
+        if pid is None:
+            continue
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        for _ in range(50):
+            if _running_pid(name) is None:
+                break
+            time.sleep(0.1)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+        _pid_file(name).unlink(missing_ok=True)
+
+
+def status() -> dict[str, bool]:
+    info = describe()
+    return {part.name: bool(_running_pid(part.name)) and part.ready() for part in _parts(info)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    command = args[0] if args else "status"
+    try:
+        if command == "start":
+            info = start()
+            write_local_settings(info, REPO / "local.settings.json")
+            print(f"local stack is up; settings in {REPO / 'local.settings.json'}, logs in {run_dir() / 'logs'}")
+        elif command == "stop":
+            stop()
+            print("local stack stopped")
+        elif command == "status":
+            states = status()
+            for name, up in states.items():
+                print(f"{name:9} {'up' if up else 'DOWN'}")
+            return 0 if all(states.values()) else 1
+        else:
+            print("usage: python -m devstack [start|stop|status]", file=sys.stderr)
+            return 2
+    except StackError as e:
+        print(f"local stack: {e}", file=sys.stderr)
+        return 1
+    return 0
