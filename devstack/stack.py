@@ -6,6 +6,7 @@ stand-in and Dovecot. Everything listens on loopback; state, certificates and lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -161,7 +162,7 @@ def _https_ok(url: str, ca: str) -> Callable[[], bool]:
     def check() -> bool:
         try:
             context = ssl.create_default_context(cafile=ca)
-            with urllib.request.urlopen(url, timeout=2, context=context) as response:
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:  # noqa: S310 - https only
                 return bool(response.status == 200)
         except OSError:
             return False
@@ -235,7 +236,7 @@ def _parts(info: dict[str, Any]) -> list[Part]:
         return ["dovecot", "-F", "-c", str(conf)]
 
     return [
-        Part("azurite", ports.queue, azurite, lambda: all(_tcp_open(p) for p in (ports.blob, ports.queue, ports.table))),
+        Part("azurite", ports.queue, azurite, lambda: all(map(_tcp_open, (ports.blob, ports.queue, ports.table)))),
         Part("keyvault", ports.keyvault, keyvault,
              _https_ok(f"https://localhost:{ports.keyvault}/_control/health", info["ca"]),
              env={"PYTHONPATH": str(REPO)}),
@@ -281,12 +282,10 @@ def start(*, parts: tuple[str, ...] = ()) -> dict[str, Any]:
         if _running_pid(part.name) and part.ready():
             continue
         if part.ready():
-            raise StackError(
-                f"{part.name}: port {part.port} is taken by another process; stop it or set STACK_*_PORT"
-            )
+            raise StackError(f"{part.name}: port {part.port} is taken by another process; stop it or set STACK_*_PORT")
         log = (folder / "logs" / f"{part.name}.log").open("ab")
         try:
-            process = subprocess.Popen(  # noqa: S603 - fixed argument lists
+            process = subprocess.Popen(
                 part.command(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -316,10 +315,8 @@ def stop() -> None:
         pid = _running_pid(name)
         if pid is None:
             continue
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         for _ in range(50):
             if _running_pid(name) is None:
                 break

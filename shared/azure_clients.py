@@ -7,6 +7,7 @@ created on first use and shared: the SDK clients are thread-safe.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -69,9 +70,7 @@ def queue_service(settings: Settings) -> QueueServiceClient:
     if storage.connection_string:
         return QueueServiceClient.from_connection_string(storage.connection_string, **policies, **STORAGE_TIMEOUTS)
     assert storage.queue_uri is not None
-    return QueueServiceClient(
-        storage.queue_uri, credential=azure_credential(settings), **policies, **STORAGE_TIMEOUTS
-    )
+    return QueueServiceClient(storage.queue_uri, credential=azure_credential(settings), **policies, **STORAGE_TIMEOUTS)
 
 
 @functools.cache
@@ -128,7 +127,5 @@ def table(settings: Settings, name: str) -> TableClient:
 
 
 def _ignore_exists(create: Any) -> None:
-    try:
+    with contextlib.suppress(ResourceExistsError):
         create()
-    except ResourceExistsError:
-        pass

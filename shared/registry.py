@@ -51,9 +51,9 @@ class MailboxOptions:
             raise ValueError(f"after_action must be one of {', '.join(AFTER_ACTIONS)}")
         if self.after_action == "move" and not self.move_to:
             raise ValueError("after_action 'move' needs move_to (the folder to move collected mail to)")
-        if not self.folder or any(c in self.folder for c in "\r\n\"\0") or len(self.folder) > 200:
+        if not self.folder or any(c in self.folder for c in '\r\n"\0') or len(self.folder) > 200:
             raise ValueError("folder must be a plain folder name")
-        if self.move_to and (any(c in self.move_to for c in "\r\n\"\0") or len(self.move_to) > 200):
+        if self.move_to and (any(c in self.move_to for c in '\r\n"\0') or len(self.move_to) > 200):
             raise ValueError("move_to must be a plain folder name")
         if not 1 <= self.max_messages <= 100_000:
             raise ValueError("max_messages must be between 1 and 100000")
@@ -176,6 +176,13 @@ class MailboxRegistry:
         entity: dict[str, Any] = {"PartitionKey": PARTITION, "RowKey": mailbox_key(address)}
         entity.update({k: v for k, v in fields.items() if v is not None})
         self._call(self._table.update_entity, entity, mode=UpdateMode.MERGE)
+
+    def set_options(self, address: str, options: MailboxOptions) -> None:
+        """Replace the mailbox's options (folder, after-action, caps)."""
+        entity = {
+            k: v for k, v in _to_entity(Mailbox(address=address, options=options)).items() if k.startswith("opt_")
+        }
+        self.update(address, **entity)
 
     def delete(self, address: str) -> None:
         """Succeeds when the row is already absent."""

@@ -127,14 +127,6 @@ def _https_url(env: Mapping[str, str], name: str, value: str) -> str:
 def _storage(env: Mapping[str, str]) -> StorageSettings:
     connection_string = _text(env, "AzureWebJobsStorage")
     if connection_string:
-        if connection_string == "UseDevelopmentStorage=true":
-            connection_string = (
-                "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
-                "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
-                "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;"
-                "QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1;"
-                "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;"
-            )
         return StorageSettings(connection_string=connection_string)
     prefix = "AzureWebJobsStorage__"
     uris = {kind: _text(env, f"{prefix}{kind}ServiceUri") for kind in ("blob", "queue", "table")}

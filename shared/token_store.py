@@ -6,8 +6,11 @@ identity provider and who signed in, never a token.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from azure.core.exceptions import (
     AzureError,
@@ -66,15 +69,13 @@ class TokenCacheStore:
 
     def delete(self, address: str) -> None:
         """Delete the secret (soft delete applies in Azure); succeeds when it is already absent."""
-        try:
+        with contextlib.suppress(ResourceNotFoundError):
             self._call("delete", address, self._client.begin_delete_secret, mailbox_key(address)).wait()
-        except ResourceNotFoundError:
-            pass
 
     @staticmethod
-    def _call(action: str, address: str, fn: object, *args: object, **kwargs: object) -> object:
+    def _call(action: str, address: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)  # type: ignore[operator]
+            return fn(*args, **kwargs)
         except ResourceNotFoundError:
             raise
         except ClientAuthenticationError as e:
@@ -98,7 +99,7 @@ class TokenCacheStore:
 
 def _retry_after(error: HttpResponseError) -> float | None:
     response = error.response
-    value = response.headers.get("Retry-After") if response is not None else None
+    value = response.headers.get("Retry-After") if response is not None else None  # type: ignore[attr-defined]
     try:
         return float(value) if value else None
     except ValueError:

@@ -1,0 +1,294 @@
+"""A collection run: every active mailbox, concurrently within a bound, each under its lease.
+
+Per mailbox, in this order and never otherwise (DESIGN.md, "Nothing lost"):
+raw bytes -> blob; envelope -> queue; after-action on the server; checkpoint in the registry.
+A crash anywhere leaves the checkpoint behind the messages not yet finished, so the next run collects them again
+(at least once; a duplicate envelope carries the same ``id``).
+
+Messages are fetched in batches; while one batch is written to storage the next one is being fetched, so the
+IMAP round trips and the storage writes overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from azure.core.exceptions import AzureError
+from azure.storage.blob import ContainerClient, ContentSettings
+from azure.storage.queue import QueueClient
+
+from collectors.envelope import build_envelope, encode_for_queue
+from collectors.imap_session import ImapSession
+from collectors.tokens import TokenService
+from shared.errors import CollectorError, NeedsReconsentError, TransientError
+from shared.lease import MailboxLease
+from shared.registry import ACTIVE, NEEDS_RECONSENT, Mailbox, MailboxRegistry, utcnow
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+BATCH_MESSAGES = 50  # UIDs per FETCH: a few round trips per hundred messages, modest memory
+BATCH_BYTES = 16 * 1024 * 1024  # and at most this much mail per FETCH (one larger message goes alone)
+STORE_THREADS = 8  # concurrent blob+queue writes per mailbox
+
+
+@dataclass
+class MailboxResult:
+    address: str
+    outcome: str = "ok"  # ok | busy | deferred | <error class>
+    messages: int = 0
+    bytes: int = 0
+    duration: float = 0.0
+    error: str = ""
+    more: bool = False  # caps or the time budget left mail for the next run
+
+    def log(self, consecutive_failures: int) -> None:
+        level = logging.INFO if self.outcome in ("ok", "busy", "deferred") else logging.WARNING
+        logger.log(
+            level,
+            "collect mailbox=%s outcome=%s messages=%d bytes=%d duration_ms=%d more=%s consecutive_failures=%d%s",
+            self.address,
+            self.outcome,
+            self.messages,
+            self.bytes,
+            int(self.duration * 1000),
+            str(self.more).lower(),
+            consecutive_failures,
+            f" error={self.error}" if self.error else "",
+        )
+
+
+@dataclass
+class Sinks:
+    """Where collected mail goes: raw bytes to a container, envelopes to a queue."""
+
+    container: ContainerClient
+    queue: QueueClient
+
+
+def blob_name(mailbox_key: str, uidvalidity: int, uid: int) -> str:
+    """Derived from the message's identity only, so a retried upload overwrites the same blob with the same bytes."""
+    return f"{mailbox_key}/{uidvalidity}/{uid:010d}.eml"
+
+
+@dataclass
+class _Batch:
+    uids: list[int]
+    messages: dict[int, bytes] = field(default_factory=dict)
+
+
+class Collector:
+    """Collects mailboxes into ``sinks``. Thread-safe; share one per worker so its warm token cache is reused."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: MailboxRegistry,
+        tokens: TokenService,
+        sinks: Sinks,
+        leases: ContainerClient,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._tokens = tokens
+        self._sinks = sinks
+        self._leases = leases
+        self._clock = clock
+        self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
+
+    # -- the run --------------------------------------------------------------------------------------------
+
+    def run(self, *, budget_seconds: float | None = None) -> list[MailboxResult]:
+        """Collect every active mailbox whose backoff has passed. One mailbox's failure never stops the others."""
+        deadline = self._clock() + (budget_seconds or self._settings.time_budget_seconds)
+        now = utcnow()
+        mailboxes = [
+            m for m in self._registry.list() if m.status == ACTIVE and (m.retry_after is None or m.retry_after <= now)
+        ]
+        workers = max(1, min(self._settings.max_concurrency, len(mailboxes)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="mailbox") as pool:
+            return list(pool.map(lambda m: self.collect_mailbox(m, deadline=deadline), mailboxes))
+
+    def collect_mailbox(self, mailbox: Mailbox, *, deadline: float) -> MailboxResult:
+        """Collect one mailbox under its lease and record the outcome in the registry. Never raises CollectorError."""
+        started = self._clock()
+        result = MailboxResult(mailbox.address)
+        try:
+            with MailboxLease(self._leases, mailbox.key) as lease:
+                if not lease.held:
+                    result.outcome = "busy"
+                else:
+                    # Re-read under the lease: the checkpoint may have moved since the list was taken.
+                    current = self._registry.get(mailbox.address)
+                    if current.status != ACTIVE:
+                        result.outcome = "deferred"
+                    else:
+                        self._collect(current, lease, deadline, result)
+        except CollectorError as e:
+            result.outcome = e.error_class
+            result.error = e.describe()
+            self._record_failure(mailbox, e)
+        except KeyError:
+            result.outcome = "deferred"  # revoked while the run was starting
+        result.duration = self._clock() - started
+        if result.outcome == "ok":
+            failures = 0
+        elif result.outcome in ("busy", "deferred"):
+            failures = mailbox.consecutive_failures
+        else:
+            failures = mailbox.consecutive_failures + 1
+        result.log(failures)
+        return result
+
+    # -- one mailbox ------------------------------------------------------------------------------------------
+
+    def _collect(self, mailbox: Mailbox, lease: MailboxLease, deadline: float, result: MailboxResult) -> None:
+        options = mailbox.options
+        token = self._tokens.access_token(mailbox.address, signed_in_as=mailbox.signed_in_as)
+        if token.saved_at is not None:
+            self._registry.update(mailbox.address, token_saved_at=token.saved_at)
+        with ImapSession(
+            self._settings.imap_host,
+            self._settings.imap_port,
+            address=mailbox.address,
+            access_token=token.token,
+            ca_bundle=self._settings.ca_bundle,
+            signed_in_as=mailbox.signed_in_as,
+        ) as imap:
+            uidvalidity = imap.select(options.folder)
+            last_uid = mailbox.last_uid
+            if uidvalidity != mailbox.uidvalidity:
+                if mailbox.uidvalidity:
+                    logger.warning(
+                        "uidvalidity changed mailbox=%s folder=%s old=%d new=%d: collecting the folder again",
+                        mailbox.address, options.folder, mailbox.uidvalidity, uidvalidity,
+                    )  # fmt: skip
+                last_uid = 0
+            sizes = imap.sizes(imap.uids_after(last_uid))
+            batches = list(self._plan(sizes, options.max_messages, options.max_bytes))
+            result.more = sum(len(b) for b in batches) < len(sizes)
+            pending: tuple[_Batch, list[Future[None]]] | None = None
+            for uids in batches:
+                if self._clock() > deadline:
+                    result.more = True
+                    break
+                batch = _Batch(uids, imap.fetch(uids))  # overlaps with the previous batch's storage writes
+                if pending is not None:
+                    last_uid = self._finish(mailbox, imap, lease, uidvalidity, *pending, result)
+                pending = (batch, self._store(mailbox, uidvalidity, batch))
+            if pending is not None:
+                last_uid = self._finish(mailbox, imap, lease, uidvalidity, *pending, result)
+        self._registry.update(
+            mailbox.address,
+            uidvalidity=uidvalidity,
+            last_uid=last_uid,
+            last_run_at=utcnow(),
+            last_success_at=utcnow(),
+            last_error_class="",
+            last_error="",
+            consecutive_failures=0,
+            collected_total=mailbox.collected_total + result.messages,
+        )
+
+    @staticmethod
+    def _plan(sizes: dict[int, int], max_messages: int, max_bytes: int) -> Iterator[list[int]]:
+        """Batches in UID order within the per-run caps. The first message is always taken, however big."""
+        total = 0
+        batch: list[int] = []
+        batch_bytes = 0
+        for taken, uid in enumerate(sorted(sizes)):
+            size = sizes[uid]
+            if taken >= max_messages or (taken and total + size > max_bytes):
+                break
+            if batch and (len(batch) >= BATCH_MESSAGES or batch_bytes + size > BATCH_BYTES):
+                yield batch
+                batch, batch_bytes = [], 0
+            batch.append(uid)
+            batch_bytes += size
+            total += size
+        if batch:
+            yield batch
+
+    def _store(self, mailbox: Mailbox, uidvalidity: int, batch: _Batch) -> list[Future[None]]:
+        return [
+            self._store_pool.submit(self._store_one, mailbox, uidvalidity, uid, batch.messages[uid])
+            for uid in batch.uids
+            if uid in batch.messages
+        ]
+
+    def _store_one(self, mailbox: Mailbox, uidvalidity: int, uid: int, raw: bytes) -> None:
+        name = blob_name(mailbox.key, uidvalidity, uid)
+        blob = self._sinks.container.get_blob_client(name)
+        try:
+            blob.upload_blob(
+                raw,
+                overwrite=True,
+                content_settings=ContentSettings(content_type="message/rfc822"),
+                max_concurrency=4,
+            )
+            envelope = build_envelope(
+                raw,
+                mailbox=mailbox.address,
+                folder=mailbox.options.folder,
+                uidvalidity=uidvalidity,
+                uid=uid,
+                blob_url=blob.url,
+                blob_name=name,
+                collected_at=datetime.now(UTC),
+            )
+            self._sinks.queue.send_message(encode_for_queue(envelope))
+        except AzureError as e:
+            raise TransientError(
+                f"storage write failed for {mailbox.address} uid={uid}: {type(e).__name__}",
+                remedy="nothing to do once storage is reachable: the message stays in the mailbox and the next "
+                "run collects it",
+            ) from e
+
+    def _finish(
+        self,
+        mailbox: Mailbox,
+        imap: ImapSession,
+        lease: MailboxLease,
+        uidvalidity: int,
+        batch: _Batch,
+        writes: list[Future[None]],
+        result: MailboxResult,
+    ) -> int:
+        """Wait for the batch's blobs and envelopes, then apply the after-action, then move the checkpoint."""
+        errors = [e for e in (f.exception() for f in writes) if e is not None]
+        if errors:
+            first = errors[0]
+            raise first if isinstance(first, CollectorError) else TransientError(str(first))
+        lease.check()
+        done = [uid for uid in batch.uids if uid in batch.messages]
+        imap.after_action(done, mailbox.options.after_action, mailbox.options.move_to)
+        lease.check()
+        # Missing UIDs were deleted by someone else between SEARCH and FETCH: nothing to collect, move past them.
+        checkpoint = batch.uids[-1]
+        self._registry.update(mailbox.address, uidvalidity=uidvalidity, last_uid=checkpoint)
+        result.messages += len(done)
+        result.bytes += sum(len(batch.messages[uid]) for uid in done)
+        return checkpoint
+
+    def _record_failure(self, mailbox: Mailbox, error: CollectorError) -> None:
+        fields: dict[str, object] = {
+            "last_run_at": utcnow(),
+            "last_error_class": error.error_class,
+            "last_error": error.describe()[:1000],
+            "consecutive_failures": mailbox.consecutive_failures + 1,
+        }
+        if isinstance(error, NeedsReconsentError):
+            fields["status"] = NEEDS_RECONSENT
+        if isinstance(error, TransientError) and error.retry_after:
+            fields["retry_after"] = utcnow() + timedelta(seconds=error.retry_after)
+        try:
+            self._registry.update(mailbox.address, **fields)
+        except CollectorError as e:
+            logger.warning("cannot record the outcome mailbox=%s error=%s", mailbox.address, e)

@@ -1,0 +1,272 @@
+"""The consent flow ("Create an authorization"): an admin opens the start link for a mailbox, signs in to Entra ID
+as the mailbox (or as a delegate of a shared mailbox), and the mailbox's token cache lands in Key Vault.
+
+Guarantees:
+- MSAL owns PKCE, state and nonce; the flow is kept server-side keyed by ``state``, lives FLOW_TTL, and is used
+  once (deleted with an ETag condition before the code is redeemed, so a double submit loses the race cleanly);
+- nothing is stored unless the signed-in account is the mailbox or the delegate named at the start;
+- the secret is written before the registry row, so a row never points to a missing secret;
+- no token, code, verifier or secret appears in a page or a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import msal
+import requests
+from azure.core import MatchConditions
+from azure.core.exceptions import AzureError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableClient
+
+from collectors.entra import RECONSENT_CODES, aadsts_codes, confidential_app, error_from_result
+from collectors.tokens import TokenService
+from shared.errors import CollectorError, ConfigurationError, TransientError
+from shared.mailboxes import InvalidMailboxError, normalize_address
+from shared.registry import ACTIVE, Mailbox, MailboxOptions, MailboxRegistry, utcnow
+from shared.settings import Settings
+from shared.token_store import TokenCacheStore
+
+logger = logging.getLogger(__name__)
+
+FLOW_TTL = timedelta(minutes=15)  # long enough to sign in with MFA, short enough that a leaked link goes stale
+FLOW_PARTITION = "flow"
+_STATE = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
+
+# What an admin sees for the errors Entra sends back to the callback.
+AUTHORIZE_ERRORS: Mapping[int, str] = {
+    65004: "The user declined to consent. Start again and choose Accept on the permissions page.",
+    65001: "The IMAP permission has not been consented to. Sign in as the mailbox and accept, or ask a Global "
+    "Administrator to grant admin consent for the app (Entra admin center > App registrations > API permissions).",
+    90094: "An administrator must approve this app (user consent is disabled in the tenant). Ask a Global "
+    "Administrator to grant admin consent, then start again.",
+    90095: "An administrator must approve this app (admin consent workflow). Request approval, then start again.",
+    50011: "The redirect URI is not registered on the app. Add the callback URL (see README) to the app's "
+    "Web platform redirect URIs.",
+    700016: "The application id is not found in the tenant: check ENTRA_CLIENT_ID and ENTRA_TENANT_ID.",
+    50105: "The signed-in account is not assigned to the application. Assign it in Enterprise applications.",
+    53003: "A Conditional Access policy blocked the sign-in.",
+}
+
+
+class ConsentProblem(Exception):
+    """A consent that cannot go on. ``status`` is the HTTP status; ``title``/``detail``/``next_step`` are safe to
+    show on a page (they never hold a token, code or secret)."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        next_step: str = "Open the mailbox's authorize link again to start over.",
+    ) -> None:
+        super().__init__(f"{title}: {detail}")
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.next_step = next_step
+
+
+@dataclass(frozen=True)
+class ConsentResult:
+    address: str
+    signed_in_as: str
+    reconsent: bool
+
+
+class ConsentService:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        flows: TableClient,
+        registry: MailboxRegistry,
+        store: TokenCacheStore,
+        tokens: TokenService | None = None,
+    ) -> None:
+        self._settings = settings
+        self._flows = flows
+        self._registry = registry
+        self._store = store
+        self._tokens = tokens
+
+    def start(
+        self,
+        address_text: str,
+        *,
+        redirect_uri: str,
+        delegate: str = "",
+        options: Mapping[str, str] | None = None,
+        admin: str = "",
+    ) -> str:
+        """Begin a flow and return the Entra authorize URL to redirect the admin's browser to.
+
+        Raises ConsentProblem for a bad address, delegate or option; TransientError when storage is down.
+        """
+        address = self._address(address_text, "mailbox")
+        signer = self._address(delegate, "delegate") if delegate else address
+        existing = self._registry.find(address)
+        try:
+            chosen = MailboxOptions.from_mapping(options or {}, existing.options if existing else None)
+        except ValueError as e:
+            raise ConsentProblem(400, "Invalid mailbox option", str(e)) from None
+        app = confidential_app(self._settings)
+        try:
+            flow = app.initiate_auth_code_flow(
+                [self._settings.imap_scope],
+                redirect_uri=redirect_uri,
+                login_hint=signer,
+                response_mode="form_post",
+            )
+        except ValueError as e:
+            raise ConfigurationError(f"cannot start the authorization flow: {e}") from e
+        now = utcnow()
+        entity = {
+            "PartitionKey": FLOW_PARTITION,
+            "RowKey": flow["state"],
+            "flow": json.dumps(flow),
+            "address": address,
+            "signer": signer,
+            "options": json.dumps(chosen.__dict__),
+            "admin": admin[:200],
+            "expires_at": now + FLOW_TTL,
+        }
+        try:
+            self._flows.create_entity(entity)
+        except AzureError as e:
+            raise TransientError(f"cannot keep the consent flow (Table storage): {type(e).__name__}") from e
+        logger.info("consent started mailbox=%s signer=%s", address, signer)
+        return str(flow["auth_uri"])
+
+    def complete(self, form: Mapping[str, str]) -> ConsentResult:
+        """Finish a flow from the fields Entra posted to the callback. Stores the token cache, then the row.
+
+        Raises ConsentProblem (with the page to show) for anything the admin must act on; nothing is stored then.
+        """
+        state = form.get("state", "")
+        if not state:
+            raise ConsentProblem(400, "Missing state", "The callback was opened without a sign-in response.")
+        if not _STATE.match(state):
+            raise ConsentProblem(400, "Invalid state", "The sign-in response does not belong to this app.")
+        entity = self._take_flow(state)
+        address, signer = str(entity["address"]), str(entity["signer"])
+        if "error" in form:
+            raise self._authorize_error(form, address)
+        flow = json.loads(str(entity["flow"]))
+        cache = msal.SerializableTokenCache()
+        app = confidential_app(self._settings, cache)
+        try:
+            result = app.acquire_token_by_auth_code_flow(flow, dict(form), scopes=[self._settings.imap_scope])
+        except ValueError:
+            # MSAL raises on a state mismatch: treat it as forged.
+            raise ConsentProblem(400, "Invalid sign-in response", "The response does not match the flow.") from None
+        except requests.RequestException as e:
+            raise TransientError(f"Entra ID unreachable while redeeming the code: {type(e).__name__}") from e
+        if "error" in result:
+            raise self._redeem_error(result, address)
+        claims: Mapping[str, Any] = result.get("id_token_claims") or {}
+        signed_in = str(claims.get("preferred_username") or claims.get("upn") or claims.get("email") or "").lower()
+        if signed_in != signer:
+            logger.warning("consent refused mailbox=%s signer=%s signed_in=%s", address, signer, signed_in)
+            raise ConsentProblem(
+                403,
+                "Wrong account",
+                f"You signed in as {signed_in or 'an unknown account'}, but this authorization is for {signer}. "
+                "Nothing was stored.",
+                "Sign out of Microsoft (or use a private window), open the authorize link again and sign in as "
+                f"{signer}.",
+            )
+        options = MailboxOptions(**json.loads(str(entity["options"])))
+        previous = self._registry.find(address)
+        self._store.save(address, cache.serialize(), signed_in_as=signed_in)
+        now = utcnow()
+        self._registry.put(
+            Mailbox(
+                address=address,
+                status=ACTIVE,
+                options=options,
+                signed_in_as=signed_in,
+                consented_by=str(entity.get("admin") or ""),
+                consented_at=now,
+                token_saved_at=now,
+                # A re-consent keeps the checkpoint: the mail already collected is not collected again.
+                uidvalidity=previous.uidvalidity if previous else 0,
+                last_uid=previous.last_uid if previous else 0,
+                collected_total=previous.collected_total if previous else 0,
+            )
+        )
+        if self._tokens is not None:
+            self._tokens.forget(address)
+        logger.info("consent stored mailbox=%s signed_in=%s reconsent=%s", address, signed_in, previous is not None)
+        return ConsentResult(address, signed_in, reconsent=previous is not None)
+
+    def revoke(self, address_text: str) -> bool:
+        """Delete the mailbox's registry row, then its secret. Returns False when it was not registered."""
+        address = self._address(address_text, "mailbox")
+        existed = self._registry.find(address) is not None
+        self._registry.delete(address)
+        self._store.delete(address)
+        if self._tokens is not None:
+            self._tokens.forget(address)
+        logger.info("mailbox revoked mailbox=%s existed=%s", address, existed)
+        return existed
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+
+    def _address(self, text: str, what: str) -> str:
+        try:
+            return normalize_address(text, allowed_domains=self._settings.allowed_domains)
+        except InvalidMailboxError as e:
+            raise ConsentProblem(
+                400, f"Invalid {what} address", f"The {what} address is refused: {e}.", "Check the address."
+            ) from None
+
+    def _take_flow(self, state: str) -> Mapping[str, Any]:
+        try:
+            entity = self._flows.get_entity(FLOW_PARTITION, state)
+            self._flows.delete_entity(
+                FLOW_PARTITION, state, etag=entity.metadata["etag"], match_condition=MatchConditions.IfNotModified
+            )
+        except (ResourceNotFoundError, ResourceModifiedError):
+            raise ConsentProblem(
+                400,
+                "Unknown or already used sign-in",
+                "This sign-in response is not expected: it was already used, it expired, or it was not started here.",
+            ) from None
+        except AzureError as e:
+            raise TransientError(f"cannot read the consent flow (Table storage): {type(e).__name__}") from e
+        if entity["expires_at"] < utcnow():
+            raise ConsentProblem(400, "Sign-in expired", "The sign-in took too long and the flow has expired.")
+        return entity
+
+    def _authorize_error(self, form: Mapping[str, str], address: str) -> ConsentProblem:
+        error = form.get("error", "")[:64]
+        codes = [int(c) for c in re.findall(r"AADSTS(\d{4,7})", form.get("error_description", ""))]
+        explained = next((AUTHORIZE_ERRORS[c] for c in codes if c in AUTHORIZE_ERRORS), None)
+        code_text = ", ".join(f"AADSTS{c}" for c in codes)
+        logger.warning("consent failed at sign-in mailbox=%s error=%s codes=%s", address, error, code_text or "-")
+        detail = explained or f"Entra ID ended the sign-in with {error or 'an error'}."
+        status = 403 if error in ("access_denied", "consent_required", "unauthorized_client") else 400
+        title = "Consent declined" if 65004 in codes else "Sign-in did not complete"
+        return ConsentProblem(status, title, f"{detail} ({code_text or error})")
+
+    def _redeem_error(self, result: Mapping[str, Any], address: str) -> ConsentProblem | CollectorError:
+        error = error_from_result(result, mailbox=address)
+        codes = aadsts_codes(result)
+        logger.warning("consent code not redeemed mailbox=%s error_class=%s", address, error.error_class)
+        if isinstance(error, TransientError):
+            return error
+        reason = next((RECONSENT_CODES[c] for c in codes if c in RECONSENT_CODES), None)
+        detail = error.remedy if isinstance(error, ConfigurationError) else (reason or "the sign-in code was refused")
+        return ConsentProblem(
+            502 if isinstance(error, ConfigurationError) else 400,
+            "Sign-in could not be completed",
+            f"Entra ID refused to redeem the sign-in ({result.get('error')}, "
+            f"{', '.join(f'AADSTS{c}' for c in codes) or 'no AADSTS code'}): {detail}.",
+        )

@@ -1,0 +1,153 @@
+"""The boundary to Microsoft Entra ID: MSAL applications built from the settings, and the one place where MSAL's
+error dicts and ``AADSTS`` codes become the app's errors, each with the remedy an admin can act on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msal
+import requests
+
+from shared.errors import CollectorError, ConfigurationError, NeedsReconsentError, TransientError
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+HTTP_TIMEOUT = (10, 30)  # seconds: connect, read
+FEDERATED_TOKEN_SCOPE = "api://AzureADTokenExchange/.default"  # noqa: S105 - a scope, not a secret
+
+# Definitive answers for one mailbox's grant: only a new sign-in fixes them.
+RECONSENT_CODES: Mapping[int, str] = {
+    50173: "the grant was revoked, usually by a password reset or an admin revoking sessions",
+    70043: "the refresh token expired or was revoked by a Conditional Access sign-in frequency policy",
+    700082: "the refresh token expired after 90 days without use",
+    70008: "the refresh token or code has expired",
+    65001: "the mailbox account has not consented to the IMAP permission",
+    50076: "multi-factor authentication is now required",
+    50079: "the account must register for multi-factor authentication",
+    50078: "the multi-factor authentication claim expired",
+    53003: "a Conditional Access policy blocks the sign-in",
+    50057: "the account is disabled",
+    50034: "the account does not exist in the tenant any more",
+    50053: "the account is locked",
+    50055: "the account's password has expired",
+    54005: "the authorization code was already redeemed",
+}
+# Problems with the app registration or the deployment: they affect every mailbox until fixed.
+CONFIGURATION_CODES: Mapping[int, str] = {
+    7000222: "the app's client secret has expired: create a new one and update ENTRA_CLIENT_SECRET",
+    7000215: "the client secret is wrong: copy the secret's value (not its id) into ENTRA_CLIENT_SECRET",
+    700016: "the application id is not found in the tenant: check ENTRA_CLIENT_ID and ENTRA_TENANT_ID",
+    90002: "the tenant is not found: check ENTRA_TENANT_ID",
+    700027: "the client assertion or certificate is invalid: check the federated credential of the identity",
+    70021: "no federated credential of the app matches the managed identity: add one (see README)",
+    7000112: "the application is disabled in the tenant",
+    50011: "the redirect URI is not registered on the app: add the callback URL shown on the start page",
+    500011: "the IMAP resource is not in the tenant: Exchange Online may not be licensed",
+    65002: "consent between the app and the IMAP resource must be configured by an admin",
+    700024: "the client assertion is not within its valid time range",
+}
+
+
+class _RequestsClient(requests.Session):
+    """MSAL's HTTP client: our CA bundle, no proxy/CA settings from the environment, bounded timeouts."""
+
+    def __init__(self, ca_bundle: str | None) -> None:
+        super().__init__()
+        # The environment's REQUESTS_CA_BUNDLE would override ``verify``; the settings are the single source.
+        self.trust_env = False
+        self.verify = ca_bundle or True
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", HTTP_TIMEOUT)
+        return super().request(*args, **kwargs)
+
+
+_http_cache: dict[Any, Any] = {}  # discovery documents, shared so that each new app does not fetch them again
+_http_clients: dict[str | None, _RequestsClient] = {}
+_lock = threading.Lock()
+
+
+def _http_client(settings: Settings) -> _RequestsClient:
+    with _lock:
+        client = _http_clients.get(settings.ca_bundle)
+        if client is None:
+            client = _http_clients[settings.ca_bundle] = _RequestsClient(settings.ca_bundle)
+        return client
+
+
+def _client_credential(settings: Settings) -> str | dict[str, Callable[[], str]]:
+    if settings.client_secret:
+        return settings.client_secret
+    if not settings.managed_identity_client_id:
+        raise ConfigurationError(
+            "no Entra client credential: ENTRA_CLIENT_SECRET is not set and AZURE_CLIENT_ID (the managed "
+            "identity for a federated credential) is not set either",
+            remedy="deploy with the federated credential (azd up) or set ENTRA_CLIENT_SECRET as a Key Vault reference",
+        )
+    from azure.identity import ManagedIdentityCredential
+
+    identity = ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
+
+    def assertion() -> str:
+        return str(identity.get_token(FEDERATED_TOKEN_SCOPE).token)
+
+    return {"client_assertion": assertion}
+
+
+def confidential_app(settings: Settings, cache: msal.TokenCache | None = None) -> msal.ConfidentialClientApplication:
+    """An MSAL app for the configured Entra app registration, with ``cache`` (a new empty one by default).
+
+    Raises TransientError when the authority cannot be reached, ConfigurationError when it is wrong.
+    """
+    try:
+        return msal.ConfidentialClientApplication(
+            settings.client_id,
+            client_credential=_client_credential(settings),
+            authority=settings.authority,
+            token_cache=cache,
+            http_client=_http_client(settings),
+            http_cache=_http_cache,
+            instance_discovery=settings.is_public_cloud_authority,
+        )
+    except requests.RequestException as e:
+        raise TransientError(f"Entra ID unreachable ({type(e).__name__}) at {settings.authority_host}") from e
+    except ValueError as e:
+        raise ConfigurationError(f"Entra authority {settings.authority} is not usable: {e}") from e
+
+
+def aadsts_codes(result: Mapping[str, Any]) -> list[int]:
+    codes = result.get("error_codes") or []
+    return [int(c) for c in codes if str(c).isdigit()]
+
+
+def error_from_result(result: Mapping[str, Any], *, mailbox: str) -> CollectorError:
+    """Turn an MSAL error dict into NeedsReconsentError, ConfigurationError or TransientError.
+
+    The message carries the error name and AADSTS code (never the description's tokens or trace of secrets).
+    """
+    error = str(result.get("error") or "unknown_error")
+    codes = aadsts_codes(result)
+    code_text = ", ".join(f"AADSTS{c}" for c in codes) or "no AADSTS code"
+    for code in codes:
+        if code in CONFIGURATION_CODES:
+            return ConfigurationError(
+                f"Entra ID refused the app ({error}, {code_text}) for {mailbox}", remedy=CONFIGURATION_CODES[code]
+            )
+    for code in codes:
+        if code in RECONSENT_CODES:
+            return NeedsReconsentError(
+                f"the stored sign-in of {mailbox} is no longer valid ({error}, {code_text}): {RECONSENT_CODES[code]}"
+            )
+    if error in ("invalid_client", "unauthorized_client", "invalid_request", "invalid_scope"):
+        return ConfigurationError(
+            f"Entra ID refused the app ({error}, {code_text}) for {mailbox}",
+            remedy="check the app registration: client id, credential, redirect URI and API permissions",
+        )
+    if error in ("invalid_grant", "interaction_required", "consent_required", "login_required"):
+        return NeedsReconsentError(f"the stored sign-in of {mailbox} is no longer valid ({error}, {code_text})")
+    return TransientError(f"Entra ID could not renew the token of {mailbox} now ({error}, {code_text})")

@@ -1,0 +1,234 @@
+"""One authenticated IMAP connection to a mailbox: TLS with certificate checks, SASL XOAUTH2, and the few commands
+the collector needs. Server answers become the app's errors here, each saying what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import ssl
+from collections.abc import Iterable
+from types import TracebackType
+
+from imapclient import IMAPClient, SocketTimeout
+from imapclient import exceptions as imap_errors
+
+from shared.errors import MailboxAccessError, TransientError
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 15.0  # seconds
+READ_TIMEOUT = 120.0  # seconds without a byte from the server; a 150 MB message still streams within it
+# Exchange Online: "BAD Request is throttled. Suggested Backoff Time: 2470 milliseconds" (then it disconnects).
+_THROTTLED = re.compile(r"Request is throttled\.?\s*Suggested Backoff Time:\s*(\d+)\s*milli", re.IGNORECASE)
+DEFAULT_THROTTLE_BACKOFF = 60.0  # seconds, when the server says "throttled" without a figure
+SEEN = b"\\Seen"
+
+
+def _throttle(text: str) -> TransientError | None:
+    match = _THROTTLED.search(text)
+    if match is None and "throttled" not in text.lower():
+        return None
+    backoff = int(match.group(1)) / 1000 if match else DEFAULT_THROTTLE_BACKOFF
+    return TransientError(
+        f"the IMAP server is throttling this mailbox (suggested backoff {backoff:.1f} s)",
+        remedy="nothing to do: the mailbox is skipped until the backoff has passed",
+        retry_after=backoff,
+    )
+
+
+class ImapSession:
+    """Context manager: connects and authenticates on enter, always logs out on exit.
+
+    Every method raises TransientError (network, timeout, throttling: retry next run) or MailboxAccessError
+    (the server refuses this mailbox or folder: an admin must act).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        address: str,
+        access_token: str,
+        ca_bundle: str | None = None,
+        signed_in_as: str = "",
+    ) -> None:
+        self._host, self._port = host, port
+        self._address = address
+        self._token = access_token
+        self._signed_in_as = signed_in_as or address
+        self._context = ssl.create_default_context(cafile=ca_bundle)
+        self._client: IMAPClient | None = None
+        self._created: set[str] = set()
+
+    def __enter__(self) -> ImapSession:
+        try:
+            self._client = IMAPClient(
+                self._host,
+                port=self._port,
+                ssl=True,
+                ssl_context=self._context,
+                timeout=SocketTimeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT),
+            )
+        except (OSError, imap_errors.IMAPClientError) as e:
+            raise TransientError(f"cannot connect to IMAP {self._host}:{self._port}: {type(e).__name__}: {e}") from e
+        try:
+            self._client.oauth2_login(self._address, self._token)
+        except imap_errors.LoginError as e:
+            self._close()
+            raise self._login_error(str(e)) from None
+        except Exception as e:
+            self._close()
+            raise self._translate(e) from e
+        finally:
+            self._token = ""  # not needed after the login; keep it out of later tracebacks
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            client.logout()
+        except Exception:  # the connection may already be gone; logging out is best effort
+            try:
+                client.shutdown()
+            except Exception:  # noqa: S110 - nothing more to do for a dead socket
+                pass
+
+    def _login_error(self, text: str) -> Exception:
+        throttled = _throttle(text)
+        if throttled:
+            return throttled
+        if "not connected" in text.lower():
+            return MailboxAccessError(
+                f"IMAP accepted the token of {self._signed_in_as} but cannot open the mailbox {self._address} "
+                "('User is authenticated but not connected')",
+                remedy="the signed-in account has no access to this mailbox: authorize it as the mailbox itself, "
+                "or give the delegate Full Access to the shared mailbox (Add-MailboxPermission), then re-consent",
+            )
+        return MailboxAccessError(
+            f"IMAP refused the OAuth login of {self._address} as {self._signed_in_as} (AUTHENTICATE failed)",
+            remedy="check that IMAP is enabled for the mailbox (Exchange admin center: mailbox > Email apps), that "
+            "the app has the delegated permission IMAP.AccessAsUser.All, and that the account signed in at consent "
+            "is the mailbox or has Full Access to it",
+        )
+
+    def _translate(self, error: Exception) -> Exception:
+        if isinstance(error, TransientError | MailboxAccessError):
+            return error
+        text = str(error)
+        throttled = _throttle(text)
+        if throttled:
+            return throttled
+        if isinstance(error, socket.timeout | TimeoutError):
+            return TransientError(f"IMAP server {self._host} stopped answering (timeout)")
+        if isinstance(error, OSError | imap_errors.IMAPClientAbortError | EOFError):
+            return TransientError(f"IMAP connection to {self._host} was lost: {type(error).__name__}")
+        return TransientError(f"IMAP command failed on {self._host}: {type(error).__name__}: {text[:200]}")
+
+    @property
+    def client(self) -> IMAPClient:
+        if self._client is None:
+            raise TransientError("IMAP connection is closed")
+        return self._client
+
+    def select(self, folder: str) -> int:
+        """Select ``folder`` read-write and return its UIDVALIDITY."""
+        try:
+            info = self.client.select_folder(folder)
+        except imap_errors.IMAPClientError as e:
+            if isinstance(e, imap_errors.IMAPClientAbortError) or _throttle(str(e)):
+                raise self._translate(e) from e
+            raise MailboxAccessError(
+                f"cannot open folder {folder!r} of {self._address}: {str(e)[:200]}",
+                remedy="create the folder or change the mailbox's folder option",
+            ) from e
+        except Exception as e:
+            raise self._translate(e) from e
+        return int(info[b"UIDVALIDITY"])
+
+    def uids_after(self, last_uid: int) -> list[int]:
+        """UIDs above ``last_uid``, ascending (one UID SEARCH)."""
+        try:
+            found = self.client.search(["UID", f"{last_uid + 1}:*"])
+        except Exception as e:
+            raise self._translate(e) from e
+        # "n:*" also matches the highest UID when it is below n.
+        return sorted(int(u) for u in found if int(u) > last_uid)
+
+    def sizes(self, uids: Iterable[int]) -> dict[int, int]:
+        """RFC822.SIZE of each UID that still exists."""
+        uids = list(uids)
+        if not uids:
+            return {}
+        try:
+            answer = self.client.fetch(uids, [b"RFC822.SIZE"])
+        except Exception as e:
+            raise self._translate(e) from e
+        return {int(uid): int(data[b"RFC822.SIZE"]) for uid, data in answer.items() if b"RFC822.SIZE" in data}
+
+    def fetch(self, uids: list[int]) -> dict[int, bytes]:
+        """The exact bytes of each message (BODY.PEEK[], so the \\Seen flag is untouched).
+
+        UIDs deleted meanwhile by someone else are simply absent from the answer.
+        """
+        try:
+            answer = self.client.fetch(uids, [b"BODY.PEEK[]"])
+        except Exception as e:
+            raise self._translate(e) from e
+        return {int(uid): bytes(data[b"BODY[]"]) for uid, data in answer.items() if b"BODY[]" in data}
+
+    def after_action(self, uids: list[int], action: str, move_to: str = "") -> None:
+        """Apply the mailbox's after-action to messages that are already on the queue."""
+        if not uids or action == "leave":
+            return
+        client = self.client
+        try:
+            if action == "seen":
+                client.add_flags(uids, [SEEN], silent=True)
+            elif action == "move":
+                self._ensure_folder(move_to)
+                if client.has_capability("MOVE"):
+                    client.move(uids, move_to)
+                else:
+                    client.copy(uids, move_to)
+                    self._delete(uids)
+            elif action == "delete":
+                self._delete(uids)
+            else:
+                raise ValueError(f"unknown after-action {action!r}")
+        except (MailboxAccessError, ValueError):
+            raise
+        except Exception as e:
+            raise self._translate(e) from e
+
+    def _delete(self, uids: list[int]) -> None:
+        client = self.client
+        client.delete_messages(uids, silent=True)
+        if client.has_capability("UIDPLUS"):
+            client.uid_expunge(uids)
+        else:
+            client.expunge()
+
+    def _ensure_folder(self, name: str) -> None:
+        if name in self._created:
+            return
+        client = self.client
+        if not client.folder_exists(name):
+            try:
+                client.create_folder(name)
+            except imap_errors.IMAPClientError as e:
+                if not client.folder_exists(name):  # a concurrent create is fine
+                    raise MailboxAccessError(
+                        f"cannot create folder {name!r} in {self._address}: {str(e)[:200]}",
+                        remedy="create the folder by hand or choose another move_to folder",
+                    ) from e
+        self._created.add(name)

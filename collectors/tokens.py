@@ -1,0 +1,162 @@
+"""IMAP access tokens for each mailbox, renewed silently from the refresh token kept in Key Vault.
+
+Guarantees:
+- a refresh token the identity provider returns is written to Key Vault before it is used again: MSAL renews
+  only after the latest stored cache has been read, and the new cache is saved right after;
+- if that write fails, the new cache stays in this worker's memory and is written first thing next time;
+- a transient failure never discards a stored token; only a definitive answer raises NeedsReconsentError;
+- a warm worker whose access token is still fresh touches Key Vault not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import msal
+import requests
+
+from collectors.entra import confidential_app, error_from_result
+from shared.errors import CollectorError, NeedsReconsentError, TransientError
+from shared.registry import utcnow
+from shared.settings import Settings
+from shared.token_store import TokenCacheStore
+
+logger = logging.getLogger(__name__)
+
+# MSAL itself renews 5 minutes before expiry; we renew a little earlier so that a token handed to an IMAP
+# login stays valid through a long run.
+ACCESS_TOKEN_MARGIN = 600  # seconds
+SAVE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    token: str
+    expires_on: float
+    renewed: bool  # a new token was obtained from the identity provider in this call
+    saved_at: datetime | None  # when a renewed cache reached Key Vault (None: nothing new to save)
+
+    def __repr__(self) -> str:  # never show the token
+        return f"AccessToken(expires_on={self.expires_on!r}, renewed={self.renewed!r})"
+
+
+@dataclass
+class _Warm:
+    serialized: str
+    version: str
+    signed_in_as: str
+    unsaved: bool = False
+
+
+class TokenService:
+    """Hands out access tokens per mailbox. Thread-safe; callers hold the mailbox's lease."""
+
+    def __init__(self, settings: Settings, store: TokenCacheStore) -> None:
+        self._settings = settings
+        self._store = store
+        self._warm: dict[str, _Warm] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def scopes(self) -> list[str]:
+        return [self._settings.imap_scope]
+
+    def forget(self, address: str) -> None:
+        """Drop the warm copy (after re-consent or revocation, the stored cache is the truth)."""
+        with self._lock:
+            self._warm.pop(address, None)
+
+    def access_token(self, address: str, *, signed_in_as: str) -> AccessToken:
+        """A valid access token for ``address``'s IMAP scope.
+
+        Raises NeedsReconsentError (definitive), ConfigurationError, or TransientError (retry later; any stored
+        or in-memory refresh token is kept).
+        """
+        with self._lock:
+            warm = self._warm.get(address)
+        if warm is not None and warm.unsaved:
+            self._save(address, warm)  # raises TransientError while Key Vault is still failing
+        if warm is not None:
+            token = self._cached_token(warm)
+            if token is not None:
+                return token
+        stored = self._store.load(address)
+        if stored is None:
+            if warm is None or not warm.unsaved:
+                raise NeedsReconsentError(f"no token is stored for {address} (its Key Vault secret is missing)")
+        elif warm is None or stored.version != warm.version:
+            warm = _Warm(stored.serialized, stored.version, signed_in_as or address)
+        assert warm is not None
+        return self._renew(address, warm)
+
+    def _cached_token(self, warm: _Warm) -> AccessToken | None:
+        cache = msal.SerializableTokenCache()
+        cache.deserialize(warm.serialized)
+        now = time.time()
+        for entry in cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN, target=self.scopes):
+            expires_on = float(entry.get("expires_on", 0))
+            if expires_on - now > ACCESS_TOKEN_MARGIN:
+                return AccessToken(entry["secret"], expires_on, renewed=False, saved_at=None)
+        return None
+
+    def _renew(self, address: str, warm: _Warm) -> AccessToken:
+        cache = msal.SerializableTokenCache()
+        cache.deserialize(warm.serialized)
+        app = confidential_app(self._settings, cache)
+        accounts = app.get_accounts()
+        account = next(
+            (a for a in accounts if str(a.get("username", "")).lower() == warm.signed_in_as.lower()),
+            accounts[0] if accounts else None,
+        )
+        if account is None:
+            raise NeedsReconsentError(f"the stored token cache of {address} holds no account")
+        try:
+            result = app.acquire_token_silent_with_error(self.scopes, account, force_refresh=False)
+        except requests.RequestException as e:
+            raise TransientError(
+                f"Entra ID unreachable while renewing the token of {address}: {type(e).__name__}"
+            ) from e
+        if not result:
+            raise NeedsReconsentError(f"the stored token cache of {address} holds no refresh token")
+        if "access_token" not in result:
+            error: CollectorError = error_from_result(result, mailbox=address)
+            raise error
+        renewed = cache.has_state_changed
+        saved_at = None
+        if renewed:
+            warm = _Warm(cache.serialize(), warm.version, warm.signed_in_as, unsaved=True)
+            with self._lock:
+                self._warm[address] = warm
+            try:
+                saved_at = self._save(address, warm)
+            except TransientError as e:
+                # The access token is good; collection goes on and the next call writes the cache first.
+                logger.warning(
+                    "token renewed but not yet saved mailbox=%s outcome=token_save_pending error=%s", address, e
+                )
+        else:
+            with self._lock:
+                self._warm[address] = warm
+        expires_on = time.time() + float(result.get("expires_in", 0))
+        return AccessToken(result["access_token"], expires_on, renewed=renewed, saved_at=saved_at)
+
+    def _save(self, address: str, warm: _Warm) -> datetime:
+        last: TransientError | None = None
+        for attempt in range(SAVE_ATTEMPTS):
+            try:
+                version = self._store.save(address, warm.serialized, signed_in_as=warm.signed_in_as)
+            except TransientError as e:
+                last = e
+                time.sleep(min(e.retry_after or 0.5 * 2**attempt, 5.0))
+                continue
+            with self._lock:
+                warm.version = version
+                warm.unsaved = False
+            logger.info("token cache saved mailbox=%s", address)
+            return utcnow()
+        assert last is not None
+        raise last
