@@ -1,0 +1,976 @@
+"""A Key Vault secrets endpoint for the local stack, speaking the REST API that azure-keyvault-secrets calls.
+
+There is no installable Key Vault emulator, so this serves the secrets part of the data plane over HTTPS:
+the Bearer challenge, versions, tags, content types, attributes, paging, soft delete with purge and recover,
+and Key Vault's error bodies, closely enough that the unmodified ``SecretClient`` works against it.
+
+Test hooks live under ``/_control/`` (loopback only, no auth, JSON):
+``POST /_control/faults`` queues injected failures (status, Retry-After, delay) for matching requests,
+``DELETE /_control/faults`` clears them, ``GET /_control/stats`` counts served reads and writes,
+``POST /_control/reset`` clears the counters (``{"secrets": true}``: and every secret, ``{"faults": true}``:
+and every fault), ``GET /_control/health`` answers 200.
+
+Run: ``python -m devstack.keyvault --port 10444 --cert server.pem --key server.key [--state kv.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import ssl
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import asdict, dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+# Named outright: run with ``python -m`` the module is __main__, and log queries want one stable name.
+logger = logging.getLogger("devstack.keyvault")
+
+VAULT_RESOURCE = "https://vault.azure.net"
+# Key Vault's first-party application id: v2.0 access tokens carry it as the audience instead of the resource.
+VAULT_APP_ID = "cfa8b339-82a2-471a-a3c9-0fc0be7a4093"
+ACCEPTED_AUDIENCES = frozenset({VAULT_RESOURCE, VAULT_RESOURCE + "/", VAULT_APP_ID})
+DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
+DEFAULT_PORT = 10444
+
+NAME_PATTERN = re.compile(r"[0-9A-Za-z-]{1,127}")
+MAX_VALUE_BYTES = 25 * 1024  # Key Vault's limit for a secret value
+MAX_TAGS = 15  # Key Vault refuses more tags per object
+MAX_CONTENT_TYPE_CHARS = 255
+MAX_PAGE_SIZE = 25  # Key Vault's default page size, and the largest maxresults it accepts
+MAX_BODY_BYTES = 256 * 1024  # a set request is a 25 KB value plus JSON; anything far larger is not a client of ours
+RECOVERABLE_DAYS = 90  # the soft-delete retention Azure applies by default
+RECOVERY_LEVEL = "Recoverable+Purgeable"
+CONNECTION_TIMEOUT = 30  # seconds: drops idle keep-alive connections and stalled TLS handshakes
+NOT_FOUND_HINT = (
+    "If you recently deleted this secret you may be able to recover it using the correct recovery command. "
+    "For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182"
+)
+FAULT_CODES = {429: "Throttled", 500: "InternalServerError", 503: "ServiceUnavailable"}
+FAULT_MESSAGES = {
+    429: "Request was not processed because too many requests were received. "
+    "Reason: A generic throttling rule was applied.",
+    500: "An unexpected error occurred while processing the request.",
+    503: "The service is temporarily unavailable. Please retry later.",
+}
+
+Json = dict[str, Any]
+
+
+class VaultError(Exception):
+    """An error answer in Key Vault's shape: ``{"error": {"code": ..., "message": ...}}``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> Json:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+def _bad(message: str) -> VaultError:
+    return VaultError(400, "BadParameter", message)
+
+
+def _not_found(name: str, version: str | None = None) -> VaultError:
+    ident = f"{name}/{version}" if version else name
+    return VaultError(
+        404, "SecretNotFound", f"A secret with (name/id) {ident} was not found in this key vault. " + NOT_FOUND_HINT
+    )
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+# --------------------------------------------------------------------------------------------------- the store
+
+
+class SecretStore:
+    """Secrets by case-folded name, each a list of versions (oldest first), plus the soft-deleted ones.
+
+    Every method takes the lock; every change is written to the state file, when there is one, before the
+    caller answers, so a restart never forgets an acknowledged write.
+    """
+
+    def __init__(self, state_path: Path | None = None) -> None:
+        self._lock = threading.Lock()
+        self._state_path = state_path
+        self._active: dict[str, Json] = {}
+        self._deleted: dict[str, Json] = {}
+        if state_path is not None and state_path.exists():
+            try:
+                state = json.loads(state_path.read_text(encoding="utf-8"))
+                self._active = dict(state["secrets"])
+                self._deleted = dict(state["deleted"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"state file {state_path} is not a Key Vault stand-in state: {e}") from e
+
+    # --- secrets
+
+    def set(self, vault: str, name: str, body: Json) -> Json:
+        value = body.get("value")
+        if not isinstance(value, str):
+            raise _bad("The parameter 'value' is required and must be a string.")
+        if len(value.encode("utf-8")) > MAX_VALUE_BYTES:
+            raise _bad(f"Secret value is too large. The maximum size is {MAX_VALUE_BYTES} bytes.")
+        now = _now()
+        given = {k: v for k, v in _attributes_from(body.get("attributes")).items() if v is not None}
+        attributes = {"enabled": True, **given, "created": now, "updated": now}
+        version: Json = {"version": uuid.uuid4().hex, "value": value, "attributes": attributes}
+        _apply_content_type_and_tags(version, body)
+        key = name.lower()
+        with self._lock:
+            if key in self._deleted:
+                raise VaultError(
+                    409,
+                    "Conflict",
+                    f"Secret {self._deleted[key]['name']} is currently in a deleted but recoverable state, and its "
+                    "name cannot be reused; in this state, the secret can only be recovered or purged.",
+                )
+            secret = self._active.setdefault(key, {"name": name, "versions": []})
+            secret["versions"].append(version)
+            self._persist()
+            return _bundle(vault, secret, version, with_value=True)
+
+    def get(self, vault: str, name: str, version: str | None) -> Json:
+        with self._lock:
+            secret, found = self._find(name, version)
+            if not found["attributes"].get("enabled", True):
+                raise VaultError(403, "Forbidden", "Operation get is not allowed on a disabled secret.")
+            return _bundle(vault, secret, found, with_value=True)
+
+    def update(self, vault: str, name: str, version: str | None, body: Json) -> Json:
+        with self._lock:
+            secret, found = self._find(name, version)
+            # Built on a copy so that a refused request leaves the version as it was.
+            changed = dict(found)
+            merged = {**found["attributes"], **_attributes_from(body.get("attributes"))}
+            changed["attributes"] = {k: v for k, v in merged.items() if v is not None} | {"updated": _now()}
+            _apply_content_type_and_tags(changed, body)
+            found.clear()
+            found.update(changed)
+            self._persist()
+            return _bundle(vault, secret, found, with_value=False)
+
+    def list_secrets(self, vault: str) -> list[Json]:
+        with self._lock:
+            return [
+                _item(vault, secret, secret["versions"][-1], versioned=False)
+                for _, secret in sorted(self._active.items())
+            ]
+
+    def list_versions(self, vault: str, name: str) -> list[Json]:
+        with self._lock:
+            secret = self._active.get(name.lower())
+            # Key Vault answers an empty list, not 404, for versions of a name it does not hold.
+            if secret is None:
+                return []
+            return [_item(vault, secret, v, versioned=True) for v in secret["versions"]]
+
+    def delete(self, vault: str, name: str) -> Json:
+        key = name.lower()
+        with self._lock:
+            secret = self._active.pop(key, None)
+            if secret is None:
+                raise _not_found(name)
+            now = _now()
+            secret["deletedDate"] = now
+            secret["scheduledPurgeDate"] = now + RECOVERABLE_DAYS * 86400
+            self._deleted[key] = secret
+            self._persist()
+            return _deleted_bundle(vault, secret)
+
+    # --- soft-deleted secrets
+
+    def get_deleted(self, vault: str, name: str) -> Json:
+        with self._lock:
+            secret = self._deleted.get(name.lower())
+            if secret is None:
+                raise VaultError(404, "SecretNotFound", "Deleted Secret not found")
+            return _deleted_bundle(vault, secret)
+
+    def list_deleted(self, vault: str) -> list[Json]:
+        with self._lock:
+            items = []
+            for _, secret in sorted(self._deleted.items()):
+                item = _item(vault, secret, secret["versions"][-1], versioned=False)
+                item.update(_deletion_fields(vault, secret))
+                items.append(item)
+            return items
+
+    def purge(self, name: str) -> None:
+        with self._lock:
+            if self._deleted.pop(name.lower(), None) is None:
+                raise VaultError(404, "SecretNotFound", "Deleted Secret not found")
+            self._persist()
+
+    def recover(self, vault: str, name: str) -> Json:
+        key = name.lower()
+        with self._lock:
+            secret = self._deleted.pop(key, None)
+            if secret is None:
+                raise VaultError(404, "SecretNotFound", "Deleted Secret not found")
+            secret.pop("deletedDate", None)
+            secret.pop("scheduledPurgeDate", None)
+            self._active[key] = secret
+            self._persist()
+            return _bundle(vault, secret, secret["versions"][-1], with_value=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._active.clear()
+            self._deleted.clear()
+            self._persist()
+
+    # --- internals (lock held)
+
+    def _find(self, name: str, version: str | None) -> tuple[Json, Json]:
+        secret = self._active.get(name.lower())
+        if secret is None:
+            raise _not_found(name, version)
+        if not version:
+            return secret, secret["versions"][-1]
+        for candidate in secret["versions"]:
+            if candidate["version"] == version.lower():
+                return secret, candidate
+        raise _not_found(name, version)
+
+    def _persist(self) -> None:
+        if self._state_path is None:
+            return
+        data = json.dumps({"secrets": self._active, "deleted": self._deleted}, indent=1, sort_keys=True)
+        directory = self._state_path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        # mkstemp creates the file 0600: it holds secret values, so only the owner may read it.
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self._state_path.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._state_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _attributes_from(raw: object) -> Json:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _bad("The parameter 'attributes' must be an object.")
+    attributes: Json = {}
+    if "enabled" in raw:
+        if not isinstance(raw["enabled"], bool):
+            raise _bad("The attribute 'enabled' must be a boolean.")
+        attributes["enabled"] = raw["enabled"]
+    for field in ("nbf", "exp"):
+        if field in raw:
+            if raw[field] is not None and not isinstance(raw[field], int):
+                raise _bad(f"The attribute '{field}' must be a Unix time in seconds.")
+            attributes[field] = raw[field]
+    return attributes
+
+
+def _apply_content_type_and_tags(version: Json, body: Json) -> None:
+    if "contentType" in body and body["contentType"] is not None:
+        content_type = body["contentType"]
+        if not isinstance(content_type, str) or len(content_type) > MAX_CONTENT_TYPE_CHARS:
+            raise _bad(f"The parameter 'contentType' must be a string of at most {MAX_CONTENT_TYPE_CHARS} chars.")
+        version["contentType"] = content_type
+    if "tags" in body and body["tags"] is not None:
+        tags = body["tags"]
+        if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+            raise _bad("The parameter 'tags' must be an object of string values.")
+        if len(tags) > MAX_TAGS:
+            raise _bad(f"The number of tags exceeds the maximum of {MAX_TAGS}.")
+        version["tags"] = dict(tags)
+
+
+def _secret_id(vault: str, secret: Json, version: Json | None) -> str:
+    base = f"{vault}/secrets/{secret['name']}"
+    return f"{base}/{version['version']}" if version is not None else base
+
+
+def _public_attributes(version: Json) -> Json:
+    return {**version["attributes"], "recoverableDays": RECOVERABLE_DAYS, "recoveryLevel": RECOVERY_LEVEL}
+
+
+def _bundle(vault: str, secret: Json, version: Json, *, with_value: bool) -> Json:
+    bundle: Json = {"id": _secret_id(vault, secret, version), "attributes": _public_attributes(version)}
+    if with_value:
+        bundle["value"] = version["value"]
+    for field in ("contentType", "tags"):
+        if field in version:
+            bundle[field] = version[field]
+    return bundle
+
+
+def _item(vault: str, secret: Json, version: Json, *, versioned: bool) -> Json:
+    item: Json = {
+        "id": _secret_id(vault, secret, version if versioned else None),
+        "attributes": _public_attributes(version),
+    }
+    for field in ("contentType", "tags"):
+        if field in version:
+            item[field] = version[field]
+    return item
+
+
+def _deletion_fields(vault: str, secret: Json) -> Json:
+    return {
+        "recoveryId": f"{vault}/deletedsecrets/{secret['name']}",
+        "deletedDate": secret["deletedDate"],
+        "scheduledPurgeDate": secret["scheduledPurgeDate"],
+    }
+
+
+def _deleted_bundle(vault: str, secret: Json) -> Json:
+    bundle = _bundle(vault, secret, secret["versions"][-1], with_value=False)
+    bundle.update(_deletion_fields(vault, secret))
+    return bundle
+
+
+def _page(items: list[Json], next_url: str, query: dict[str, list[str]]) -> Json:
+    """One page of a list answer; ``nextLink`` carries the offset as an opaque ``$skiptoken``."""
+    size = MAX_PAGE_SIZE
+    if "maxresults" in query:
+        try:
+            size = int(query["maxresults"][0])
+        except ValueError:
+            size = 0
+        if not 1 <= size <= MAX_PAGE_SIZE:
+            raise _bad(f"invalid maxresults: must be between 1 and {MAX_PAGE_SIZE}")
+    offset = 0
+    if "$skiptoken" in query:
+        try:
+            offset = int(base64.urlsafe_b64decode(query["$skiptoken"][0].encode()).decode())
+        except (ValueError, binascii.Error):
+            raise _bad("The skip token is not valid.") from None
+    page: Json = {"value": items[offset : offset + size], "nextLink": None}
+    if offset + size < len(items):
+        token = base64.urlsafe_b64encode(str(offset + size).encode()).decode()
+        api_version = query.get("api-version", [""])[0]
+        page["nextLink"] = f"{next_url}?api-version={quote(api_version)}&$skiptoken={quote(token)}&maxresults={size}"
+    return page
+
+
+# -------------------------------------------------------------------------------------- faults and counters
+
+
+@dataclass
+class Fault:
+    """Answer the next ``count`` matching requests (``-1``: all, until cleared) with ``status`` after
+    ``delay_ms``; without a status the request is only delayed, then served."""
+
+    id: str
+    status: int | None
+    count: int
+    retry_after: int | None = None
+    method: str | None = None
+    name: str | None = None
+    delay_ms: int = 0
+    served: int = 0
+
+    @classmethod
+    def parse(cls, raw: object) -> Fault:
+        if not isinstance(raw, dict):
+            raise ValueError("a fault is a JSON object")
+        unknown = set(raw) - {"status", "count", "retry_after", "method", "name", "delay_ms"}
+        if unknown:
+            raise ValueError(f"unknown fault fields: {sorted(unknown)}")
+        status = raw.get("status")
+        if status is not None and (not isinstance(status, int) or not 400 <= status <= 599):
+            raise ValueError("status must be an HTTP error status (400-599)")
+        count = raw.get("count", 1)
+        if not isinstance(count, int) or count == 0 or count < -1:
+            raise ValueError("count must be a positive number, or -1 for every request until cleared")
+        retry_after = raw.get("retry_after")
+        if retry_after is not None and (not isinstance(retry_after, int) or retry_after < 0):
+            raise ValueError("retry_after must be whole seconds")
+        delay_ms = raw.get("delay_ms", 0)
+        if not isinstance(delay_ms, int) or not 0 <= delay_ms <= 600_000:
+            raise ValueError("delay_ms must be between 0 and 600000")
+        method, name = raw.get("method"), raw.get("name")
+        if method is not None and not isinstance(method, str):
+            raise ValueError("method must be a string")
+        if name is not None and not isinstance(name, str):
+            raise ValueError("name must be a string")
+        if status is None and not delay_ms:
+            raise ValueError("a fault needs a status, a delay_ms, or both")
+        return cls(
+            id=uuid.uuid4().hex[:12],
+            status=status,
+            count=count,
+            retry_after=retry_after,
+            method=method.upper() if method else None,
+            name=name.lower() if name else None,
+            delay_ms=delay_ms,
+        )
+
+    def matches(self, method: str, name: str | None) -> bool:
+        if self.method is not None and self.method != method:
+            return False
+        return self.name is None or (name is not None and self.name == name.lower())
+
+
+class Faults:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[Fault] = []
+
+    def add(self, fault: Fault) -> None:
+        with self._lock:
+            self._queue.append(fault)
+
+    def take(self, method: str, name: str | None) -> Fault | None:
+        """The first live fault matching the request, charged one use; faults apply in the order added."""
+        with self._lock:
+            for fault in self._queue:
+                if fault.count != 0 and fault.matches(method, name):
+                    if fault.count > 0:
+                        fault.count -= 1
+                    fault.served += 1
+                    return fault
+            return None
+
+    def clear(self) -> int:
+        with self._lock:
+            live = sum(1 for f in self._queue if f.count != 0)
+            self._queue.clear()
+            return live
+
+    def snapshot(self) -> list[Json]:
+        with self._lock:
+            return [asdict(f) for f in self._queue]
+
+
+class Stats:
+    """Requests the vault served: reads are GETs, writes are PUT, PATCH, DELETE and POST (recover).
+
+    Challenges (401) and injected faults are counted apart, so that ``writes`` is what took effect.
+    ``by_secret`` is keyed by the case-folded secret name.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._reads = 0
+            self._writes = 0
+            self._challenges = 0
+            self._faults = 0
+            self._by_secret: dict[str, dict[str, int]] = {}
+
+    def served(self, method: str, name: str | None) -> None:
+        kind = "reads" if method == "GET" else "writes"
+        with self._lock:
+            if kind == "reads":
+                self._reads += 1
+            else:
+                self._writes += 1
+            if name is not None:
+                counts = self._by_secret.setdefault(name.lower(), {"reads": 0, "writes": 0})
+                counts[kind] += 1
+
+    def challenged(self) -> None:
+        with self._lock:
+            self._challenges += 1
+
+    def faulted(self) -> None:
+        with self._lock:
+            self._faults += 1
+
+    def snapshot(self) -> Json:
+        with self._lock:
+            return {
+                "reads": self._reads,
+                "writes": self._writes,
+                "by_secret": {k: dict(v) for k, v in self._by_secret.items()},
+                "challenges": self._challenges,
+                "faults": self._faults,
+            }
+
+
+# ---------------------------------------------------------------------------------------------- the server
+
+
+def _audience_ok(token: str) -> bool:
+    """Opaque tokens pass; a JWT must name Key Vault as its audience. Signatures are not checked."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return True
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return True
+    if not isinstance(claims, dict):
+        return True
+    audience = claims.get("aud")
+    audiences = audience if isinstance(audience, list) else [audience]
+    return any(a in ACCEPTED_AUDIENCES for a in audiences)
+
+
+def _phrase_code(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase.replace(" ", "")
+    except ValueError:
+        return "Error"
+
+
+class KeyVaultServer(ThreadingHTTPServer):
+    """The HTTPS server; ``url`` is the vault URL to give ``SecretClient``."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        ssl_context: ssl.SSLContext,
+        store: SecretStore,
+        *,
+        tenant: str | None,
+        authority_host: str,
+        check_audience: bool,
+    ) -> None:
+        super().__init__(address, _Handler)
+        self.ssl_context = ssl_context
+        self.store = store
+        self.faults = Faults()
+        self.stats = Stats()
+        self.check_audience = check_audience
+        # Without a tenant the challenge names none, and the client's credential keeps its own tenant.
+        authorization = f"{authority_host.rstrip('/')}/{tenant or ''}"
+        self.challenge = f'Bearer authorization="{authorization}", resource="{VAULT_RESOURCE}"'
+        host, port = self.server_address[:2]
+        self.url = f"https://{host!s}:{port}"
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The handshake runs here, in the connection's own thread, so a stalled client cannot block accept().
+        request.settimeout(CONNECTION_TIMEOUT)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            logger.debug("kv tls handshake failed client=%s error=%s", client_address[0], e)
+            return
+        try:
+            _Handler(tls, client_address, self)
+        finally:
+            tls.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("kv connection error client=%s", client_address[0], exc_info=True)
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: KeyVaultServer
+    protocol_version = "HTTP/1.1"  # the SDK keeps connections alive; every answer carries Content-Length
+    server_version = "KeyVaultStandIn/1.0"
+    sys_version = ""
+    # Headers and body go out in two writes; with Nagle on, the client's delayed ACK stalls each answer ~40 ms.
+    disable_nagle_algorithm = True
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # The per-request line is written by _dispatch; http.server's own line would repeat it.
+        pass
+
+    def _dispatch(self) -> None:
+        started = time.monotonic()
+        path = urlsplit(self.path).path
+        status = 500
+        try:
+            status = self._handle(path)
+        except VaultError as e:
+            status = self._send(e.status, e.body(), e.headers)
+        except (ConnectionError, TimeoutError):
+            status = 0  # the client went away; nothing was answered
+            self.close_connection = True
+        except Exception:
+            logger.exception("kv request failed method=%s path=%s", self.command, path)
+            status = self._send(500, VaultError(500, "InternalServerError", "stand-in failure").body())
+        finally:
+            elapsed_ms = int((time.monotonic() - started) * 1000)
+            logger.info("kv method=%s path=%s status=%d ms=%d", self.command, path, status, elapsed_ms)
+
+    def _handle(self, path: str) -> int:
+        query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
+        body = self._read_body()
+        if path.startswith("/_control/"):
+            return self._control(path, body)
+
+        header = self.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            self.server.stats.challenged()
+            error = VaultError(401, "Unauthorized", "AKV10000: Request is missing a Bearer or PoP token.")
+            return self._send(401, error.body(), {"WWW-Authenticate": self.server.challenge})
+        if self.server.check_audience and not _audience_ok(token.strip()):
+            self.server.stats.challenged()
+            error = VaultError(401, "Unauthorized", "AKV10022: Invalid audience.")
+            challenge = self.server.challenge + ', error="invalid_token"'
+            return self._send(401, error.body(), {"WWW-Authenticate": challenge})
+
+        if not query.get("api-version", [""])[0]:
+            raise _bad("The 'api-version' query parameter is missing.")
+        handler, name, version = self._route(path)
+
+        fault = self.server.faults.take(self.command, name)
+        if fault is not None:
+            if fault.delay_ms:
+                time.sleep(fault.delay_ms / 1000)
+            if fault.status is not None:
+                self.server.stats.faulted()
+                headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
+                code = FAULT_CODES.get(fault.status) or _phrase_code(fault.status)
+                message = FAULT_MESSAGES.get(fault.status, f"Injected fault {fault.id}.")
+                return self._send(fault.status, VaultError(fault.status, code, message).body(), headers)
+
+        status, payload = handler(name, version, body, query)
+        self.server.stats.served(self.command, name)
+        return self._send(status, payload)
+
+    def _route(self, path: str) -> tuple[Any, str | None, str | None]:
+        """The operation for a path, with the secret name and version it names."""
+        parts = [unquote(p) for p in path.split("/")[1:]]
+        method = self.command
+        collection, rest = parts[0], parts[1:]
+        routes: dict[tuple[str, str, int], Any] = {
+            ("secrets", "GET", 0): self._list_secrets,
+            ("secrets", "PUT", 1): self._set_secret,
+            ("secrets", "DELETE", 1): self._delete_secret,
+            ("secrets", "GET", 1): self._get_secret,
+            ("secrets", "GET", 2): self._get_secret,
+            ("secrets", "PATCH", 2): self._update_secret,
+            ("deletedsecrets", "GET", 0): self._list_deleted,
+            ("deletedsecrets", "GET", 1): self._get_deleted,
+            ("deletedsecrets", "DELETE", 1): self._purge_deleted,
+            ("deletedsecrets", "POST", 2): self._recover_deleted,
+        }
+        if rest == [""]:
+            rest = []
+        if collection == "secrets" and len(rest) == 2 and rest[1] == "versions" and method == "GET":
+            return self._list_versions, self._valid_name(rest[0]), None
+        if collection == "deletedsecrets" and len(rest) == 2 and rest[1] != "recover":
+            raise VaultError(404, "NotFound", f"No route for {method} {path}.")
+        if collection == "secrets" and rest and rest[-1] in ("backup", "restore") and method == "POST":
+            raise VaultError(501, "NotImplemented", "Backup and restore are not served by the local stand-in.")
+        handler = routes.get((collection, method, len(rest)))
+        if handler is None:
+            known = any(c == collection and n == len(rest) for c, _, n in routes)
+            if known:
+                raise VaultError(405, "MethodNotAllowed", f"The method {method} is not allowed on {path}.")
+            raise VaultError(404, "NotFound", f"No route for {method} {path}.")
+        name = self._valid_name(rest[0]) if rest else None
+        version = rest[1] if len(rest) == 2 and collection == "secrets" else None
+        return handler, name, version or None
+
+    @staticmethod
+    def _valid_name(name: str) -> str:
+        if not NAME_PATTERN.fullmatch(name):
+            raise _bad(
+                f"The request URI contains an invalid name: {name[:127]}. Secret names may contain only "
+                "letters, digits and dashes, and be 1 to 127 characters long."
+            )
+        return name
+
+    # --- operations: each returns (status, payload)
+
+    def _list_secrets(self, _n: Any, _v: Any, _b: Any, query: dict[str, list[str]]) -> tuple[int, Json]:
+        vault = self._vault_url()
+        return 200, _page(self.server.store.list_secrets(vault), f"{vault}/secrets", query)
+
+    def _list_versions(self, name: str, _v: Any, _b: Any, query: dict[str, list[str]]) -> tuple[int, Json]:
+        vault = self._vault_url()
+        items = self.server.store.list_versions(vault, name)
+        return 200, _page(items, f"{vault}/secrets/{name}/versions", query)
+
+    def _set_secret(self, name: str, _v: Any, body: Json | None, _q: Any) -> tuple[int, Json]:
+        return 200, self.server.store.set(self._vault_url(), name, self._required(body))
+
+    def _get_secret(self, name: str, version: str | None, _b: Any, _q: Any) -> tuple[int, Json]:
+        return 200, self.server.store.get(self._vault_url(), name, version)
+
+    def _update_secret(self, name: str, version: str | None, body: Json | None, _q: Any) -> tuple[int, Json]:
+        return 200, self.server.store.update(self._vault_url(), name, version, self._required(body))
+
+    def _delete_secret(self, name: str, _v: Any, _b: Any, _q: Any) -> tuple[int, Json]:
+        return 200, self.server.store.delete(self._vault_url(), name)
+
+    def _list_deleted(self, _n: Any, _v: Any, _b: Any, query: dict[str, list[str]]) -> tuple[int, Json]:
+        vault = self._vault_url()
+        return 200, _page(self.server.store.list_deleted(vault), f"{vault}/deletedsecrets", query)
+
+    def _get_deleted(self, name: str, _v: Any, _b: Any, _q: Any) -> tuple[int, Json]:
+        return 200, self.server.store.get_deleted(self._vault_url(), name)
+
+    def _purge_deleted(self, name: str, _v: Any, _b: Any, _q: Any) -> tuple[int, None]:
+        self.server.store.purge(name)
+        return 204, None
+
+    def _recover_deleted(self, name: str, _v: Any, _b: Any, _q: Any) -> tuple[int, Json]:
+        return 200, self.server.store.recover(self._vault_url(), name)
+
+    # --- /_control/
+
+    def _control(self, path: str, body: Json | None) -> int:
+        if not ipaddress.ip_address(self.client_address[0]).is_loopback:
+            return self._send(403, {"error": "control endpoints answer loopback clients only"})
+        server = self.server
+        match (self.command, path.rstrip("/")):
+            case ("GET", "/_control/health"):
+                return self._send(200, {"status": "ok"})
+            case ("GET", "/_control/stats"):
+                return self._send(200, server.stats.snapshot())
+            case ("GET", "/_control/faults"):
+                return self._send(200, {"faults": server.faults.snapshot()})
+            case ("POST", "/_control/faults"):
+                try:
+                    fault = Fault.parse(body)
+                except ValueError as e:
+                    return self._send(400, {"error": str(e)})
+                server.faults.add(fault)
+                return self._send(201, asdict(fault))
+            case ("DELETE", "/_control/faults"):
+                return self._send(200, {"cleared": server.faults.clear()})
+            case ("POST", "/_control/reset"):
+                options = body or {}
+                server.stats.reset()
+                if options.get("secrets"):
+                    server.store.clear()
+                if options.get("faults"):
+                    server.faults.clear()
+                return self._send(200, {"reset": True})
+        return self._send(404, {"error": f"no control endpoint {self.command} {path}"})
+
+    # --- plumbing
+
+    def _vault_url(self) -> str:
+        # Ids carry the host the client used, as a real vault's carry its DNS name.
+        host = self.headers.get("Host")
+        return f"https://{host}" if host else self.server.url
+
+    def _read_body(self) -> Json | None:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise VaultError(411, "LengthRequired", "Chunked request bodies are not accepted.")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            raise _bad("Invalid Content-Length.") from None
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise VaultError(413, "RequestEntityTooLarge", "The request body is too large.")
+        if length <= 0:
+            return None
+        raw = self.rfile.read(length)
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            raise _bad("The request body is not valid JSON.") from None
+        if not isinstance(parsed, dict):
+            raise _bad("The request body must be a JSON object.")
+        return parsed
+
+    @staticmethod
+    def _required(body: Json | None) -> Json:
+        if body is None:
+            raise _bad("The request body is required.")
+        return body
+
+    def _send(self, status: int, payload: Json | None, headers: dict[str, str] | None = None) -> int:
+        data = b"" if payload is None else json.dumps(payload).encode("utf-8")
+        self.send_response(status)
+        if payload is not None:
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("x-ms-request-id", str(uuid.uuid4()))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+        return status
+
+
+# ------------------------------------------------------------------------------------------- starting it
+
+
+def _require_loopback(host: str) -> None:
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.IPv4Address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"the Key Vault stand-in listens on IPv4 loopback only, not on {host!r}")
+
+
+def make_server(
+    host: str,
+    port: int,
+    cert: str | os.PathLike[str],
+    key: str | os.PathLike[str],
+    *,
+    state: str | os.PathLike[str] | None = None,
+    tenant: str | None = None,
+    authority_host: str = DEFAULT_AUTHORITY_HOST,
+    check_audience: bool = True,
+) -> KeyVaultServer:
+    """A bound, not yet serving server. Raises ValueError for a non-loopback host or an unreadable state file,
+    OSError when the port is taken, ssl.SSLError for a bad certificate or key."""
+    _require_loopback(host)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(os.fspath(cert), os.fspath(key))
+    store = SecretStore(Path(state) if state is not None else None)
+    if host == "localhost":
+        host = "127.0.0.1"
+    return KeyVaultServer(
+        (host, port), context, store, tenant=tenant, authority_host=authority_host, check_audience=check_audience
+    )
+
+
+def serve(
+    host: str,
+    port: int,
+    cert: str | os.PathLike[str],
+    key: str | os.PathLike[str],
+    **options: Any,
+) -> tuple[KeyVaultServer, threading.Thread]:
+    """Start serving in a daemon thread (port 0 picks a free one); stop with ``server.stop()``.
+
+    Takes the keyword options of ``make_server``, and raises what it raises."""
+    server = make_server(host, port, cert, key, **options)
+    # A short poll interval makes stop() quick, which keeps a test that starts a server per case fast.
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="keyvault-standin", daemon=True
+    )
+    thread.start()
+    return server, thread
+
+
+def control(
+    vault_url: str, method: str, path: str, body: Json | None = None, *, cafile: str | None = None, timeout: float = 10
+) -> Json:
+    """Call a ``/_control/`` endpoint (``path`` like ``"faults"``) and return its JSON answer.
+
+    Raises urllib.error.HTTPError when the endpoint refuses the call."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(  # noqa: S310 - the URL is the stand-in's own https URL
+        f"{vault_url.rstrip('/')}/_control/{path.lstrip('/')}",
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json"} if data is not None else {},
+    )
+    context = ssl.create_default_context(cafile=cafile)
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:  # noqa: S310
+        raw = response.read()
+    result: Json = json.loads(raw) if raw else {}
+    return result
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m devstack.keyvault", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--cert", required=True, help="server certificate chain (PEM)")
+    parser.add_argument("--key", required=True, help="server private key (PEM)")
+    parser.add_argument("--state", help="JSON file that keeps secrets across restarts (written atomically)")
+    parser.add_argument(
+        "--tenant",
+        default=os.environ.get("ENTRA_TENANT_ID") or os.environ.get("AZURE_TENANT_ID") or None,
+        help="tenant named in the Bearer challenge: the SDK asks its credential for a token of this tenant "
+        "(default: ENTRA_TENANT_ID or AZURE_TENANT_ID; without one the challenge names no tenant)",
+    )
+    parser.add_argument(
+        "--authority-host",
+        default=os.environ.get("ENTRA_AUTHORITY_HOST") or DEFAULT_AUTHORITY_HOST,
+        help="authority named in the Bearer challenge",
+    )
+    parser.add_argument("--accept-any-token", action="store_true", help="accept JWTs whose audience is not Key Vault")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def _stop_on_signal(signum: int, _frame: object) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr, level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        server = make_server(
+            args.host,
+            args.port,
+            args.cert,
+            args.key,
+            state=args.state,
+            tenant=args.tenant,
+            authority_host=args.authority_host,
+            check_audience=not args.accept_any_token,
+        )
+    except (ValueError, OSError) as e:
+        logger.error("kv cannot start: %s", e)
+        return 2
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    logger.info("kv listening url=%s state=%s tenant=%s", server.url, args.state or "-", args.tenant or "-")
+    try:
+        server.serve_forever()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.server_close()
+        logger.info("kv stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
