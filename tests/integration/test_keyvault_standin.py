@@ -1,0 +1,478 @@
+"""The Key Vault stand-in, driven by the unmodified SecretClient over TLS with a CA made for the test."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import json
+import logging
+import os
+import ssl
+import stat
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.core.credentials import AccessToken
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
+from azure.keyvault.secrets import SecretClient
+from azure.keyvault.secrets._shared import http_challenge_cache
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from devstack.keyvault import KeyVaultServer, control, serve
+
+pytestmark = pytest.mark.integration
+
+TENANT = "5f1c8a3e-0b7d-4c52-9a61-2d8e4f7b9c10"
+VALUE = "cache-value-that-must-never-reach-a-log"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A CA and a server certificate for 127.0.0.1 and localhost, as PEM files."""
+    folder = tmp_path_factory.mktemp("kv-tls")
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("kv test CA"))
+        .issuer_name(_name("kv test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("localhost"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return {k: str(v) for k, v in paths.items()}
+
+
+@pytest.fixture
+def server(tls: dict[str, str]) -> Iterator[KeyVaultServer]:
+    kv, thread = serve("127.0.0.1", 0, tls["cert"], tls["key"], tenant=TENANT)
+    yield kv
+    kv.stop()
+    thread.join(timeout=5)
+
+
+def _jwt(claims: dict[str, Any]) -> str:
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+class FakeCredential:
+    """Hands out an unsigned JWT for Key Vault and records what the challenge policy asked for."""
+
+    def __init__(self, audience: str = "https://vault.azure.net") -> None:
+        self.audience = audience
+        self.requests: list[tuple[tuple[str, ...], str | None]] = []
+
+    def get_token(self, *scopes: str, tenant_id: str | None = None, **_: Any) -> AccessToken:
+        self.requests.append((scopes, tenant_id))
+        expires = int(time.time()) + 3600
+        token = _jwt({"aud": self.audience, "tid": tenant_id or TENANT, "exp": expires})
+        return AccessToken(token, expires)
+
+
+def _client(
+    server: KeyVaultServer, tls: dict[str, str], credential: FakeCredential | None = None, **options: Any
+) -> SecretClient:
+    return SecretClient(
+        server.url,
+        credential or FakeCredential(),  # type: ignore[arg-type]
+        verify_challenge_resource=False,
+        connection_verify=tls["ca"],
+        **options,
+    )
+
+
+@pytest.fixture
+def client(server: KeyVaultServer, tls: dict[str, str]) -> SecretClient:
+    return _client(server, tls)
+
+
+def _stats(server: KeyVaultServer, tls: dict[str, str]) -> dict[str, Any]:
+    return control(server.url, "GET", "stats", cafile=tls["ca"])
+
+
+def _raw(server: KeyVaultServer, tls: dict[str, str], method: str, path: str, token: str | None = None) -> Any:
+    """One request with the standard library, so that no SDK policy stands between the test and the server."""
+    request = urllib.request.Request(f"{server.url}{path}", method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=tls["ca"])) as response:
+            return response.status, dict(response.headers), json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read() or b"null")
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+
+def test_unauthenticated_request_gets_the_bearer_challenge(server: KeyVaultServer, tls: dict[str, str]) -> None:
+    status, headers, body = _raw(server, tls, "GET", "/secrets/anything/?api-version=7.6")
+
+    assert status == 401
+    assert headers["WWW-Authenticate"] == (
+        f'Bearer authorization="https://login.microsoftonline.com/{TENANT}", resource="https://vault.azure.net"'
+    )
+    assert body["error"]["code"] == "Unauthorized"
+    assert _stats(server, tls)["challenges"] == 1
+    assert _stats(server, tls)["reads"] == 0
+
+
+def test_client_answers_the_challenge_with_a_token_for_the_vault_tenant(
+    server: KeyVaultServer, tls: dict[str, str]
+) -> None:
+    # The SDK caches challenges per vault origin, process-wide; a port reused from an earlier test would skip it.
+    http_challenge_cache.clear()
+    credential = FakeCredential()
+    client = _client(server, tls, credential)
+
+    client.set_secret("first", VALUE)
+
+    assert credential.requests == [(("https://vault.azure.net/.default",), TENANT)]
+    stats = _stats(server, tls)
+    assert stats["challenges"] == 1
+    assert (stats["reads"], stats["writes"]) == (0, 1)
+
+
+def test_without_a_tenant_the_challenge_names_none(tls: dict[str, str]) -> None:
+    kv, thread = serve("127.0.0.1", 0, tls["cert"], tls["key"])
+    try:
+        http_challenge_cache.clear()
+        credential = FakeCredential()
+        _client(kv, tls, credential).set_secret("first", VALUE)
+        assert credential.requests == [(("https://vault.azure.net/.default",), None)]
+    finally:
+        kv.stop()
+        thread.join(timeout=5)
+
+
+def test_token_for_another_audience_is_refused(server: KeyVaultServer, tls: dict[str, str]) -> None:
+    client = _client(server, tls, FakeCredential(audience="https://storage.azure.com"))
+
+    with pytest.raises(ClientAuthenticationError):
+        client.get_secret("first")
+
+    status, _, body = _raw(server, tls, "GET", "/secrets?api-version=7.6", token="opaque-token")
+    assert status == 200 and body == {"value": [], "nextLink": None}
+
+
+def test_set_get_versions_tags_and_content_type(client: SecretClient) -> None:
+    first = client.set_secret("mailbox-a", "v1", content_type="application/json", tags={"mailbox": "a@x.test"})
+    second = client.set_secret("mailbox-a", "v2", tags={"mailbox": "a@x.test", "round": "2"})
+
+    assert first.properties.version != second.properties.version
+    assert len(second.properties.version or "") == 32
+    assert second.id == f"{client.vault_url}/secrets/mailbox-a/{second.properties.version}"
+    latest = client.get_secret("mailbox-a")
+    assert (latest.value, latest.properties.version) == ("v2", second.properties.version)
+    assert latest.properties.tags == {"mailbox": "a@x.test", "round": "2"}
+    assert latest.properties.content_type is None
+    assert latest.properties.enabled is True
+    assert latest.properties.recovery_level == "Recoverable+Purgeable"
+    assert isinstance(latest.properties.created_on, datetime.datetime)
+
+    old = client.get_secret("mailbox-a", first.properties.version)
+    assert (old.value, old.properties.content_type) == ("v1", "application/json")
+    versions = {p.version for p in client.list_properties_of_secret_versions("mailbox-a")}
+    assert versions == {first.properties.version, second.properties.version}
+
+    expires = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    updated = client.update_secret_properties("mailbox-a", content_type="text/plain", expires_on=expires)
+    assert (updated.version, updated.content_type, updated.expires_on) == (
+        second.properties.version,
+        "text/plain",
+        expires,
+    )
+    client.update_secret_properties("mailbox-a", first.properties.version, enabled=False)
+    with pytest.raises(HttpResponseError) as disabled:
+        client.get_secret("mailbox-a", first.properties.version)
+    assert disabled.value.status_code == 403
+    assert client.get_secret("mailbox-a").value == "v2"
+
+
+def test_list_follows_next_links(client: SecretClient, server: KeyVaultServer, tls: dict[str, str]) -> None:
+    names = [f"secret-{i}" for i in range(7)]
+    for name in names:
+        client.set_secret(name, "x")
+
+    pages = [[p.name for p in page] for page in client.list_properties_of_secrets(max_page_size=3).by_page()]
+
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert sorted(n for page in pages for n in page) == names
+    assert _raw(server, tls, "GET", "/secrets?api-version=7.6&maxresults=26", token="t")[0] == 400
+
+
+def test_delete_then_recover_then_purge(client: SecretClient) -> None:
+    client.set_secret("gone", "v1")
+
+    deleted = client.begin_delete_secret("gone", _polling_interval=0)
+    result = deleted.result()
+    deleted.wait()
+
+    assert result.recovery_id == f"{client.vault_url}/deletedsecrets/gone"
+    assert result.deleted_date is not None and result.scheduled_purge_date is not None
+    with pytest.raises(ResourceNotFoundError):
+        client.get_secret("gone")
+    with pytest.raises(ResourceExistsError):
+        client.set_secret("gone", "v2")
+    assert [d.name for d in client.list_deleted_secrets()] == ["gone"]
+
+    client.begin_recover_deleted_secret("gone", _polling_interval=0).wait()
+    assert client.get_secret("gone").value == "v1"
+
+    client.begin_delete_secret("gone", _polling_interval=0).wait()
+    client.purge_deleted_secret("gone")
+    with pytest.raises(ResourceNotFoundError):
+        client.get_deleted_secret("gone")
+    assert client.set_secret("gone", "v3").value == "v3"
+    assert len(list(client.list_properties_of_secret_versions("gone"))) == 1
+
+
+def test_names_are_case_insensitive(client: SecretClient) -> None:
+    client.set_secret("Mailbox-B", "v1")
+    client.set_secret("MAILBOX-b", "v2")
+
+    secret = client.get_secret("mailbox-b")
+
+    assert secret.value == "v2"
+    assert secret.name == "Mailbox-B"  # the name keeps the spelling it was created with
+    assert [p.name for p in client.list_properties_of_secrets()] == ["Mailbox-B"]
+    assert len(list(client.list_properties_of_secret_versions("MAILBOX-B"))) == 2
+
+
+def test_missing_secret_is_resource_not_found(client: SecretClient) -> None:
+    client.set_secret("present", "v1")
+
+    with pytest.raises(ResourceNotFoundError) as missing:
+        client.get_secret("absent")
+    with pytest.raises(ResourceNotFoundError) as missing_version:
+        client.get_secret("present", "0" * 32)
+
+    assert missing.value.error is not None and missing.value.error.code == "SecretNotFound"
+    assert missing_version.value.error is not None and missing_version.value.error.code == "SecretNotFound"
+    with pytest.raises(ResourceNotFoundError):
+        client.begin_delete_secret("absent")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("bad_name", "x"), ("a" * 128, "x"), ("big", "x" * (25 * 1024 + 1))],
+    ids=["underscore", "128-chars", "value-over-25KB"],
+)
+def test_invalid_names_and_values_are_bad_parameters(client: SecretClient, name: str, value: str) -> None:
+    with pytest.raises(HttpResponseError) as refused:
+        client.set_secret(name, value)
+
+    assert refused.value.status_code == 400
+    assert refused.value.error is not None and refused.value.error.code == "BadParameter"
+
+
+def test_largest_value_and_longest_name_are_accepted(client: SecretClient) -> None:
+    name = "a" * 127
+    client.set_secret(name, "x" * (25 * 1024))
+
+    assert len(client.get_secret(name).value or "") == 25 * 1024
+
+
+def test_throttling_with_retry_after_is_retried_by_the_sdk(
+    client: SecretClient, server: KeyVaultServer, tls: dict[str, str]
+) -> None:
+    client.set_secret("warm", "v1")  # the challenge round trip, before the fault is armed
+    fault = control(server.url, "POST", "faults", {"status": 429, "retry_after": 1, "count": 1}, cafile=tls["ca"])
+    assert fault["count"] == 1
+
+    started = time.monotonic()
+    client.set_secret("throttled", "v1")
+    elapsed = time.monotonic() - started
+
+    assert elapsed >= 0.9  # the SDK waited as Retry-After asked
+    stats = _stats(server, tls)
+    assert stats["faults"] == 1
+    assert stats["by_secret"]["throttled"] == {"reads": 0, "writes": 1}
+    assert client.get_secret("throttled").value == "v1"
+
+
+def test_throttling_answer_is_key_vaults(server: KeyVaultServer, tls: dict[str, str]) -> None:
+    control(server.url, "POST", "faults", {"status": 429, "retry_after": 7, "method": "GET"}, cafile=tls["ca"])
+
+    status, headers, body = _raw(server, tls, "GET", "/secrets/x/?api-version=7.6", token="t")
+
+    assert (status, headers["Retry-After"], body["error"]["code"]) == (429, "7", "Throttled")
+
+
+def test_persistent_unavailability_surfaces_after_retries(server: KeyVaultServer, tls: dict[str, str]) -> None:
+    client = _client(server, tls, retry_total=2, retry_backoff_factor=0.01, retry_backoff_max=0.05)
+    client.set_secret("steady", "v1")
+    control(server.url, "POST", "faults", {"status": 503, "count": -1}, cafile=tls["ca"])
+
+    with pytest.raises(HttpResponseError) as failed:
+        client.get_secret("steady")
+
+    assert failed.value.status_code == 503
+    assert _stats(server, tls)["faults"] == 3  # the first try and two retries
+    assert control(server.url, "DELETE", "faults", cafile=tls["ca"]) == {"cleared": 1}
+    assert client.get_secret("steady").value == "v1"
+
+
+def test_fault_applies_only_to_the_named_secret_and_method(server: KeyVaultServer, tls: dict[str, str]) -> None:
+    client = _client(server, tls, retry_total=0)
+    client.set_secret("one", "v1")
+    client.set_secret("two", "v1")
+    control(server.url, "POST", "faults", {"status": 500, "name": "ONE", "method": "get"}, cafile=tls["ca"])
+
+    client.set_secret("one", "v2")
+    assert client.get_secret("two").value == "v1"
+    with pytest.raises(HttpResponseError) as failed:
+        client.get_secret("one")
+    assert failed.value.status_code == 500
+    assert client.get_secret("one").value == "v2"
+
+
+def test_delay_without_status_slows_then_serves(
+    client: SecretClient, server: KeyVaultServer, tls: dict[str, str]
+) -> None:
+    client.set_secret("slow", "v1")
+    control(server.url, "POST", "faults", {"delay_ms": 300}, cafile=tls["ca"])
+
+    started = time.monotonic()
+    assert client.get_secret("slow").value == "v1"
+
+    assert time.monotonic() - started >= 0.3
+    assert _stats(server, tls)["faults"] == 0
+
+
+def test_bad_fault_is_refused(server: KeyVaultServer, tls: dict[str, str]) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        control(server.url, "POST", "faults", {"status": 200}, cafile=tls["ca"])
+
+    assert refused.value.code == 400
+
+
+def test_stats_count_served_reads_and_writes_per_secret(
+    client: SecretClient, server: KeyVaultServer, tls: dict[str, str]
+) -> None:
+    client.set_secret("counted", "v1")
+    control(server.url, "POST", "reset", {}, cafile=tls["ca"])
+
+    client.get_secret("counted")
+    client.get_secret("COUNTED")
+    client.set_secret("counted", "v2")
+    client.update_secret_properties("counted", tags={"k": "v"})
+    list(client.list_properties_of_secrets())
+
+    stats = _stats(server, tls)
+    assert (stats["reads"], stats["writes"], stats["challenges"]) == (3, 2, 0)
+    assert stats["by_secret"] == {"counted": {"reads": 2, "writes": 2}}
+
+    control(server.url, "POST", "reset", {"secrets": True}, cafile=tls["ca"])
+    assert _stats(server, tls)["reads"] == 0
+    with pytest.raises(ResourceNotFoundError):
+        client.get_secret("counted")
+
+
+def test_state_file_keeps_secrets_across_restarts(tls: dict[str, str], tmp_path: Path) -> None:
+    state = tmp_path / "state" / "kv.json"
+    first, thread = serve("127.0.0.1", 0, tls["cert"], tls["key"], state=state)
+    client = _client(first, tls)
+    version = client.set_secret("kept", "v1", tags={"t": "1"}).properties.version
+    client.set_secret("dropped", "v1")
+    client.begin_delete_secret("dropped", _polling_interval=0).wait()
+    first.stop()
+    thread.join(timeout=5)
+
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o600
+    second, thread = serve("127.0.0.1", 0, tls["cert"], tls["key"], state=state)
+    try:
+        client = _client(second, tls)
+        kept = client.get_secret("kept")
+        assert (kept.value, kept.properties.version, kept.properties.tags) == ("v1", version, {"t": "1"})
+        assert client.get_deleted_secret("dropped").name == "dropped"
+    finally:
+        second.stop()
+        thread.join(timeout=5)
+
+
+def test_one_log_line_per_request_and_no_value(
+    client: SecretClient, server: KeyVaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="devstack.keyvault"):
+        client.set_secret("logged", VALUE)
+        client.get_secret("logged")
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "devstack.keyvault"]
+    assert "kv method=PUT path=/secrets/logged status=200" in " | ".join(lines)
+    assert any(line.startswith("kv method=GET path=/secrets/logged/ status=200") for line in lines)
+    assert not any("api-version" in line for line in lines)
+    assert VALUE not in caplog.text
+
+
+def test_health_and_loopback_only(server: KeyVaultServer, tls: dict[str, str]) -> None:
+    assert control(server.url, "GET", "health", cafile=tls["ca"]) == {"status": "ok"}
+    with pytest.raises(ValueError):
+        serve("0.0.0.0", 0, tls["cert"], tls["key"])
