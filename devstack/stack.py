@@ -192,6 +192,7 @@ def _parts(info: dict[str, Any]) -> list[Part]:
             "--host", "127.0.0.1", "--port", str(ports.keyvault),
             "--cert", info["tls_cert"], "--key", info["tls_key"],
             "--state", str(folder / "keyvault.json"),
+            "--tenant", info["tenant_id"], "--authority-host", info["entra_origin"],
         ]  # fmt: skip
 
     def entra() -> list[str]:

@@ -16,6 +16,7 @@ from azure.core.exceptions import (
     AzureError,
     ClientAuthenticationError,
     HttpResponseError,
+    ResourceExistsError,
     ResourceNotFoundError,
 )
 from azure.keyvault.secrets import SecretClient
@@ -56,15 +57,22 @@ class TokenCacheStore:
                 f"token cache of {address} is larger than Key Vault's 25 KB secret limit",
                 remedy="revoke and re-authorize the mailbox so that its cache holds one account only",
             )
-        secret = self._call(
-            "write",
-            address,
+        write = (
             self._client.set_secret,
             mailbox_key(address),
             serialized,
-            content_type=CONTENT_TYPE,
-            tags={"mailbox": address, "provider": "entra", "signed-in-as": signed_in_as},
         )
+        options: dict[str, Any] = {
+            "content_type": CONTENT_TYPE,
+            "tags": {"mailbox": address, "provider": "entra", "signed-in-as": signed_in_as},
+        }
+        try:
+            secret = self._call("write", address, *write, **options)
+        except ResourceExistsError:
+            # The mailbox was revoked and its secret is soft-deleted (and, with purge protection, cannot be purged):
+            # recover it, then write the new cache as its next version.
+            self._call("recover", address, self._client.begin_recover_deleted_secret, mailbox_key(address)).wait()
+            secret = self._call("write", address, *write, **options)
         return str(secret.properties.version or "")
 
     def delete(self, address: str) -> None:
@@ -76,7 +84,7 @@ class TokenCacheStore:
     def _call(action: str, address: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ResourceNotFoundError:
+        except (ResourceNotFoundError, ResourceExistsError):
             raise
         except ClientAuthenticationError as e:
             raise ConfigurationError(
