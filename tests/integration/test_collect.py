@@ -1,0 +1,261 @@
+"""Collection against the real local parts: Dovecot, the Entra stand-in, the Key Vault endpoint and Azurite."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from devstack import dovecot
+from shared import azure_clients
+from shared.registry import NEEDS_RECONSENT
+from tests.conftest import ROOT, simple_message
+
+pytestmark = pytest.mark.integration
+
+SCHEMA = __import__("json").loads((ROOT / "schemas" / "envelope.v1.json").read_text())
+
+
+def collect(services: Any, address: str) -> Any:
+    mailbox = services.registry.get(address)
+    return services.collector.collect_mailbox(mailbox, deadline=time.monotonic() + 120)
+
+
+def blob_bytes(services: Any, envelope: dict[str, Any]) -> bytes:
+    container = azure_clients.container(services.settings, services.settings.mail_container)
+    return bytes(container.download_blob(envelope["blob"]["name"]).readall())
+
+
+def test_mail_reaches_the_queue_once_byte_exact_in_uid_order(
+    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    address = new_address()
+    consent(address)
+    sent = [simple_message(f"ticket {i}", "x" * (i * 300)) for i in range(6)]
+    for raw in sent:
+        deliver(address, raw)
+
+    result = collect(services, address)
+
+    assert (result.outcome, result.messages) == ("ok", 6)
+    envelopes = queue_messages()
+    assert [e["uid"] for e in envelopes] == sorted(e["uid"] for e in envelopes)
+    assert [blob_bytes(services, e) for e in envelopes] == sent
+    for envelope, raw in zip(envelopes, sent, strict=True):
+        jsonschema.validate(envelope, SCHEMA)
+        assert envelope["sha256"] == hashlib.sha256(raw).hexdigest()
+        assert envelope["mailbox"] == address
+    config = Path(stack["dovecot_config"])
+    assert all("\\Seen" in flags for flags in dovecot.list_flags(config, address).values())
+
+    again = collect(services, address)
+    assert (again.outcome, again.messages) == ("ok", 0)
+    assert queue_messages() == []
+    row = services.registry.get(address)
+    assert row.last_uid == max(e["uid"] for e in envelopes) and row.consecutive_failures == 0
+
+
+def test_the_after_action_waits_for_the_queue(
+    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    address = new_address()
+    consent(address, after_action="move", move_to="Collected")
+    deliver(address, simple_message("first"))
+    queue = azure_clients.queue(services.settings, services.settings.mail_queue)
+    queue.delete_queue()  # the envelope cannot be written now
+
+    failed = collect(services, address)
+
+    config = Path(stack["dovecot_config"])
+    assert failed.outcome == "transient"
+    assert len(dovecot.list_uids(config, address)) == 1, "the message left the inbox before it was queued"
+    assert services.registry.get(address).last_uid == 0
+
+    queue.create_queue()
+    done = collect(services, address)
+    assert (done.outcome, done.messages) == ("ok", 1)
+    assert dovecot.list_uids(config, address) == []
+    assert len(dovecot.list_uids(config, address, "Collected")) == 1
+    assert [e["subject"] for e in queue_messages()] == ["first"]
+
+
+@pytest.mark.parametrize("action", ["leave", "delete"])
+def test_other_after_actions(
+    stack: dict[str, Any],
+    services: Any,
+    consent: Any,
+    new_address: Any,
+    deliver: Any,
+    queue_messages: Any,
+    action: str,
+) -> None:
+    address = new_address()
+    consent(address, after_action=action)
+    deliver(address, simple_message("one"))
+    deliver(address, simple_message("two"))
+    assert collect(services, address).messages == 2
+    config = Path(stack["dovecot_config"])
+    uids = dovecot.list_uids(config, address)
+    if action == "leave":
+        assert len(uids) == 2 and not any("\\Seen" in f for f in dovecot.list_flags(config, address).values())
+    else:
+        assert uids == []
+    assert collect(services, address).messages == 0  # the checkpoint keeps "leave" from collecting twice
+    assert len(queue_messages()) == 2
+
+
+def test_a_rotated_refresh_token_is_stored_and_the_old_one_is_not_needed(
+    services: Any, consent: Any, new_address: Any, deliver: Any, entra_control: Any, queue_messages: Any
+) -> None:
+    import msal
+
+    from collectors.entra import confidential_app
+
+    entra_control("settings", {"access_token_ttl_seconds": 120})  # below the renewal margin: every run renews
+    try:
+        address = new_address()
+        consent(address)
+    finally:
+        entra_control("settings", {"access_token_ttl_seconds": 3600})
+    store = services.tokens._store
+    before = store.load(address)
+    deliver(address, simple_message("rotating"))
+
+    assert collect(services, address).outcome == "ok"
+
+    after = store.load(address)
+    assert after.version != before.version and after.serialized != before.serialized
+    assert services.registry.get(address).token_saved_at is not None
+    # The stand-in rotates strictly: the refresh token that was stored before is now refused.
+    old = msal.SerializableTokenCache()
+    old.deserialize(before.serialized)
+    app = confidential_app(services.settings, old)
+    refused = app.acquire_token_silent_with_error(
+        [services.settings.imap_scope], app.get_accounts()[0], force_refresh=True
+    )
+    assert refused and refused.get("error") == "invalid_grant"
+    # ...and collection goes on with the stored one.
+    deliver(address, simple_message("after rotation"))
+    services.tokens.forget(address)
+    assert collect(services, address).messages == 1
+    assert [e["subject"] for e in queue_messages()] == ["rotating", "after rotation"]
+
+
+def test_a_warm_worker_does_not_touch_key_vault_while_tokens_are_fresh(
+    services: Any, consent: Any, new_address: Any, deliver: Any, keyvault_control: Any
+) -> None:
+    address = new_address()
+    consent(address)
+    deliver(address, simple_message("warm"))
+    assert collect(services, address).messages == 1  # cold: reads the cache once
+    keyvault_control("reset")
+    for _ in range(3):
+        deliver(address, simple_message("more"))
+        assert collect(services, address).messages == 1
+    stats = keyvault_control("stats", method="GET")
+    assert (stats["reads"], stats["writes"]) == (0, 0)
+
+
+def test_invalid_grant_marks_one_mailbox_and_the_others_are_collected(
+    services: Any, consent: Any, new_address: Any, deliver: Any, entra_control: Any, queue_messages: Any
+) -> None:
+    entra_control("settings", {"access_token_ttl_seconds": 120})
+    try:
+        good1, bad, good2 = new_address(), new_address(), new_address()
+        for address in (good1, bad, good2):
+            consent(address)
+            deliver(address, simple_message(f"for {address}"))
+    finally:
+        entra_control("settings", {"access_token_ttl_seconds": 3600})
+    entra_control(
+        "faults",
+        {
+            "endpoint": "token",
+            "error": "invalid_grant",
+            "aadsts": 70043,
+            "status": 400,
+            "count": 5,
+            "account": bad,
+            "grant_type": "refresh_token",
+        },
+    )
+
+    results = {r.address: r for r in services.collector.run()}
+
+    assert results[good1].messages == 1 and results[good2].messages == 1
+    assert results[bad].outcome == "needs_reconsent" and "AADSTS70043" in results[bad].error
+    row = services.registry.get(bad)
+    assert row.status == NEEDS_RECONSENT and row.last_error_class == "needs_reconsent"
+    assert "authorize" in row.last_error
+    assert services.tokens._store.load(bad) is not None, "the stored token must be kept"
+    assert sorted(e["mailbox"] for e in queue_messages()) == sorted([good1, good2])
+    # A re-consent brings it back.
+    entra_control("faults", method="DELETE")
+    consent(bad)
+    assert services.registry.get(bad).status == "active"
+    assert collect(services, bad).messages == 1
+
+
+def test_two_concurrent_runs_never_collect_the_same_mailbox(
+    settings: Any, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    from collectors.services import build_services
+
+    address = new_address()
+    consent(address)
+    for i in range(120):
+        deliver(address, simple_message(f"m{i}"))
+    other = build_services(settings)  # a second worker: its own token cache and thread pools
+    results: list[Any] = []
+    start = threading.Barrier(2)
+
+    def run(s: Any) -> None:
+        start.wait()
+        results.append(collect(s, address))
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (services, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    outcomes = sorted(r.outcome for r in results)
+    assert outcomes == ["busy", "ok"]
+    ids = [e["id"] for e in queue_messages()]
+    assert len(ids) == 120 and len(set(ids)) == 120
+
+
+def test_a_30_mb_message_and_a_huge_header_go_through(
+    services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    import base64
+
+    address = new_address()
+    consent(address)
+    attachment = base64.encodebytes(bytes(range(256)) * (30 * 1024 * 1024 // 256 * 3 // 4))
+    big = (
+        b"From: a@example.org\r\nTo: support@example.test\r\nSubject: big\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee file\r\n'
+        b'--b\r\nContent-Type: application/octet-stream; name="big.bin"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+        + attachment.replace(b"\n", b"\r\n")
+        + b"--b--\r\n"
+    )
+    assert len(big) > 30 * 1024 * 1024
+    recipients = ", ".join(f"r{i}@example.org" for i in range(2000))
+    wide = (f"From: a@example.org\r\nTo: {recipients}\r\nSubject: {'S' * 10240}\r\n\r\nbody\r\n").encode()
+    deliver(address, big)
+    deliver(address, wide)
+
+    result = collect(services, address)
+
+    assert (result.outcome, result.messages) == ("ok", 2)
+    envelopes = queue_messages()
+    assert [blob_bytes(services, e) == raw for e, raw in zip(envelopes, (big, wide), strict=True)] == [True, True]
+    for e in envelopes:
+        jsonschema.validate(e, SCHEMA)
+    assert envelopes[0]["size"] == len(big)

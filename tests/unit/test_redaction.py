@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import base64
+import logging
+
+import pytest
+
+from shared.redaction import RedactingFilter, redact
+
+JWT = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImFiYyJ9.eyJzdWIiOiJ1c2VyQGV4YW1wbGUudGVzdCJ9.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
+SASL = base64.b64encode(f"user=a@example.test\x01auth=Bearer {JWT}\x01\x01".encode()).decode()
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        (f"token is {JWT}", JWT),
+        (f"Authorization: Bearer opaque-token-value-123", "opaque-token-value-123"),
+        ("POST code=0.AXoA-very-long-code-value&state=abcdef123", "0.AXoA-very-long-code-value"),
+        ('{"refresh_token": "1.AbCdEf-refresh-token-material"}', "1.AbCdEf-refresh-token-material"),
+        ("client_secret=Kq8~supersecretvalue", "Kq8~supersecretvalue"),
+        (f"AUTHENTICATE XOAUTH2 {SASL}", SASL),
+        ("AccountKey=Eby8vdM02xNOcqF==;", "Eby8vdM02xNOcqF=="),
+        ("rt 0.ARoAv4j5cvGGr0GRqy180BHbR1234567890abcdefghijklmnopqrstuv", "0.ARoAv4j5cvGGr0GRqy180BHbR1234567890"),
+    ],
+)
+def test_secrets_are_replaced(text: str, secret: str) -> None:
+    cleaned = redact(text)
+    assert secret not in cleaned
+    assert "[redacted]" in cleaned
+
+
+def test_ordinary_fields_survive() -> None:
+    line = "collect mailbox=support@contoso.com outcome=ok messages=3 bytes=1200 duration_ms=52"
+    assert redact(line) == line
+
+
+def test_filter_scrubs_args_and_tracebacks() -> None:
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "refresh failed token=%s", (JWT,), None)
+    try:
+        raise RuntimeError(f"server said Bearer {JWT}")
+    except RuntimeError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    RedactingFilter().filter(record)
+    assert JWT not in record.getMessage()
+    assert record.exc_text and JWT not in record.exc_text
