@@ -15,7 +15,7 @@ SASL = base64.b64encode(f"user=a@example.test\x01auth=Bearer {JWT}\x01\x01".enco
     ("text", "secret"),
     [
         (f"token is {JWT}", JWT),
-        (f"Authorization: Bearer opaque-token-value-123", "opaque-token-value-123"),
+        ("Authorization: Bearer opaque-token-value-123", "opaque-token-value-123"),
         ("POST code=0.AXoA-very-long-code-value&state=abcdef123", "0.AXoA-very-long-code-value"),
         ('{"refresh_token": "1.AbCdEf-refresh-token-material"}', "1.AbCdEf-refresh-token-material"),
         ("client_secret=Kq8~supersecretvalue", "Kq8~supersecretvalue"),
