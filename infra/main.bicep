@@ -29,8 +29,8 @@ param principalId string = ''
 @description('Kind of principal behind principalId.')
 param principalType string = 'User'
 
-@description('Entra tenant (directory) id of the mailboxes.')
-param entraTenantId string = tenant().tenantId
+@description('Entra tenant (directory) id of the mailboxes; empty: the tenant of the deployment.')
+param entraTenantId string = ''
 
 @description('Application (client) id of an existing Entra app registration; ignored when createEntraApp is true.')
 param entraClientId string = ''
@@ -131,6 +131,7 @@ var deploymentContainerName = 'app-package-${resourceToken}'
 // Known before the app exists, so the app registration and the app settings need not wait for each other.
 var redirectUri = empty(entraRedirectUri) ? 'https://${functionAppName}.azurewebsites.net/api/auth/callback' : entraRedirectUri
 var useSecret = entraCredentialMode == 'secret'
+var tenantId = empty(entraTenantId) ? tenant().tenantId : entraTenantId
 var effectiveClientId = createEntraApp ? entraApp.outputs.clientId : entraClientId
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
@@ -247,6 +248,7 @@ module entraApp 'app/entra-app.bicep' = if (createEntraApp) {
     redirectUri: redirectUri
     trustManagedIdentity: !useSecret
     managedIdentityPrincipalId: identity.outputs.principalId
+    // The managed identity's tokens come from the deployment's tenant.
     issuer: '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
   }
 }
@@ -268,7 +270,7 @@ module api 'app/api.bicep' = {
     keyVaultUri: keyVault.outputs.uri
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
-    entraTenantId: entraTenantId
+    entraTenantId: tenantId
     entraClientId: effectiveClientId
     entraAuthorityHost: entraAuthorityHost
     entraRedirectUri: redirectUri
@@ -334,7 +336,7 @@ output AZURE_STORAGE_BLOB_ENDPOINT string = storage.outputs.serviceEndpoints.blo
 output AZURE_STORAGE_QUEUE_ENDPOINT string = storage.outputs.serviceEndpoints.queue
 output AZURE_STORAGE_TABLE_ENDPOINT string = storage.outputs.serviceEndpoints.table
 output APPLICATIONINSIGHTS_CONNECTION_STRING string = monitoring.outputs.connectionString
-output ENTRA_TENANT_ID string = entraTenantId
+output ENTRA_TENANT_ID string = tenantId
 output ENTRA_CLIENT_ID string = effectiveClientId
 output ENTRA_AUTHORITY_HOST string = entraAuthorityHost
 output ENTRA_REDIRECT_URI string = redirectUri

@@ -1,0 +1,131 @@
+#!/bin/sh
+# azd postprovision hook (POSIX): writes local.settings.json for running the app on this machine against the
+# resources just provisioned, and prints the admin consent link. azd passes its environment (the Bicep outputs) as
+# environment variables. It prints no key, token or secret: the function key is fetched by the admin when needed.
+set -eu
+
+repo_root=$(CDPATH='' cd -- "$(dirname -- "$0")/../.." && pwd)
+python_bin=$(command -v python3 || command -v python || true)
+if [ -z "$python_bin" ]; then
+  echo "postprovision: Python 3 is needed to write local.settings.json" >&2
+  exit 1
+fi
+
+"$python_bin" - "$repo_root" <<'EOF'
+import json
+import os
+import sys
+from pathlib import Path
+
+root = Path(sys.argv[1])
+env = os.environ
+
+required = (
+    "AZURE_STORAGE_BLOB_ENDPOINT",
+    "AZURE_STORAGE_QUEUE_ENDPOINT",
+    "AZURE_STORAGE_TABLE_ENDPOINT",
+    "KEY_VAULT_URI",
+    "ENTRA_TENANT_ID",
+)
+missing = [name for name in required if not env.get(name)]
+if missing:
+    sys.exit(
+        "postprovision: missing azd outputs " + ", ".join(missing)
+        + "; run it through azd (azd provision, or azd hooks run postprovision)"
+    )
+
+
+def value(name: str, default: str = "") -> str:
+    return env.get(name) or default
+
+
+# Locally the app runs as the developer (azure-identity picks up `az login` / `azd auth login`), so neither
+# AZURE_CLIENT_ID nor AzureWebJobsStorage__credential is written: both would select a managed identity that does
+# not exist here. The deploying user holds the data roles on storage and Key Vault (infra/app/rbac.bicep).
+values = {
+    "FUNCTIONS_WORKER_RUNTIME": "python",
+    "AzureWebJobsStorage__blobServiceUri": env["AZURE_STORAGE_BLOB_ENDPOINT"],
+    "AzureWebJobsStorage__queueServiceUri": env["AZURE_STORAGE_QUEUE_ENDPOINT"],
+    "AzureWebJobsStorage__tableServiceUri": env["AZURE_STORAGE_TABLE_ENDPOINT"],
+    "KEY_VAULT_URI": env["KEY_VAULT_URI"],
+    "ENTRA_TENANT_ID": env["ENTRA_TENANT_ID"],
+    "ENTRA_CLIENT_ID": value("ENTRA_CLIENT_ID"),
+    "ENTRA_AUTHORITY_HOST": value("ENTRA_AUTHORITY_HOST", "https://login.microsoftonline.com"),
+    "ENTRA_REDIRECT_URI": "http://localhost:7071/api/auth/callback",
+    "ALLOWED_MAIL_DOMAINS": value("ALLOWED_MAIL_DOMAINS"),
+    "IMAP_HOST": value("IMAP_HOST", "outlook.office365.com"),
+    "IMAP_PORT": value("IMAP_PORT", "993"),
+    "IMAP_SCOPE": value("IMAP_SCOPE", "https://outlook.office.com/IMAP.AccessAsUser.All"),
+    "COLLECT_SCHEDULE": value("COLLECT_SCHEDULE", "0 */5 * * * *"),
+    "COLLECT_MAX_CONCURRENCY": value("COLLECT_MAX_CONCURRENCY", "8"),
+    "COLLECT_TIME_BUDGET_SECONDS": value("COLLECT_TIME_BUDGET_SECONDS", "240"),
+    "MAIL_QUEUE_NAME": value("MAIL_QUEUE_NAME", "incoming-mail"),
+    "MAIL_CONTAINER_NAME": value("MAIL_CONTAINER_NAME", "raw-mail"),
+    "WORK_QUEUE_NAME": value("WORK_QUEUE_NAME", "collect-work"),
+    "MAILBOX_TABLE_NAME": value("MAILBOX_TABLE_NAME", "mailboxes"),
+    "CONSENT_TABLE_NAME": value("CONSENT_TABLE_NAME", "consentflows"),
+    "LEASE_CONTAINER_NAME": value("LEASE_CONTAINER_NAME", "mailbox-leases"),
+}
+
+target = root / "local.settings.json"
+env_dir = root / ".azure" / value("AZURE_ENV_NAME", "default")
+env_dir.mkdir(parents=True, exist_ok=True)
+
+if target.exists():
+    # The file may be the local stack's, or hold a client secret the developer added: keep it, then carry that
+    # secret over when it belongs to the same deployment (a re-provision must not drop it).
+    old_text = target.read_text(encoding="utf-8")
+    backup = env_dir / "local.settings.before-provision.json"
+    backup.write_text(old_text, encoding="utf-8")
+    backup.chmod(0o600)
+    try:
+        old = json.loads(old_text).get("Values", {})
+    except (ValueError, AttributeError):
+        old = {}
+    if old.get("ENTRA_CLIENT_SECRET") and old.get("KEY_VAULT_URI") == values["KEY_VAULT_URI"]:
+        values["ENTRA_CLIENT_SECRET"] = old["ENTRA_CLIENT_SECRET"]
+    print(f"postprovision: the previous local.settings.json is kept in {backup}")
+
+text = json.dumps({"IsEncrypted": False, "Values": values}, indent=2) + "\n"
+for path in (target, env_dir / "local.settings.json"):
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+print(f"postprovision: wrote {target} (a copy stays in {env_dir / 'local.settings.json'})")
+if "ENTRA_CLIENT_SECRET" not in values:
+    print(
+        "postprovision: a local run has no managed identity to use as the Entra credential; to sign mailboxes in\n"
+        "  or renew tokens from this machine, add ENTRA_CLIENT_SECRET to local.settings.json (never commit it) and\n"
+        "  register http://localhost:7071/api/auth/callback as a redirect URI of the app registration"
+    )
+EOF
+
+app_uri=${SERVICE_API_URI:-}
+app_name=${AZURE_FUNCTION_APP_NAME:-<function app>}
+group=${RESOURCE_GROUP:-${AZURE_RESOURCE_GROUP:-<resource group>}}
+
+echo
+echo "Admin consent link, one per mailbox (replace {address}; the key is a password, keep it out of tickets and chats):"
+echo "  ${app_uri}/api/mailboxes/{address}/authorize?code=<function key>"
+echo "The function key:"
+echo "  az functionapp keys list --name ${app_name} --resource-group ${group} --query functionKeys.default --output tsv"
+
+if [ -z "${ENTRA_CLIENT_ID:-}" ]; then
+  echo
+  echo "ENTRA_CLIENT_ID is empty: register the Entra app (docs/deploy.md), then"
+  echo "  azd env set ENTRA_CLIENT_ID <application (client) id> && azd provision"
+  echo "or let the deployment create it: azd env set CREATE_ENTRA_APP true && azd provision"
+fi
+
+if [ "${ENTRA_CREDENTIAL_MODE:-federated}" = "secret" ]; then
+  echo
+  echo "Secret mode: put the client secret into Key Vault (read from a file, not typed on the command line), then"
+  echo "restart the app so that the Key Vault reference resolves:"
+  echo "  az keyvault secret set --vault-name ${KEY_VAULT_NAME:-<key vault>} --name ${ENTRA_CLIENT_SECRET_NAME:-entra-client-secret} --file <file>"
+  echo "  az functionapp restart --name ${app_name} --resource-group ${group}"
+elif [ "${CREATE_ENTRA_APP:-false}" != "true" ] && [ -n "${ENTRA_CLIENT_ID:-}" ]; then
+  echo
+  echo "Federated mode: the app registration must trust the managed identity (once):"
+  echo "  az ad app federated-credential create --id ${ENTRA_CLIENT_ID} --parameters '{\"name\": \"function-app-identity\","
+  echo "    \"issuer\": \"https://login.microsoftonline.com/${AZURE_TENANT_ID:-<tenant id>}/v2.0\","
+  echo "    \"subject\": \"${AZURE_MANAGED_IDENTITY_PRINCIPAL_ID:-<identity principal id>}\", \"audiences\": [\"api://AzureADTokenExchange\"]}'"
+fi
