@@ -37,7 +37,7 @@ def _tcp(port: int) -> bool:
 
 def _https(url: str, ca: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=3, context=ssl.create_default_context(cafile=ca)) as r:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=3, context=ssl.create_default_context(cafile=ca)) as r:
             return r.status == 200
     except OSError:
         return False
@@ -149,9 +149,7 @@ class Consented:
 
 
 @pytest.fixture
-def consent(
-    stack: dict[str, Any], services: Any, entra_session: requests.Session
-) -> Callable[..., Consented]:
+def consent(stack: dict[str, Any], services: Any, entra_session: requests.Session) -> Callable[..., Consented]:
     """Authorize a mailbox through the real consent flow (start, sign-in pages, callback), without a browser."""
     from tests.support.signin import sign_in
 

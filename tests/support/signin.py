@@ -21,8 +21,9 @@ class _Forms(HTMLParser):
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
         if tag == "form":
-            self.forms.append({"action": a.get("action", ""), "method": a.get("method", "get").lower(), "fields": {},
-                               "buttons": []})
+            self.forms.append(
+                {"action": a.get("action", ""), "method": a.get("method", "get").lower(), "fields": {}, "buttons": []}
+            )
         elif tag in ("input", "button") and self.forms:
             form = self.forms[-1]
             kind = a.get("type", "submit" if tag == "button" else "text")
