@@ -1,0 +1,360 @@
+"""The Entra ID stand-in and the private Dovecot instance, end to end with the real clients: MSAL signs in through
+the stand-in's pages (a requests.Session fills the forms), and imaplib logs in to Dovecot with the access token.
+
+The fixtures here start both parts on free ports from a throwaway folder; the start logic is kept in small
+functions so that it can move onto the shared stack fixture.
+"""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msal
+import pytest
+import requests
+
+from devstack import certs, dovecot
+from tests.support.signin import sign_in
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+IMAP_SCOPE = "https://outlook.office.com/IMAP.AccessAsUser.All"
+# Registered with port 7071; sign-ins use another port, which Entra (and the stand-in) accept for loopback URIs.
+REGISTERED_REDIRECT = "http://localhost:7071/api/auth/callback"
+REDIRECT = "http://localhost:7999/api/auth/callback"
+START_TIMEOUT = 30.0  # seconds; Node loads oidc-provider in about one, Dovecot's first login takes about five
+
+
+@dataclass(frozen=True)
+class Parts:
+    origin: str
+    tenant: str
+    client_id: str
+    client_secret: str
+    password: str
+    ca: Path  # the test CA alone, for ssl contexts
+    bundle: Path  # system CAs plus the test CA, for requests
+    imap_port: int
+    dovecot_config: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(check: Any, what: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while not check():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start; its log ends with:\n{log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.2)
+
+
+def start_entra(
+    folder: Path, *, port: int, tls: dict[str, Path], signing: tuple[Path, Path, str], identity: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    config = folder / "entra.json"
+    config.write_text(json.dumps({
+        "host": "127.0.0.1",
+        "port": port,
+        "public_origin": f"https://localhost:{port}",
+        "tls_cert": str(tls["cert"]),
+        "tls_key": str(tls["key"]),
+        "signing_key": str(signing[0]),
+        "signing_kid": signing[2],
+        "tenant_id": identity["tenant"],
+        "user_password": identity["password"],
+        "access_token_ttl_seconds": 3600,
+        "clients": [{"client_id": identity["client_id"], "client_secret": identity["client_secret"],
+                     "redirect_uris": [REGISTERED_REDIRECT]}],
+    }))  # fmt: skip
+    log = folder / "entra.log"
+    process = subprocess.Popen(
+        ["node", str(REPO / "devstack" / "entra" / "server.mjs"), "--config", str(config)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+    def healthy() -> bool:
+        try:
+            r = requests.get(f"https://localhost:{port}/_control/health", verify=str(tls["ca"]), timeout=2)
+        except requests.RequestException:
+            return False
+        return r.status_code == 200
+
+    wait_until(healthy, "the Entra stand-in", process, log)
+    return process
+
+
+def start_dovecot(
+    folder: Path, *, port: int, tls: dict[str, Path], signing: tuple[Path, Path, str], issuer: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    config = dovecot.write_config(folder, port=port, tls_cert=tls["cert"], tls_key=tls["key"],
+                                  signing_public_key=signing[1], signing_kid=signing[2], issuer=issuer)  # fmt: skip
+    log = folder / "dovecot.log"
+    process = subprocess.Popen(["dovecot", "-F", "-c", str(config)], stdout=log.open("wb"),
+                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    context = ssl.create_default_context(cafile=str(tls["ca"]))
+
+    def greets() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw, \
+                    context.wrap_socket(raw, server_hostname="localhost") as tls_socket:  # fmt: skip
+                return tls_socket.recv(64).startswith(b"* OK")
+        except OSError:
+            return False
+
+    wait_until(greets, "Dovecot", process, log)
+    return process, config
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def parts() -> Iterator[Parts]:
+    # Not tmp_path: pytest's base folder is private to root, and Dovecot's mail processes run as another user.
+    folder = Path(tempfile.mkdtemp(prefix="entra-dovecot-"))
+    folder.chmod(0o755)
+    tls = certs.ensure_certificates(folder / "tls")
+    signing = certs.ensure_signing_key(folder / "tls")
+    identity = {"tenant": str(uuid.uuid4()), "client_id": str(uuid.uuid4()),
+                "client_secret": uuid.uuid4().hex, "password": uuid.uuid4().hex}  # fmt: skip
+    entra_port, imap_port = free_port(), free_port()
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        started.append(start_entra(folder, port=entra_port, tls=tls, signing=signing, identity=identity))
+        origin = f"https://localhost:{entra_port}"
+        process, config = start_dovecot(folder, port=imap_port, tls=tls, signing=signing,
+                                        issuer=f"{origin}/{identity['tenant']}/v2.0")  # fmt: skip
+        started.append(process)
+        yield Parts(origin, identity["tenant"], identity["client_id"], identity["client_secret"],
+                    identity["password"], tls["ca"], tls["bundle"], imap_port, config)  # fmt: skip
+    finally:
+        for process in reversed(started):
+            stop(process)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def session(parts: Parts) -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False  # REQUESTS_CA_BUNDLE on this machine would override verify
+    s.verify = str(parts.bundle)
+    return s
+
+
+def control(parts: Parts, path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:
+    r = session(parts).request(method, f"{parts.origin}/_control/{path}", json=body, timeout=10)
+    r.raise_for_status()
+    return r.json() if r.content else None
+
+
+@pytest.fixture(autouse=True)
+def clean_faults(parts: Parts) -> Iterator[None]:
+    yield
+    control(parts, "faults", method="DELETE")
+    control(parts, "settings", {"access_token_ttl_seconds": 3600})
+
+
+def new_app(parts: Parts, cache: msal.SerializableTokenCache) -> msal.ConfidentialClientApplication:
+    """A fresh MSAL app on the shared cache: MSAL replays an identical failed request's answer for 60 s."""
+    return msal.ConfidentialClientApplication(
+        parts.client_id, client_credential=parts.client_secret, authority=f"{parts.origin}/{parts.tenant}",
+        instance_discovery=False, http_client=session(parts), token_cache=cache,
+    )  # fmt: skip
+
+
+def consent(parts: Parts, address: str) -> tuple[msal.SerializableTokenCache, dict[str, Any]]:
+    """Sign in as ``address`` through the stand-in's pages and redeem the code, as the app's callback would."""
+    cache = msal.SerializableTokenCache()
+    app = new_app(parts, cache)
+    flow = app.initiate_auth_code_flow(scopes=[IMAP_SCOPE], redirect_uri=REDIRECT, login_hint=address,
+                                       response_mode="form_post")  # fmt: skip
+    fields = sign_in(flow["auth_uri"], login=address, password=parts.password, redirect_uri=REDIRECT,
+                     session=session(parts))  # fmt: skip
+    result = app.acquire_token_by_auth_code_flow(flow, fields)
+    assert "access_token" in result, result.get("error_description")
+    return cache, result
+
+
+def refresh_tokens(cache: msal.SerializableTokenCache) -> list[str]:
+    return [item["secret"] for item in cache.search(msal.TokenCache.CredentialType.REFRESH_TOKEN)]
+
+
+def refresh(parts: Parts, cache: msal.SerializableTokenCache) -> dict[str, Any]:
+    app = new_app(parts, cache)
+    result: dict[str, Any] = app.acquire_token_silent_with_error(
+        [IMAP_SCOPE], account=app.get_accounts()[0], force_refresh=True
+    )
+    return result
+
+
+def claims(jwt: str) -> dict[str, Any]:
+    part = jwt.split(".")[1]
+    decoded: dict[str, Any] = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    return decoded
+
+
+def imap_login(parts: Parts, user: str, token: str, mechanism: str = "XOAUTH2") -> imaplib.IMAP4_SSL:
+    """Log in over IMAPS; raises imaplib.IMAP4.error when Dovecot refuses."""
+    if mechanism == "XOAUTH2":
+        response = f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+    else:
+        response = f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()
+    context = ssl.create_default_context(cafile=str(parts.ca))
+    imap = imaplib.IMAP4_SSL("localhost", parts.imap_port, ssl_context=context, timeout=30)
+    try:
+        imap.authenticate(mechanism, lambda _challenge: response)
+    except imaplib.IMAP4.error:
+        imap.shutdown()
+        raise
+    return imap
+
+
+def address() -> str:
+    return f"user-{uuid.uuid4().hex[:10]}@example.test"
+
+
+def test_auth_code_flow_gives_tokens_that_open_the_mailbox(parts: Parts) -> None:
+    user = address()
+    cache, result = consent(parts, user)
+
+    assert refresh_tokens(cache), "offline_access must yield a refresh token"
+    assert result["id_token_claims"]["preferred_username"] == user
+    assert result["id_token_claims"]["tid"] == parts.tenant
+    assert result["id_token_claims"]["oid"] == str(uuid.uuid5(uuid.NAMESPACE_URL, f"mailto:{user}"))
+    access = claims(result["access_token"])
+    assert access["aud"] == "https://outlook.office.com"
+    assert access["scp"] == "IMAP.AccessAsUser.All"
+    assert access["preferred_username"] == access["upn"] == user
+    assert access["iss"] == f"{parts.origin}/{parts.tenant}/v2.0"
+
+    # CRLF only and no NUL: Dovecot stores bare LF as CRLF and NUL as 0x80, so such input does not come back as is.
+    raw = (
+        b"From: Customer <customer@example.org>\r\nTo: support@example.test\r\nSubject: =?utf-8?q?caf=C3=A9?=\r\n"
+        b"Message-ID: <" + uuid.uuid4().hex.encode() + b"@example.org>\r\n\r\nline one\r\n\xe9t\xe9 8-bit\r\n"
+    )
+    dovecot.deliver(parts.dovecot_config, user, raw)
+    [uid] = dovecot.list_uids(parts.dovecot_config, user)
+
+    imap = imap_login(parts, user, result["access_token"])
+    try:
+        typ, data = imap.select("INBOX", readonly=True)
+        assert typ == "OK" and data == [b"1"]
+        # imaplib keeps the capabilities it saw before login; ask again.
+        typ, capabilities = imap.capability()
+        assert {b"MOVE", b"UIDPLUS"} <= set(capabilities[0].split())
+        typ, fetched = imap.uid("FETCH", str(uid), "(BODY.PEEK[])")
+        assert typ == "OK"
+        assert fetched[0][1] == raw
+    finally:
+        imap.logout()
+
+    imap_login(parts, user, result["access_token"], mechanism="OAUTHBEARER").logout()
+
+
+def test_dovecot_refuses_foreign_expired_and_tampered_tokens(parts: Parts) -> None:
+    alice, bob = address(), address()
+    _, result = consent(parts, alice)
+    token = result["access_token"]
+
+    with pytest.raises(imaplib.IMAP4.error):
+        imap_login(parts, bob, token)
+
+    header, _, signature = token.split(".")
+    forged = dict(claims(token), preferred_username=bob, upn=bob)
+    body = base64.urlsafe_b64encode(json.dumps(forged).encode()).rstrip(b"=").decode()
+    with pytest.raises(imaplib.IMAP4.error):
+        imap_login(parts, bob, f"{header}.{body}.{signature}")
+
+    control(parts, "settings", {"access_token_ttl_seconds": 1})
+    _, short = consent(parts, alice)
+    assert short["expires_in"] == 1
+    time.sleep(2.5)
+    with pytest.raises(imaplib.IMAP4.error):
+        imap_login(parts, alice, short["access_token"])
+
+    # No failure delay or per-IP penalty: the good token still gets in at once after three refusals.
+    started = time.monotonic()
+    imap_login(parts, alice, token).logout()
+    assert time.monotonic() - started < 2
+
+
+def test_refresh_rotates_and_the_old_refresh_token_dies(parts: Parts) -> None:
+    cache, _ = consent(parts, address())
+    [old] = refresh_tokens(cache)
+
+    renewed = refresh(parts, cache)
+    assert "access_token" in renewed, renewed.get("error_description")
+    [new] = refresh_tokens(cache)
+    assert new != old
+
+    replay = new_app(parts, msal.SerializableTokenCache()).acquire_token_by_refresh_token(old, [IMAP_SCOPE])
+    assert replay["error"] == "invalid_grant"
+    assert replay["error_codes"] == [70000]
+    assert "access_token" in refresh(parts, cache), "the rotated token keeps working"
+
+
+def test_injected_fault_reaches_msal_and_is_used_up(parts: Parts) -> None:
+    user = address()
+    cache, _ = consent(parts, user)
+    control(parts, "faults", {"endpoint": "token", "error": "invalid_grant", "aadsts": 70043, "status": 400,
+                              "count": 1, "account": user, "grant_type": "refresh_token"})  # fmt: skip
+
+    failed = refresh(parts, cache)
+    assert failed["error"] == "invalid_grant"
+    assert failed["error_codes"] == [70043]
+    assert failed["error_description"].startswith("AADSTS70043:")
+
+    assert "access_token" in refresh(parts, cache), "a fault with count 1 answers once"
+    assert control(parts, "stats", method="GET")["faults_injected"] >= 1
+
+
+def test_revoked_account_gets_invalid_grant_50173(parts: Parts) -> None:
+    user, bystander = address(), address()
+    cache, _ = consent(parts, user)
+    other_cache, _ = consent(parts, bystander)
+
+    control(parts, "revoke", {"account": user})
+
+    revoked = refresh(parts, cache)
+    assert revoked["error"] == "invalid_grant"
+    assert revoked["error_codes"] == [50173]
+    assert "access_token" in refresh(parts, other_cache), "only the revoked account loses its grant"
+
+
+def test_client_credentials_token_for_key_vault(parts: Parts) -> None:
+    from azure.identity import ClientSecretCredential
+
+    credential = ClientSecretCredential(
+        parts.tenant, parts.client_id, parts.client_secret, authority=parts.origin,
+        disable_instance_discovery=True, connection_verify=str(parts.bundle),
+    )  # fmt: skip
+    token = credential.get_token("https://vault.azure.net/.default")
+    assert claims(token.token)["aud"] == "https://vault.azure.net"
+    assert claims(token.token)["appid"] == parts.client_id
