@@ -1,0 +1,773 @@
+"""Offline checks of the azd infrastructure: every Bicep file parses (pycep-parser, as no Bicep compiler installs
+here), and the parse trees hold what the app depends on: the settings shared/settings.py reads, identity-only
+storage, least-privilege role assignments at the right scopes, the outputs azd and the hooks use, the azd tags.
+
+Each check is a function over the parse trees, so that ``test_check_fails_without_its_property`` can remove the
+property from the Bicep text, parse again and see the check fail: no check here can pass vacuously.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pycep import BicepParser
+from pycep.models import BicepElement
+
+from shared.settings import SETTING_NAMES
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
+MAIN = "main.bicep"
+API = "app/api.bicep"
+RBAC = "app/rbac.bicep"
+KEYVAULT = "app/keyvault.bicep"
+MONITORING = "app/monitoring.bicep"
+ALERTS = "app/alerts.bicep"
+
+Tree = dict[str, Any]
+Trees = dict[str, Tree]
+
+LOCAL_ONLY_SETTINGS = {"AzureWebJobsStorage", "TLS_CA_BUNDLE"}  # a connection string and a test CA: never in Azure
+PLATFORM_SETTINGS = {"APPLICATIONINSIGHTS_CONNECTION_STRING", "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"}
+# Flex Consumption rejects these (runtime and package live in functionAppConfig); the last two are key-based.
+FORBIDDEN_SETTINGS = {
+    "FUNCTIONS_WORKER_RUNTIME",
+    "FUNCTIONS_EXTENSION_VERSION",
+    "WEBSITE_RUN_FROM_PACKAGE",
+    "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
+    "AzureWebJobsStorage",
+    "TLS_CA_BUNDLE",
+}
+
+ROLE_NAMES = {
+    "b7e6dc6d-f1e8-4753-8033-0f276bb0955b": "Storage Blob Data Owner",
+    "ba92f5b4-2d11-453d-a403-e96b0029c9fe": "Storage Blob Data Contributor",
+    "974c5e8b-45b9-4653-ba55-5f855dd0fb88": "Storage Queue Data Contributor",
+    "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3": "Storage Table Data Contributor",
+    "b86a8fe4-44ce-4948-aee5-eccb2c155cd7": "Key Vault Secrets Officer",
+    "3913510d-42f4-4e42-8a64-420c390055eb": "Monitoring Metrics Publisher",
+}
+STORAGE = "Microsoft.Storage/storageAccounts"
+VAULT = "Microsoft.KeyVault/vaults"
+INSIGHTS = "Microsoft.Insights/components"
+# (role, scope type) pairs, exactly; a broader role or scope for the app identity is a failure too.
+APP_ROLES = {
+    ("Storage Blob Data Owner", STORAGE),
+    ("Storage Queue Data Contributor", STORAGE),
+    ("Storage Table Data Contributor", STORAGE),
+    ("Key Vault Secrets Officer", VAULT),
+    ("Monitoring Metrics Publisher", INSIGHTS),
+}
+USER_ROLES = {
+    ("Storage Blob Data Contributor", STORAGE),
+    ("Storage Queue Data Contributor", STORAGE),
+    ("Storage Table Data Contributor", STORAGE),
+    ("Key Vault Secrets Officer", VAULT),
+}
+
+AZD_OUTPUTS = {
+    "AZURE_LOCATION",
+    "AZURE_TENANT_ID",
+    "RESOURCE_GROUP",
+    "AZURE_FUNCTION_APP_NAME",
+    "SERVICE_API_NAME",
+    "SERVICE_API_URI",
+    "KEY_VAULT_URI",
+    "AZURE_CLIENT_ID",
+    "AZURE_STORAGE_BLOB_ENDPOINT",
+    "AZURE_STORAGE_QUEUE_ENDPOINT",
+    "AZURE_STORAGE_TABLE_ENDPOINT",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+}
+# Types that take no tags, or are not Azure resources (Microsoft Graph objects).
+UNTAGGED_TYPES = {
+    "Microsoft.Authorization/roleAssignments",
+    "Microsoft.Web/sites/config",
+    "Microsoft.Web/sites/basicPublishingCredentialsPolicies",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing and walking the trees
+
+
+@functools.cache
+def _parser() -> BicepParser:
+    return BicepParser()
+
+
+@functools.cache
+def _parse_text(text: str) -> Tree:
+    return _parser().parse(text=text)
+
+
+def bicep_files() -> list[Path]:
+    return sorted(INFRA.rglob("*.bicep"))
+
+
+def read_texts() -> dict[str, str]:
+    return {path.relative_to(INFRA).as_posix(): path.read_text(encoding="utf-8") for path in bicep_files()}
+
+
+def parse_all(texts: dict[str, str]) -> Trees:
+    return {name: _parse_text(text) for name, text in texts.items()}
+
+
+@functools.cache
+def _trees() -> Trees:
+    return parse_all(read_texts())
+
+
+def is_ref(value: Any) -> bool:
+    """An unquoted identifier (a parameter, variable or resource), as opposed to a string literal."""
+    return isinstance(value, BicepElement)
+
+
+def unquote(key: str) -> str:
+    return key[1:-1] if key.startswith("'") and key.endswith("'") else key
+
+
+def resource(tree: Tree, symbol: str) -> Tree:
+    """A resource's body, looking through an ``if (...)`` condition."""
+    config = tree["resources"][symbol]["config"]
+    return config["config"] if "condition" in config and "config" in config else config
+
+
+def resources(tree: Tree) -> Iterator[tuple[str, str, bool, Tree]]:
+    for symbol, declaration in tree.get("resources", {}).items():
+        yield symbol, declaration["type"], declaration["existing"], resource(tree, symbol)
+
+
+def module_params(tree: Tree, symbol: str) -> Tree:
+    config = tree["modules"][symbol]["config"]
+    body = config["config"] if "condition" in config and "config" in config else config
+    return body["params"]
+
+
+def param_default(tree: Tree, name: str) -> Any:
+    return tree["parameters"][name].get("default")
+
+
+def expand(tree: Tree, value: Any, depth: int = 0) -> Iterator[Any]:
+    """The values an expression can take: variables resolved, both branches of a conditional, union arguments."""
+    assert depth < 20, "variables refer to each other in a loop"
+    if is_ref(value) and value in tree.get("variables", {}):
+        yield from expand(tree, tree["variables"][value]["value"], depth + 1)
+    elif isinstance(value, dict) and "operator" in value and value["operator"]["type"] == "conditional":
+        operands = value["operator"]["operands"]
+        yield from expand(tree, operands["true_value"], depth + 1)
+        yield from expand(tree, operands["false_value"], depth + 1)
+    elif isinstance(value, dict) and "function" in value and value["function"]["type"] == "union":
+        for argument in value["function"]["parameters"].values():
+            yield from expand(tree, argument, depth + 1)
+    else:
+        yield value
+
+
+def object_entries(tree: Tree, value: Any) -> dict[str, list[Any]]:
+    """Every key an object expression can hold, with every value it can take there."""
+    entries: dict[str, list[Any]] = {}
+    for candidate in expand(tree, value):
+        if isinstance(candidate, dict) and "function" not in candidate and "operator" not in candidate:
+            for key, item in candidate.items():
+                entries.setdefault(unquote(key), []).append(item)
+    return entries
+
+
+def function_args(value: Any, name: str) -> list[Any]:
+    assert isinstance(value, dict) and "function" in value, f"expected a call of {name}, found {value!r}"
+    assert value["function"]["type"] == name, f"expected a call of {name}, found {value['function']['type']}"
+    return list(value["function"]["parameters"].values())
+
+
+def dotted(value: Any) -> str:
+    """A property chain such as ``identity.outputs.principalId`` as that text; anything else as its JSON."""
+    if isinstance(value, dict) and value.get("operator", {}).get("type") == "property_accessor":
+        operands = value["operator"]["operands"]
+        return f"{dotted(operands['operand_1'])}.{dotted(operands['operand_2'])}"
+    return str(value) if is_ref(value) else json.dumps(value)
+
+
+def app_settings(trees: Trees) -> dict[str, list[Any]]:
+    api = trees[API]
+    configs = [body for _, kind, _, body in resources(api) if kind == "Microsoft.Web/sites/config"]
+    settings = [body for body in configs if body.get("name") == "appsettings"]
+    assert len(settings) == 1, "api.bicep must declare exactly one sites/config 'appsettings' resource"
+    return object_entries(api, settings[0]["properties"])
+
+
+def only_value(entries: dict[str, list[Any]], name: str) -> Any:
+    values = entries.get(name, [])
+    assert len(values) == 1, f"app setting {name}: expected one value, found {values!r}"
+    return values[0]
+
+
+def function_app(trees: Trees) -> Tree:
+    sites = [
+        body for _, kind, existing, body in resources(trees[API]) if kind == "Microsoft.Web/sites" and not existing
+    ]
+    assert len(sites) == 1, "api.bicep must declare exactly one function app"
+    return sites[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks (each takes the parse trees, so that it can also run on a mutated copy)
+
+
+def check_settings_match_the_code(trees: Trees) -> None:
+    names = set(app_settings(trees))
+    expected = set(SETTING_NAMES) - LOCAL_ONLY_SETTINGS
+    unread = sorted(names - expected - PLATFORM_SETTINGS)
+    assert names - PLATFORM_SETTINGS == expected, f"missing in Bicep: {sorted(expected - names)}; unread: {unread}"
+    assert names >= PLATFORM_SETTINGS, f"missing: {sorted(PLATFORM_SETTINGS - names)}"
+
+
+def check_storage_settings_use_the_identity(trees: Trees) -> None:
+    entries = app_settings(trees)
+    assert only_value(entries, "AzureWebJobsStorage__credential") == "managedidentity"
+    assert only_value(entries, "AzureWebJobsStorage__clientId") == "identityClientId"
+    assert only_value(entries, "AZURE_CLIENT_ID") == "identityClientId"
+    for kind in ("blob", "queue", "table"):
+        uri = only_value(entries, f"AzureWebJobsStorage__{kind}ServiceUri")
+        chain = json.dumps(uri)
+        assert "primaryEndpoints" in chain and f'"{kind}"' in chain, f"{kind} URI must come from the account: {uri}"
+    auth = only_value(entries, "APPLICATIONINSIGHTS_AUTHENTICATION_STRING")
+    assert auth == "Authorization=AAD;ClientId=${identityClientId}", auth
+    assert not FORBIDDEN_SETTINGS & set(entries), f"settings not allowed in Azure: {FORBIDDEN_SETTINGS & set(entries)}"
+
+
+def check_secrets_only_as_key_vault_references(trees: Trees) -> None:
+    entries = app_settings(trees)
+    secret_like = [name for name in entries if re.search(r"SECRET|PASSWORD|ACCOUNT_?KEY", name, re.IGNORECASE)]
+    assert "ENTRA_CLIENT_SECRET" in secret_like, "secret mode must still be possible"
+    for name in secret_like:
+        for value in entries[name]:
+            assert isinstance(value, str) and not is_ref(value), f"{name} must be a literal Key Vault reference"
+            assert value.startswith("@Microsoft.KeyVault("), f"{name} is not a Key Vault reference: {value}"
+    # Default mode: no secret at all, the federated credential of the managed identity.
+    main = trees[MAIN]
+    assert param_default(main, "entraCredentialMode") == "federated"
+    passed = module_params(main, "api")["entraClientSecretName"]
+    branches = list(expand(main, passed))
+    assert "" in branches, "federated mode must pass an empty secret name (no ENTRA_CLIENT_SECRET setting)"
+    reference_identity = function_app(trees)["properties"].get("keyVaultReferenceIdentity")
+    assert reference_identity == "identityId", "Key Vault references must resolve with the user-assigned identity"
+
+
+def check_storage_account(trees: Trees) -> None:
+    main = trees[MAIN]
+    declaration = main["modules"]["storage"]
+    assert declaration["detail"]["path"] == "avm/res/storage/storage-account"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", declaration["detail"]["tag"]), "pin the module version"
+    params = module_params(main, "storage")
+    assert params.get("allowSharedKeyAccess") is False, "shared key access must be disabled"
+    assert params.get("allowBlobPublicAccess") is False, "public blob access must be disabled"
+    assert params.get("minimumTlsVersion") == "TLS1_2"
+    assert params.get("supportsHttpsTrafficOnly") is True
+
+    def names(items: list[Tree]) -> set[str]:
+        found = set()
+        for item in items:
+            name = item["name"]
+            if is_ref(name) and name in main["parameters"]:
+                name = param_default(main, name)
+            elif is_ref(name):
+                name = main["variables"][name]["value"]
+            found.add(name)
+        return found
+
+    containers = params["blobServices"]["containers"]
+    assert {"raw-mail", "mailbox-leases"} <= names(containers), names(containers)
+    # The deployment package container is the one the function app is told to read.
+    assert "deploymentContainerName" in [item["name"] for item in containers]
+    assert module_params(main, "api")["deploymentContainerName"] == "deploymentContainerName"
+    assert names(params["queueServices"]["queues"]) == {"incoming-mail", "collect-work"}
+    assert names(params["tableServices"]["tables"]) == {"mailboxes", "consentflows"}
+
+
+def check_flex_function_app(trees: Trees) -> None:
+    api = trees[API]
+    plans = [body for _, kind, _, body in resources(api) if kind == "Microsoft.Web/serverfarms"]
+    assert len(plans) == 1
+    assert plans[0]["sku"] == {"tier": "FlexConsumption", "name": "FC1"}
+    assert plans[0]["properties"]["reserved"] is True, "Linux plan"
+    site = function_app(trees)
+    assert site["kind"] == "functionapp,linux"
+    assert site["identity"]["type"] == "UserAssigned"
+    properties = site["properties"]
+    assert properties["httpsOnly"] is True
+    assert properties["siteConfig"]["minTlsVersion"] == "1.2"
+    config = properties["functionAppConfig"]
+    assert config["runtime"] == {"name": "python", "version": "3.11"}
+    storage = config["deployment"]["storage"]
+    assert storage["type"] == "blobContainer"
+    assert storage["authentication"] == {"type": "UserAssignedIdentity", "userAssignedIdentityResourceId": "identityId"}
+    tags = object_entries(api, site["tags"])
+    assert tags.get("azd-service-name") == ["api"], "azd finds the service by this tag"
+
+
+def check_no_keys_anywhere(texts: dict[str, str]) -> None:
+    for name, text in texts.items():
+        code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("//"))
+        for pattern in (
+            r"\.list\w*\(",
+            r"\blist\w*\(",
+            r"AccountKey\s*=",
+            r"SharedAccessSignature",
+            r"connectionString\s*:",
+        ):
+            assert not re.search(pattern, code, re.IGNORECASE), f"{name} uses {pattern}"
+
+
+def check_key_vault(trees: Trees) -> None:
+    vaults = [body for _, kind, existing, body in resources(trees[KEYVAULT]) if kind == VAULT and not existing]
+    assert len(vaults) == 1
+    properties = vaults[0]["properties"]
+    assert properties["enableRbacAuthorization"] is True, "RBAC, no access policies"
+    assert properties["enableSoftDelete"] is True
+    assert "accessPolicies" not in properties
+    purge = properties.get("enablePurgeProtection")
+    assert isinstance(purge, dict) and purge.get("operator", {}).get("type") == "conditional", purge
+    operands = purge["operator"]["operands"]
+    assert operands["true_value"] is True and operands["false_value"] is None, "off must be absent, not false"
+    assert module_params(trees[MAIN], "keyVault")["enablePurgeProtection"] == "keyVaultPurgeProtection"
+
+
+def check_monitoring_without_local_auth(trees: Trees) -> None:
+    monitoring = trees[MONITORING]
+    components = [body for _, kind, _, body in resources(monitoring) if kind == INSIGHTS]
+    workspaces = [body for _, kind, _, body in resources(monitoring) if kind.endswith("/workspaces")]
+    assert len(components) == 1 and len(workspaces) == 1
+    assert components[0]["properties"].get("DisableLocalAuth") is True
+    assert workspaces[0]["properties"].get("features", {}).get("disableLocalAuth") is True
+
+
+def role_assignments(trees: Trees) -> list[tuple[str, str, str, bool]]:
+    """(principal parameter, role name, scope type, conditional) for every assignment in rbac.bicep."""
+    rbac = trees[RBAC]
+    roles = rbac["variables"]["roles"]["value"]
+    scopes = {symbol: kind for symbol, kind, existing, _ in resources(rbac) if existing}
+    found = []
+    for symbol, declaration in rbac["resources"].items():
+        if declaration["type"] != "Microsoft.Authorization/roleAssignments":
+            continue
+        body = resource(rbac, symbol)
+        assert is_ref(body.get("scope")) and body["scope"] in scopes, f"{symbol}: scope must be a declared resource"
+        properties = body["properties"]
+        definition = function_args(properties["roleDefinitionId"], "subscription_resource_id")
+        assert definition[0] == "Microsoft.Authorization/roleDefinitions", symbol
+        role = dotted(definition[1])
+        assert role.startswith("roles."), f"{symbol}: name the role through the commented roles variable"
+        guid = roles[role.removeprefix("roles.")]
+        assert guid in ROLE_NAMES, f"{symbol}: unexpected role {guid}"
+        principal = properties["principalId"]
+        name = [dotted(part) for part in function_args(body["name"], "guid")]
+        assert name == [f"{body['scope']}.id", principal, role], (
+            f"{symbol}: name must be guid(scope.id, principal, role)"
+        )
+        conditional = "condition" in rbac["resources"][symbol]["config"]
+        found.append((str(principal), ROLE_NAMES[guid], scopes[body["scope"]], conditional))
+    return found
+
+
+def check_role_assignments(trees: Trees) -> None:
+    assignments = role_assignments(trees)
+    app = {(role, scope) for principal, role, scope, conditional in assignments if principal == "appPrincipalId"}
+    assert app == APP_ROLES, f"app identity: missing {APP_ROLES - app}, extra {app - APP_ROLES}"
+    user = [
+        (role, scope, conditional)
+        for principal, role, scope, conditional in assignments
+        if principal != "appPrincipalId"
+    ]
+    assert {(role, scope) for role, scope, _ in user} == USER_ROLES
+    assert all(conditional for _, _, conditional in user), "the deploying user's roles are optional"
+    params = module_params(trees[MAIN], "rbac")
+    assert dotted(params["appPrincipalId"]) == "identity.outputs.principalId"
+    assert params["userPrincipalId"] == "principalId"
+    for scope in ("storageAccountName", "keyVaultName", "appInsightsName"):
+        assert dotted(params[scope]).endswith((".outputs.name", ".outputs.appInsightsName")), scope
+
+
+def check_role_comments(texts: dict[str, str]) -> None:
+    text = texts[RBAC]
+    for guid, name in ROLE_NAMES.items():
+        lines = [line for line in text.splitlines() if guid in line]
+        assert lines, f"{name} ({guid}) is not in rbac.bicep"
+        assert all(f"// {name}" in line for line in lines), f"{guid} must be named in a comment: // {name}"
+
+
+def check_outputs(trees: Trees) -> None:
+    outputs = trees[MAIN]["outputs"]
+    assert set(outputs) >= AZD_OUTPUTS, f"missing outputs: {sorted(AZD_OUTPUTS - set(outputs))}"
+    assert all(re.fullmatch(r"[A-Z][A-Z0-9_]*", name) for name in outputs), "azd outputs are UPPER_SNAKE"
+    hook = (INFRA / "hooks" / "postprovision.sh").read_text(encoding="utf-8")
+    read = set(re.findall(r'env\["([A-Z_]+)"\]', hook)) | set(re.findall(r'value\("([A-Z_]+)"', hook))
+    read |= set(re.findall(r"\$\{([A-Z_]+)[:}]", hook))
+    azd_inputs = {"AZURE_ENV_NAME", "CREATE_ENTRA_APP"}  # set by azd itself, or by the user with azd env set
+    assert read - azd_inputs <= set(outputs), (
+        f"the hook reads what main.bicep does not output: {read - azd_inputs - set(outputs)}"
+    )
+
+
+def check_tags(trees: Trees) -> None:
+    main = trees[MAIN]
+    assert main["variables"]["tags"]["value"] == {"'azd-env-name'": "environmentName"}
+    assert resource(main, "rg")["tags"] == "tags"
+    for symbol, declaration in main["modules"].items():
+        if declaration["type"] == "local":
+            takes_tags = "tags" in trees[declaration["detail"]["path"]].get("parameters", {})
+        else:
+            takes_tags = True  # every Azure Verified Module has a tags parameter
+        if takes_tags:
+            assert module_params(main, symbol).get("tags") == "tags", f"module {symbol} must get the azd tags"
+    for name, tree in trees.items():
+        for symbol, kind, existing, body in resources(tree):
+            if existing or kind in UNTAGGED_TYPES or kind.startswith("Microsoft.Graph/"):
+                continue
+            tags = body.get("tags")
+            assert tags is not None, f"{name}: {symbol} has no tags"
+            assert tags == "tags" or "tags" in json.dumps(tags), f"{name}: {symbol} must carry the azd tags"
+
+
+def check_alerts(trees: Trees) -> None:
+    alerts = trees[ALERTS]
+    rules = {
+        symbol: body for symbol, kind, _, body in resources(alerts) if kind == "Microsoft.Insights/scheduledQueryRules"
+    }
+    queries = {}
+    for symbol, body in rules.items():
+        criterion = body["properties"]["criteria"]["allOf"][0]
+        queries[symbol] = (alerts["variables"][criterion["query"]]["value"], criterion)
+        assert body["properties"]["scopes"] == ["appInsightsId"], symbol
+        assert body["properties"]["actions"]["actionGroups"], f"{symbol} notifies nobody"
+    fields = {symbol: re.findall(r'has "([a-z_]+=[a-z_]*)"', query) for symbol, (query, _) in queries.items()}
+    assert sorted(field for found in fields.values() for field in found) == sorted(
+        ["outcome=needs_reconsent", "consecutive_failures=", "credential_expires_in_days="]
+    ), fields
+    by_field = {field: queries[symbol][1] for symbol, found in fields.items() for field in found}
+    assert by_field["consecutive_failures="]["threshold"] == "consecutiveFailureThreshold"
+    assert by_field["consecutive_failures="]["operator"] == "GreaterThanOrEqual"
+    assert by_field["credential_expires_in_days="]["threshold"] == "credentialExpiryWarningDays"
+    assert by_field["credential_expires_in_days="]["operator"] == "LessThanOrEqual"
+    groups = [body for _, kind, _, body in resources(alerts) if kind == "Microsoft.Insights/actionGroups"]
+    assert len(groups) == 1
+    assert dotted(module_params(trees[MAIN], "alerts")["appInsightsId"]) == "monitoring.outputs.appInsightsId"
+
+
+CHECKS: dict[str, Callable[[Trees], None]] = {
+    "settings": check_settings_match_the_code,
+    "storage settings": check_storage_settings_use_the_identity,
+    "secrets": check_secrets_only_as_key_vault_references,
+    "storage account": check_storage_account,
+    "function app": check_flex_function_app,
+    "key vault": check_key_vault,
+    "monitoring": check_monitoring_without_local_auth,
+    "roles": check_role_assignments,
+    "outputs": check_outputs,
+    "tags": check_tags,
+    "alerts": check_alerts,
+}
+TEXT_CHECKS: dict[str, Callable[[dict[str, str]], None]] = {
+    "no keys": check_no_keys_anywhere,
+    "role comments": check_role_comments,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_every_bicep_file_parses() -> None:
+    files = bicep_files()
+    assert {f"{INFRA.name}/{name}" for name in (MAIN, API, RBAC, KEYVAULT, MONITORING, ALERTS)} <= {
+        path.relative_to(ROOT).as_posix() for path in files
+    }
+    for path in files:
+        tree = _parser().parse(text=path.read_text(encoding="utf-8"))
+        assert tree.get("resources") or tree.get("modules"), f"{path.name} declares nothing"
+    assert _trees()[MAIN]["globals"]["scope"]["value"] == "subscription"
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_infra_check(name: str) -> None:
+    CHECKS[name](_trees())
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_CHECKS))
+def test_infra_text_check(name: str) -> None:
+    TEXT_CHECKS[name](read_texts())
+
+
+# (check, file, text to remove or replace, replacement): each check must fail once its property is gone.
+MUTATIONS = [
+    ("settings", API, "  MAIL_QUEUE_NAME: mailQueueName\n", ""),
+    ("settings", API, "  ENTRA_CLIENT_SECRET: '@Microsoft", "  OTHER_NAME: '@Microsoft"),
+    ("settings", API, "  APPLICATIONINSIGHTS_AUTHENTICATION_STRING:", "  APPINSIGHTS_AUTH:"),
+    (
+        "storage settings",
+        API,
+        "AzureWebJobsStorage__credential: 'managedidentity'",
+        "AzureWebJobsStorage__credential: 'x'",
+    ),
+    ("storage settings", API, "  IMAP_SCOPE: imapScope\n", "  IMAP_SCOPE: imapScope\n  TLS_CA_BUNDLE: 'ca.pem'\n"),
+    ("secrets", API, "'@Microsoft.KeyVault(VaultName=", "'plain-"),
+    (
+        "secrets",
+        MAIN,
+        "    entraClientSecretName: useSecret ? entraClientSecretName : ''\n",
+        "    entraClientSecretName: 'x'\n",
+    ),
+    ("secrets", API, "    keyVaultReferenceIdentity: identityId\n", ""),
+    ("storage account", MAIN, "    allowSharedKeyAccess: false\n", ""),
+    ("storage account", MAIN, "    allowBlobPublicAccess: false\n", "    allowBlobPublicAccess: true\n"),
+    ("storage account", MAIN, "    minimumTlsVersion: 'TLS1_2'\n", ""),
+    ("storage account", MAIN, "          name: leaseContainerName\n", "          name: 'other'\n"),
+    ("storage account", MAIN, "          name: workQueueName\n", "          name: 'other'\n"),
+    ("storage account", MAIN, "          name: consentTableName\n", "          name: 'other'\n"),
+    ("function app", API, "    name: 'FC1'\n", "    name: 'Y1'\n"),
+    ("function app", API, "        version: '3.11'\n", "        version: '3.12'\n"),
+    ("function app", API, "    'azd-service-name': 'api'\n", "    'azd-service-name': 'web'\n"),
+    (
+        "function app",
+        API,
+        "            type: 'UserAssignedIdentity'\n",
+        "            type: 'StorageAccountConnectionString'\n",
+    ),
+    ("key vault", KEYVAULT, "    enableRbacAuthorization: true\n", "    enableRbacAuthorization: false\n"),
+    ("key vault", KEYVAULT, "enablePurgeProtection ? true : null", "enablePurgeProtection"),
+    ("monitoring", MONITORING, "    DisableLocalAuth: true\n", ""),
+    (
+        "roles",
+        RBAC,
+        "scope: keyVault\n  properties: {\n    roleDefinitionId: subscriptionResourceId("
+        "'Microsoft.Authorization/roleDefinitions', roles.keyVaultSecretsOfficer)\n    principalId: appPrincipalId",
+        "scope: storageAccount\n  properties: {\n    roleDefinitionId: subscriptionResourceId("
+        "'Microsoft.Authorization/roleDefinitions', roles.keyVaultSecretsOfficer)\n    principalId: appPrincipalId",
+    ),
+    (
+        "roles",
+        RBAC,
+        "roles.monitoringMetricsPublisher)\n    principalId: appPrincipalId",
+        "roles.storageBlobDataContributor)\n    principalId: appPrincipalId",
+    ),
+    (
+        "roles",
+        RBAC,
+        "name: guid(storageAccount.id, appPrincipalId, roles.storageBlobDataOwner)",
+        "name: guid(storageAccount.id, roles.storageBlobDataOwner)",
+    ),
+    (
+        "roles",
+        RBAC,
+        "'Microsoft.Authorization/roleAssignments@2022-04-01' = if (grantUser) {\n  name: guid(keyVault.id",
+        "'Microsoft.Authorization/roleAssignments@2022-04-01' = {\n  name: guid(keyVault.id",
+    ),
+    ("outputs", MAIN, "output SERVICE_API_URI string", "output serviceApiUri string"),
+    ("outputs", MAIN, "output AZURE_STORAGE_TABLE_ENDPOINT string", "output TABLE_ENDPOINT string"),
+    ("tags", MAIN, "  'azd-env-name': environmentName\n", "  environment: environmentName\n"),
+    (
+        "tags",
+        MONITORING,
+        "  name: appInsightsName\n  location: location\n  tags: tags\n",
+        "  name: appInsightsName\n  location: location\n",
+    ),
+    (
+        "tags",
+        MAIN,
+        "    location: location\n    tags: tags\n    kind: 'StorageV2'\n",
+        "    location: location\n    kind: 'StorageV2'\n",
+    ),
+    ("alerts", ALERTS, '| where message has "outcome=needs_reconsent"', '| where message has "outcome=failed"'),
+    ("alerts", ALERTS, "          threshold: consecutiveFailureThreshold\n", "          threshold: 1\n"),
+    ("no keys", API, "  KEY_VAULT_URI: keyVaultUri\n", "  KEY_VAULT_URI: storageAccount.listKeys().keys[0].value\n"),
+    ("no keys", API, "  IMAP_HOST: imapHost\n", "  IMAP_HOST: 'DefaultEndpointsProtocol=https;AccountKey=x'\n"),
+    ("role comments", RBAC, "// Monitoring Metrics Publisher", "// publisher"),
+]
+
+
+@pytest.mark.parametrize(("check", "file", "old", "new"), MUTATIONS, ids=[f"{m[0]}:{m[2][:40]!r}" for m in MUTATIONS])
+def test_check_fails_without_its_property(check: str, file: str, old: str, new: str) -> None:
+    texts = read_texts()
+    assert texts[file].count(old) == 1, f"the mutation no longer matches {file}: {old!r}"
+    texts[file] = texts[file].replace(old, new)
+    with pytest.raises(AssertionError):
+        if check in TEXT_CHECKS:
+            TEXT_CHECKS[check](texts)
+        else:
+            CHECKS[check](parse_all(texts))
+
+
+def test_every_check_has_a_mutation_that_breaks_it() -> None:
+    assert {mutation[0] for mutation in MUTATIONS} == set(CHECKS) | set(TEXT_CHECKS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The log fields the alerts query, as the collector writes them
+
+
+def _log_formats() -> list[str]:
+    source = "\n".join(path.read_text(encoding="utf-8") for path in sorted((ROOT / "collectors").glob("*.py")))
+    return re.findall(r'"([^"\n]*mailbox=%s[^"\n]*)"', source)
+
+
+def test_alert_fields_are_what_the_collector_logs() -> None:
+    formats = _log_formats()
+    assert any("outcome=%s" in f and "consecutive_failures=%d" in f for f in formats), formats
+    errors = (ROOT / "shared" / "errors.py").read_text(encoding="utf-8")
+    assert re.search(r'error_class = "needs_reconsent"', errors), "the outcome the re-consent alert looks for"
+
+
+@pytest.mark.xfail(strict=True, reason="contract: the collector does not log credential_expires_in_days= yet")
+def test_collector_logs_the_credential_expiry_the_alert_reads() -> None:
+    source = "\n".join(path.read_text(encoding="utf-8") for path in (ROOT / "collectors").glob("*.py"))
+    assert "credential_expires_in_days=" in source
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The files around the Bicep
+
+
+def test_parameters_file_maps_to_declared_parameters() -> None:
+    document = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))
+    declared = set(_trees()[MAIN]["parameters"])
+    mapped = set(document["parameters"])
+    assert mapped <= declared, f"parameters that main.bicep does not declare: {sorted(mapped - declared)}"
+    required = {name for name, spec in _trees()[MAIN]["parameters"].items() if "default" not in spec}
+    assert required <= mapped, f"required parameters without a value: {sorted(required - mapped)}"
+    for name, spec in document["parameters"].items():
+        assert re.fullmatch(r"\$\{[A-Z_]+(=[^}]*)?\}", spec["value"]), f"{name} must come from the azd environment"
+
+
+def test_azure_yaml_declares_one_function_service_and_the_hooks() -> None:
+    text = (ROOT / "azure.yaml").read_text(encoding="utf-8")
+    services = text.split("services:", 1)[1].split("\nhooks:", 1)[0]
+    assert re.findall(r"^  (\w+):$", services, re.MULTILINE) == ["api"]
+    for line in ("    project: .", "    language: python", "    host: function"):
+        assert line in services.splitlines()
+    for script in ("infra/hooks/postprovision.sh", "infra/hooks/postprovision.ps1"):
+        assert f"run: ./{script}" in text
+        assert (ROOT / script).is_file()
+
+
+def test_host_json_choices() -> None:
+    host = json.loads((ROOT / "host.json").read_text(encoding="utf-8"))
+    assert host["version"] == "2.0"
+    assert host["extensionBundle"] == {"id": "Microsoft.Azure.Functions.ExtensionBundle", "version": "[4.*, 5.0.0)"}
+    queues = host["extensions"]["queues"]
+    assert queues["messageEncoding"] == "base64", "the app sends with TextBase64EncodePolicy"
+    assert (queues["maxDequeueCount"], queues["batchSize"]) == (5, 4)
+    excluded = set(host["logging"]["applicationInsights"]["samplingSettings"]["excludedTypes"].split(";"))
+    assert {"Request", "Exception", "Trace"} <= excluded, "errors and the alerts' log lines are never sampled"
+    assert host["logging"]["logLevel"]["Function"] == "Information", "the alerts read the app's Information lines"
+    hours, minutes, seconds = (int(part) for part in host["functionTimeout"].split(":"))
+    timeout = hours * 3600 + minutes * 60 + seconds
+    budget = param_default(_trees()[MAIN], "collectTimeBudgetSeconds")
+    assert budget < timeout, "a collector run must end well inside the function timeout"
+
+
+def test_funcignore_keeps_local_files_out_of_the_package() -> None:
+    entries = {line.strip() for line in (ROOT / ".funcignore").read_text(encoding="utf-8").splitlines() if line.strip()}
+    needed = {"tests", "infra", "devstack", "bench", ".venv", ".stack", "scripts", "local.settings*.json", ".git*"}
+    needed |= {"node_modules", "__pycache__", "docs"}
+    assert needed <= entries, f"missing: {sorted(needed - entries)}"
+    assert not {"function_app.py", "collectors", "shared", "host.json", "requirements.txt"} & entries
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The postprovision hook (POSIX), run for real in a copy of its folder layout
+
+AZD_ENV = {
+    "AZURE_ENV_NAME": "dev",
+    "AZURE_STORAGE_BLOB_ENDPOINT": "https://stexample.blob.core.windows.net/",
+    "AZURE_STORAGE_QUEUE_ENDPOINT": "https://stexample.queue.core.windows.net/",
+    "AZURE_STORAGE_TABLE_ENDPOINT": "https://stexample.table.core.windows.net/",
+    "KEY_VAULT_URI": "https://kv-example.vault.azure.net/",
+    "KEY_VAULT_NAME": "kv-example",
+    "ENTRA_TENANT_ID": "11111111-1111-1111-1111-111111111111",
+    "AZURE_TENANT_ID": "11111111-1111-1111-1111-111111111111",
+    "ENTRA_CLIENT_ID": "22222222-2222-2222-2222-222222222222",
+    "AZURE_CLIENT_ID": "33333333-3333-3333-3333-333333333333",
+    "AZURE_MANAGED_IDENTITY_PRINCIPAL_ID": "44444444-4444-4444-4444-444444444444",
+    "SERVICE_API_URI": "https://func-api-example.azurewebsites.net",
+    "AZURE_FUNCTION_APP_NAME": "func-api-example",
+    "RESOURCE_GROUP": "rg-dev",
+    "COLLECT_SCHEDULE": "0 */10 * * * *",
+}
+
+
+def _run_hook(folder: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    hooks = folder / "infra" / "hooks"
+    hooks.mkdir(parents=True, exist_ok=True)
+    script = hooks / "postprovision.sh"
+    script.write_bytes((INFRA / "hooks" / "postprovision.sh").read_bytes())
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(folder)}
+    command = ["sh", str(script)]
+    return subprocess.run(command, env={**base, **env}, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_postprovision_writes_local_settings_for_the_cloud_resources(tmp_path: Path) -> None:
+    result = _run_hook(tmp_path, AZD_ENV)
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "local.settings.json"
+    values = json.loads(path.read_text(encoding="utf-8"))["Values"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert values["AzureWebJobsStorage__blobServiceUri"] == AZD_ENV["AZURE_STORAGE_BLOB_ENDPOINT"]
+    assert values["AzureWebJobsStorage__tableServiceUri"] == AZD_ENV["AZURE_STORAGE_TABLE_ENDPOINT"]
+    assert values["KEY_VAULT_URI"] == AZD_ENV["KEY_VAULT_URI"]
+    assert values["COLLECT_SCHEDULE"] == "0 */10 * * * *"
+    assert values["ENTRA_REDIRECT_URI"] == "http://localhost:7071/api/auth/callback"
+    # Locally the developer's identity is used: nothing that would select a managed identity, no secret invented.
+    assert not {"AZURE_CLIENT_ID", "AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId"} & set(values)
+    assert "ENTRA_CLIENT_SECRET" not in values
+    names_the_app_reads = set(SETTING_NAMES) - {"AzureWebJobsStorage", "TLS_CA_BUNDLE", "AZURE_CLIENT_ID"}
+    names_the_app_reads -= {"AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId", "ENTRA_CLIENT_SECRET"}
+    assert names_the_app_reads <= set(values), sorted(names_the_app_reads - set(values))
+    assert (tmp_path / ".azure" / "dev" / "local.settings.json").read_text() == path.read_text()
+    link = "https://func-api-example.azurewebsites.net/api/mailboxes/{address}/authorize?code=<function key>"
+    assert link in result.stdout
+    assert "az functionapp keys list --name func-api-example --resource-group rg-dev" in result.stdout
+    assert "federated-credential create --id 22222222-2222-2222-2222-222222222222" in result.stdout
+    assert AZD_ENV["AZURE_MANAGED_IDENTITY_PRINCIPAL_ID"] in result.stdout
+
+
+def test_postprovision_keeps_a_developer_secret_only_for_the_same_vault(tmp_path: Path) -> None:
+    secret = "developer-secret-value-0123"
+    previous = {"Values": {"ENTRA_CLIENT_SECRET": secret, "KEY_VAULT_URI": AZD_ENV["KEY_VAULT_URI"]}}
+    (tmp_path / "local.settings.json").write_text(json.dumps(previous), encoding="utf-8")
+    result = _run_hook(tmp_path, AZD_ENV)
+    assert result.returncode == 0, result.stderr
+    values = json.loads((tmp_path / "local.settings.json").read_text(encoding="utf-8"))["Values"]
+    assert values["ENTRA_CLIENT_SECRET"] == secret
+    assert secret not in result.stdout + result.stderr, "the hook must never print a secret"
+    assert (tmp_path / ".azure" / "dev" / "local.settings.before-provision.json").is_file()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    previous["Values"]["KEY_VAULT_URI"] = "https://kv-another.vault.azure.net/"
+    (other / "local.settings.json").write_text(json.dumps(previous), encoding="utf-8")
+    result = _run_hook(other, AZD_ENV)
+    assert result.returncode == 0, result.stderr
+    values = json.loads((other / "local.settings.json").read_text(encoding="utf-8"))["Values"]
+    assert "ENTRA_CLIENT_SECRET" not in values, "a secret of another deployment must not be carried over"
+
+
+def test_postprovision_secret_mode_points_at_key_vault_and_names_missing_outputs(tmp_path: Path) -> None:
+    result = _run_hook(tmp_path, {**AZD_ENV, "ENTRA_CREDENTIAL_MODE": "secret"})
+    assert result.returncode == 0, result.stderr
+    assert "az keyvault secret set --vault-name kv-example --name entra-client-secret --file <file>" in result.stdout
+    assert "federated-credential" not in result.stdout
+
+    partial = {key: value for key, value in AZD_ENV.items() if key != "KEY_VAULT_URI"}
+    result = _run_hook(tmp_path / "partial", partial)
+    assert result.returncode != 0
+    assert "KEY_VAULT_URI" in result.stderr
+    assert not (tmp_path / "partial" / "local.settings.json").exists()
