@@ -20,12 +20,11 @@ from datetime import timedelta
 from typing import Any
 
 import msal
-import requests
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient
 
-from collectors.entra import RECONSENT_CODES, aadsts_codes, confidential_app, error_from_result
+from collectors.entra import RECONSENT_CODES, UNREACHABLE, aadsts_codes, confidential_app, error_from_result
 from collectors.tokens import TokenService
 from shared.errors import CollectorError, ConfigurationError, TransientError
 from shared.mailboxes import InvalidMailboxError, normalize_address
@@ -166,7 +165,7 @@ class ConsentService:
         except ValueError:
             # MSAL raises on a state mismatch: treat it as forged.
             raise ConsentProblem(400, "Invalid sign-in response", "The response does not match the flow.") from None
-        except requests.RequestException as e:
+        except UNREACHABLE as e:
             raise TransientError(f"Entra ID unreachable while redeeming the code: {type(e).__name__}") from e
         if "error" in result:
             raise self._redeem_error(result, address)

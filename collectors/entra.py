@@ -67,6 +67,9 @@ class _RequestsClient(requests.Session):
         return super().request(*args, **kwargs)
 
 
+# MSAL raises (rather than returns an error dict) for 5xx answers and for network failures.
+UNREACHABLE = (requests.RequestException, msal.exceptions.MsalServiceError)
+
 _http_cache: dict[Any, Any] = {}  # discovery documents, shared so that each new app does not fetch them again
 _http_clients: dict[str | None, _RequestsClient] = {}
 _lock = threading.Lock()
@@ -114,7 +117,7 @@ def confidential_app(settings: Settings, cache: msal.TokenCache | None = None) -
             http_cache=_http_cache,
             instance_discovery=settings.is_public_cloud_authority,
         )
-    except requests.RequestException as e:
+    except UNREACHABLE as e:
         raise TransientError(f"Entra ID unreachable ({type(e).__name__}) at {settings.authority_host}") from e
     except ValueError as e:
         raise ConfigurationError(f"Entra authority {settings.authority} is not usable: {e}") from e

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import msal
-import requests
 
-from collectors.entra import confidential_app, error_from_result
+from collectors.entra import UNREACHABLE, confidential_app, error_from_result
 from shared.errors import CollectorError, NeedsReconsentError, TransientError
 from shared.registry import utcnow
 from shared.settings import Settings
@@ -91,7 +90,14 @@ class TokenService:
         elif warm is None or stored.version != warm.version:
             warm = _Warm(stored.serialized, stored.version, signed_in_as or address)
         assert warm is not None
-        return self._renew(address, warm)
+        try:
+            return self._renew(address, warm)
+        except NeedsReconsentError:
+            # A re-consent (or another worker) may have stored a newer token meanwhile: only the latest one counts.
+            latest = self._store.load(address)
+            if latest is None or latest.version == warm.version or warm.unsaved:
+                raise
+            return self._renew(address, _Warm(latest.serialized, latest.version, signed_in_as or address))
 
     def _cached_token(self, warm: _Warm) -> AccessToken | None:
         cache = msal.SerializableTokenCache()
@@ -116,7 +122,7 @@ class TokenService:
             raise NeedsReconsentError(f"the stored token cache of {address} holds no account")
         try:
             result = app.acquire_token_silent_with_error(self.scopes, account, force_refresh=False)
-        except requests.RequestException as e:
+        except UNREACHABLE as e:
             raise TransientError(
                 f"Entra ID unreachable while renewing the token of {address}: {type(e).__name__}"
             ) from e
