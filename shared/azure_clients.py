@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 from typing import Any
 from urllib.parse import urlparse
@@ -17,12 +16,12 @@ from urllib.parse import urlparse
 from azure.core.credentials import TokenCredential
 from azure.core.exceptions import ResourceExistsError
 from azure.data.tables import TableClient, TableServiceClient
-from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
+from azure.identity import ClientSecretCredential, DefaultAzureCredential, ManagedIdentityCredential
 from azure.keyvault.secrets import SecretClient
 from azure.storage.blob import BlobServiceClient, ContainerClient
 from azure.storage.queue import QueueClient, QueueServiceClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
-from shared.settings import Settings
+from shared.settings import DEFAULT_AUTHORITY_HOST, Settings
 
 # Storage calls should fail fast enough that one slow dependency cannot eat a run's time budget.
 STORAGE_TIMEOUTS: dict[str, Any] = {"connection_timeout": 10, "read_timeout": 60}
@@ -35,19 +34,21 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
 
 @functools.cache
 def azure_credential(settings: Settings) -> TokenCredential:
-    """The app's identity: the user-assigned managed identity in Azure, the developer's environment locally."""
-    if settings.managed_identity_client_id and not _environment_has_client_secret():
+    """The app's identity: the user-assigned managed identity in Azure; an app registration's secret locally."""
+    local = settings.local_credential
+    if local is not None:
+        return ClientSecretCredential(
+            local.tenant_id,
+            local.client_id,
+            local.client_secret,
+            authority=local.authority_host,
+            # A private authority host (the local stack) is not in MSAL's discovery list; trust the configured one.
+            disable_instance_discovery=local.authority_host != DEFAULT_AUTHORITY_HOST,
+            **_transport_options(settings),
+        )
+    if settings.managed_identity_client_id:
         return ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
-    return DefaultAzureCredential(
-        exclude_interactive_browser_credential=True,
-        # A private or sovereign authority host is not in MSAL's discovery list; trust the configured one.
-        disable_instance_discovery=not settings.is_public_cloud_authority,
-        **_transport_options(settings),
-    )
-
-
-def _environment_has_client_secret() -> bool:
-    return bool(os.environ.get("AZURE_CLIENT_SECRET"))
+    return DefaultAzureCredential(exclude_interactive_browser_credential=True)
 
 
 @functools.cache

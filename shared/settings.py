@@ -45,6 +45,17 @@ SETTING_NAMES: tuple[str, ...] = (
     "CONSENT_TABLE_NAME",
     "LEASE_CONTAINER_NAME",
     "TLS_CA_BUNDLE",
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_AUTHORITY_HOST",
+)
+# Read only when running outside Azure (the local stack, or a developer against cloud resources): the app then
+# authenticates to Key Vault as an app registration instead of the managed identity.
+LOCAL_ONLY_SETTINGS: tuple[str, ...] = (
+    "TLS_CA_BUNDLE",
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_AUTHORITY_HOST",
 )
 
 
@@ -57,6 +68,16 @@ class StorageSettings:
     queue_uri: str | None = None
     table_uri: str | None = None
     client_id: str | None = None
+
+
+@dataclass(frozen=True)
+class LocalCredential:
+    """An app registration's secret for reaching Key Vault outside Azure (never set in Azure)."""
+
+    tenant_id: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    authority_host: str
 
 
 @dataclass(frozen=True)
@@ -83,6 +104,7 @@ class Settings:
     consent_table: str
     lease_container: str
     ca_bundle: str | None
+    local_credential: LocalCredential | None = None
 
     @property
     def authority(self) -> str:
@@ -179,6 +201,21 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         consent_table=_text(env, "CONSENT_TABLE_NAME", "consentflows") or "",
         lease_container=_text(env, "LEASE_CONTAINER_NAME", "mailbox-leases") or "",
         ca_bundle=_text(env, "TLS_CA_BUNDLE"),
+        local_credential=_local_credential(env),
+    )
+
+
+def _local_credential(env: Mapping[str, str]) -> LocalCredential | None:
+    secret = _text(env, "AZURE_CLIENT_SECRET")
+    if secret is None:
+        return None
+    return LocalCredential(
+        tenant_id=_required(env, "AZURE_TENANT_ID", "the tenant of the app registration in AZURE_CLIENT_ID"),
+        client_id=_required(env, "AZURE_CLIENT_ID", "the app registration whose secret is AZURE_CLIENT_SECRET"),
+        client_secret=secret,
+        authority_host=_https_url(
+            env, "AZURE_AUTHORITY_HOST", _text(env, "AZURE_AUTHORITY_HOST", DEFAULT_AUTHORITY_HOST) or ""
+        ),
     )
 
 
