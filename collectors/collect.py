@@ -11,6 +11,7 @@ IMAP round trips and the storage writes overlap.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 BATCH_MESSAGES = 50  # UIDs per FETCH: a few round trips per hundred messages, modest memory
 BATCH_BYTES = 16 * 1024 * 1024  # and at most this much mail per FETCH (one larger message goes alone)
-STORE_THREADS = 8  # concurrent blob+queue writes per mailbox
+STORE_THREADS = 8  # concurrent blob uploads, shared by the mailboxes of a worker
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Collector:
         self._leases = leases
         self._clock = clock
         self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
+        self._enqueue_pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="enqueue")
 
     # -- the run --------------------------------------------------------------------------------------------
 
@@ -174,7 +176,7 @@ class Collector:
             sizes = imap.sizes(imap.uids_after(last_uid))
             batches = list(self._plan(sizes, options.max_messages, options.max_bytes))
             result.more = sum(len(b) for b in batches) < len(sizes)
-            pending: tuple[_Batch, list[Future[None]]] | None = None
+            pending: tuple[_Batch, Future[None]] | None = None
             for uids in batches:
                 if self._clock() > deadline:
                     result.more = True
@@ -216,34 +218,49 @@ class Collector:
         if batch:
             yield batch
 
-    def _store(self, mailbox: Mailbox, uidvalidity: int, batch: _Batch) -> list[Future[None]]:
-        return [
-            self._store_pool.submit(self._store_one, mailbox, uidvalidity, uid, batch.messages[uid])
+    def _store(self, mailbox: Mailbox, uidvalidity: int, batch: _Batch) -> Future[None]:
+        """Upload the batch's blobs concurrently; send its envelopes one by one in UID order as uploads finish."""
+        uploads = [
+            (uid, self._store_pool.submit(self._upload, mailbox, uidvalidity, uid, batch.messages[uid]))
             for uid in batch.uids
             if uid in batch.messages
         ]
+        return self._enqueue_pool.submit(self._enqueue_in_order, mailbox, uploads)
 
-    def _store_one(self, mailbox: Mailbox, uidvalidity: int, uid: int, raw: bytes) -> None:
+    def _upload(self, mailbox: Mailbox, uidvalidity: int, uid: int, raw: bytes) -> str:
+        """Write the raw bytes to their blob and return the envelope text for the queue."""
         name = blob_name(mailbox.key, uidvalidity, uid)
         blob = self._sinks.container.get_blob_client(name)
-        try:
+        with self._storage_errors(mailbox, uid):
             blob.upload_blob(
                 raw,
                 overwrite=True,
                 content_settings=ContentSettings(content_type="message/rfc822"),
                 max_concurrency=4,
             )
-            envelope = build_envelope(
-                raw,
-                mailbox=mailbox.address,
-                folder=mailbox.options.folder,
-                uidvalidity=uidvalidity,
-                uid=uid,
-                blob_url=blob.url,
-                blob_name=name,
-                collected_at=datetime.now(UTC),
-            )
-            self._sinks.queue.send_message(encode_for_queue(envelope))
+        envelope = build_envelope(
+            raw,
+            mailbox=mailbox.address,
+            folder=mailbox.options.folder,
+            uidvalidity=uidvalidity,
+            uid=uid,
+            blob_url=blob.url,
+            blob_name=name,
+            collected_at=datetime.now(UTC),
+        )
+        return encode_for_queue(envelope)
+
+    def _enqueue_in_order(self, mailbox: Mailbox, uploads: list[tuple[int, Future[str]]]) -> None:
+        for uid, upload in uploads:
+            text = upload.result()  # a failed upload stops here: no envelope without its blob
+            with self._storage_errors(mailbox, uid):
+                self._sinks.queue.send_message(text)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _storage_errors(mailbox: Mailbox, uid: int) -> Iterator[None]:
+        try:
+            yield
         except AzureError as e:
             raise TransientError(
                 f"storage write failed for {mailbox.address} uid={uid}: {type(e).__name__}",
@@ -258,14 +275,13 @@ class Collector:
         lease: MailboxLease,
         uidvalidity: int,
         batch: _Batch,
-        writes: list[Future[None]],
+        writes: Future[None],
         result: MailboxResult,
     ) -> int:
         """Wait for the batch's blobs and envelopes, then apply the after-action, then move the checkpoint."""
-        errors = [e for e in (f.exception() for f in writes) if e is not None]
-        if errors:
-            first = errors[0]
-            raise first if isinstance(first, CollectorError) else TransientError(str(first))
+        error = writes.exception()
+        if error is not None:
+            raise error if isinstance(error, CollectorError) else TransientError(f"{type(error).__name__}: {error}")
         lease.check()
         done = [uid for uid in batch.uids if uid in batch.messages]
         imap.after_action(done, mailbox.options.after_action, mailbox.options.move_to)
