@@ -22,7 +22,7 @@ import pytest
 from pycep import BicepParser
 from pycep.models import BicepElement
 
-from shared.settings import SETTING_NAMES
+from shared.settings import LOCAL_ONLY_SETTINGS, SETTING_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -36,16 +36,18 @@ ALERTS = "app/alerts.bicep"
 Tree = dict[str, Any]
 Trees = dict[str, Tree]
 
-LOCAL_ONLY_SETTINGS = {"AzureWebJobsStorage", "TLS_CA_BUNDLE"}  # a connection string and a test CA: never in Azure
+# Never in Azure: the local connection string, and what the code itself declares local-only (a test CA, the
+# app-registration secret the local run reaches Key Vault with).
+NOT_IN_AZURE = {"AzureWebJobsStorage", *LOCAL_ONLY_SETTINGS}
 PLATFORM_SETTINGS = {"APPLICATIONINSIGHTS_CONNECTION_STRING", "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"}
-# Flex Consumption rejects these (runtime and package live in functionAppConfig); the last two are key-based.
+# Flex Consumption rejects the first four (runtime and package live in functionAppConfig); the rest are key-based
+# or local-only.
 FORBIDDEN_SETTINGS = {
     "FUNCTIONS_WORKER_RUNTIME",
     "FUNCTIONS_EXTENSION_VERSION",
     "WEBSITE_RUN_FROM_PACKAGE",
     "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
-    "AzureWebJobsStorage",
-    "TLS_CA_BUNDLE",
+    *NOT_IN_AZURE,
 }
 
 ROLE_NAMES = {
@@ -225,7 +227,7 @@ def function_app(trees: Trees) -> Tree:
 
 def check_settings_match_the_code(trees: Trees) -> None:
     names = set(app_settings(trees))
-    expected = set(SETTING_NAMES) - LOCAL_ONLY_SETTINGS
+    expected = set(SETTING_NAMES) - NOT_IN_AZURE
     unread = sorted(names - expected - PLATFORM_SETTINGS)
     assert names - PLATFORM_SETTINGS == expected, f"missing in Bicep: {sorted(expected - names)}; unread: {unread}"
     assert names >= PLATFORM_SETTINGS, f"missing: {sorted(PLATFORM_SETTINGS - names)}"
@@ -728,8 +730,9 @@ def test_postprovision_writes_local_settings_for_the_cloud_resources(tmp_path: P
     # Locally the developer's identity is used: nothing that would select a managed identity, no secret invented.
     assert not {"AZURE_CLIENT_ID", "AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId"} & set(values)
     assert "ENTRA_CLIENT_SECRET" not in values
-    names_the_app_reads = set(SETTING_NAMES) - {"AzureWebJobsStorage", "TLS_CA_BUNDLE", "AZURE_CLIENT_ID"}
-    names_the_app_reads -= {"AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId", "ENTRA_CLIENT_SECRET"}
+    names_the_app_reads = set(SETTING_NAMES) - NOT_IN_AZURE - {"AZURE_CLIENT_ID", "ENTRA_CLIENT_SECRET"}
+    names_the_app_reads -= {"AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId"}
+    assert not set(LOCAL_ONLY_SETTINGS) & set(values), "the developer's own login reaches Key Vault, not a secret"
     assert names_the_app_reads <= set(values), sorted(names_the_app_reads - set(values))
     assert (tmp_path / ".azure" / "dev" / "local.settings.json").read_text() == path.read_text()
     link = "https://func-api-example.azurewebsites.net/api/mailboxes/{address}/authorize?code=<function key>"
