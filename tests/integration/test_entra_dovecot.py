@@ -11,6 +11,7 @@ import base64
 import imaplib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import msal
 import pytest
@@ -39,6 +41,7 @@ IMAP_SCOPE = "https://outlook.office.com/IMAP.AccessAsUser.All"
 REGISTERED_REDIRECT = "http://localhost:7071/api/auth/callback"
 REDIRECT = "http://localhost:7999/api/auth/callback"
 START_TIMEOUT = 30.0  # seconds; Node loads oidc-provider in about one, Dovecot's first login takes about five
+FORM_ACTION = re.compile(r'<form method="post" action="([^"]*)"')
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Parts:
     bundle: Path  # system CAs plus the test CA, for requests
     imap_port: int
     dovecot_config: Path
+    folder: Path  # logs: entra.log, dovecot.log
 
 
 def free_port() -> int:
@@ -153,8 +157,10 @@ def parts() -> Iterator[Parts]:
         process, config = start_dovecot(folder, port=imap_port, tls=tls, signing=signing,
                                         issuer=f"{origin}/{identity['tenant']}/v2.0")  # fmt: skip
         started.append(process)
+        dovecot.warm_up(imap_port, ca_file=tls["ca"], signing_key=signing[0], signing_kid=signing[2],
+                        issuer=f"{origin}/{identity['tenant']}/v2.0")  # fmt: skip
         yield Parts(origin, identity["tenant"], identity["client_id"], identity["client_secret"],
-                    identity["password"], tls["ca"], tls["bundle"], imap_port, config)  # fmt: skip
+                    identity["password"], tls["ca"], tls["bundle"], imap_port, config, folder)  # fmt: skip
     finally:
         for process in reversed(started):
             stop(process)
@@ -358,3 +364,142 @@ def test_client_credentials_token_for_key_vault(parts: Parts) -> None:
     token = credential.get_token("https://vault.azure.net/.default")
     assert claims(token.token)["aud"] == "https://vault.azure.net"
     assert claims(token.token)["appid"] == parts.client_id
+
+
+def test_a_key_vault_token_does_not_open_a_mailbox(parts: Parts) -> None:
+    user = address()
+    consent(parts, user)
+    app = new_app(parts, msal.SerializableTokenCache())
+    vault = app.acquire_token_for_client(scopes=["https://vault.azure.net/.default"])
+    assert claims(vault["access_token"])["aud"] == "https://vault.azure.net"
+
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        imap_login(parts, user, vault["access_token"])
+
+
+def test_sign_in_pages_show_a_wrong_password_remember_consent_and_report_a_decline(parts: Parts) -> None:
+    user = address()
+    app = new_app(parts, msal.SerializableTokenCache())
+
+    def start(login_hint: str) -> dict[str, Any]:
+        flow: dict[str, Any] = app.initiate_auth_code_flow(
+            scopes=[IMAP_SCOPE], redirect_uri=REDIRECT, login_hint=login_hint, response_mode="form_post"
+        )
+        return flow
+
+    def log_in(browser: requests.Session, flow: dict[str, Any], password: str) -> requests.Response:
+        page = browser.get(flow["auth_uri"], timeout=10)
+        assert f'name="login" value="{login_hint_of(flow)}"' in page.text
+        action = urljoin(page.url, FORM_ACTION.findall(page.text)[0])
+        return browser.post(action, data={"login": login_hint_of(flow), "password": password}, timeout=10)
+
+    def login_hint_of(flow: dict[str, Any]) -> str:
+        return str(flow["auth_uri"]).split("login_hint=")[1].split("&")[0].replace("%40", "@")
+
+    first = start(user)
+    wrong = log_in(session(parts), first, "not-the-password")
+    assert 'role="alert"' in wrong.text and "AADSTS50126" in wrong.text
+    assert REDIRECT not in wrong.text
+
+    browser = session(parts)
+    consent_page = log_in(browser, first, parts.password)
+    assert "Accept" in consent_page.text and IMAP_SCOPE in consent_page.text
+    answered = browser.post(
+        urljoin(consent_page.url, FORM_ACTION.findall(consent_page.text)[0]), data={"decision": "accept"}, timeout=10
+    )
+    assert FORM_ACTION.findall(answered.text) == [REDIRECT]
+    fields = sign_in_fields(answered.text)
+    assert "access_token" in app.acquire_token_by_auth_code_flow(first, fields)
+
+    # A new browser signs in again and goes straight back to the app: consent is remembered per user and app.
+    second = start(user)
+    straight = log_in(session(parts), second, parts.password)
+    assert FORM_ACTION.findall(straight.text) == [REDIRECT]
+    assert "access_token" in app.acquire_token_by_auth_code_flow(second, sign_in_fields(straight.text))
+
+    third = start(address())
+    declined = sign_in(third["auth_uri"], login=login_hint_of(third), password=parts.password, redirect_uri=REDIRECT,
+                       session=session(parts), accept=False)  # fmt: skip
+    result = app.acquire_token_by_auth_code_flow(third, declined)
+    assert result["error"] == "access_denied"
+    assert result["error_description"].startswith("AADSTS65004: User declined to consent")
+
+
+def sign_in_fields(form_post_page: str) -> dict[str, str]:
+    return dict(re.findall(r'<input type="hidden" name="([^"]*)" value="([^"]*)"', form_post_page))
+
+
+def test_a_foreign_redirect_uri_is_refused_on_the_error_page(parts: Parts) -> None:
+    app = new_app(parts, msal.SerializableTokenCache())
+    flow = app.initiate_auth_code_flow(scopes=[IMAP_SCOPE], redirect_uri="http://attacker.test/api/auth/callback",
+                                       login_hint=address(), response_mode="form_post")  # fmt: skip
+    page = session(parts).get(flow["auth_uri"], timeout=10)
+    assert page.status_code == 400
+    assert "redirect_uri" in page.text
+    assert "attacker.test" not in "".join(FORM_ACTION.findall(page.text))
+
+
+def test_an_authorize_fault_comes_back_to_the_app_as_the_error(parts: Parts) -> None:
+    control(parts, "faults", {"endpoint": "authorize", "error": "consent_required", "aadsts": 65001})
+    app = new_app(parts, msal.SerializableTokenCache())
+    flow = app.initiate_auth_code_flow(scopes=[IMAP_SCOPE], redirect_uri=REDIRECT, login_hint=address(),
+                                       response_mode="form_post")  # fmt: skip
+    page = session(parts).get(flow["auth_uri"], timeout=10)
+
+    assert FORM_ACTION.findall(page.text) == [REDIRECT]
+    result = app.acquire_token_by_auth_code_flow(flow, sign_in_fields(page.text))
+    assert result["error"] == "consent_required"
+    assert result["error_description"].startswith("AADSTS65001: ")
+
+
+def test_server_errors_and_slow_answers_are_injected_without_burning_the_refresh_token(parts: Parts) -> None:
+    user = address()
+    cache, _ = consent(parts, user)
+    [token] = refresh_tokens(cache)
+
+    def redeem() -> requests.Response:
+        return session(parts).post(f"{parts.origin}/{parts.tenant}/oauth2/v2.0/token", data={
+            "grant_type": "refresh_token", "refresh_token": token, "scope": f"{IMAP_SCOPE} offline_access",
+            "client_id": parts.client_id, "client_secret": parts.client_secret,
+        }, timeout=10)  # fmt: skip
+
+    control(parts, "faults", {"endpoint": "token", "error": "temporarily_unavailable", "account": user,
+                              "retry_after": 3})  # fmt: skip
+    unavailable = redeem()
+    assert unavailable.status_code == 503
+    assert unavailable.headers["retry-after"] == "3"
+    assert unavailable.json()["error"] == "temporarily_unavailable"
+    assert unavailable.json()["error_description"].startswith(f"AADSTS{unavailable.json()['error_codes'][0]}: ")
+
+    control(parts, "faults", {"endpoint": "token", "delay_ms": 1200, "account": user})
+    started = time.monotonic()
+    slow = redeem()
+    assert time.monotonic() - started >= 1.1
+    assert slow.status_code == 200, slow.text
+    assert slow.json()["refresh_token"] != token
+
+
+def test_logs_carry_no_token_code_secret_or_password(parts: Parts) -> None:
+    user = address()
+    cache, result = consent(parts, user)
+    imap_login(parts, user, result["access_token"]).logout()
+    [token] = refresh_tokens(cache)
+
+    logs = (parts.folder / "entra.log").read_text() + (parts.folder / "dovecot.log").read_text()
+    for secret in (result["access_token"], token, parts.client_secret, parts.password):
+        assert secret[:20] not in logs
+    assert "/oauth2/v2.0/token 200" in logs
+
+
+def test_the_office365_spelling_of_the_imap_scope_gives_the_same_mailbox_token(parts: Parts) -> None:
+    user = address()
+    app = new_app(parts, msal.SerializableTokenCache())
+    scope = "https://outlook.office365.com/IMAP.AccessAsUser.All"
+    flow = app.initiate_auth_code_flow(scopes=[scope], redirect_uri=REDIRECT, login_hint=user,
+                                       response_mode="form_post")  # fmt: skip
+    fields = sign_in(flow["auth_uri"], login=user, password=parts.password, redirect_uri=REDIRECT,
+                     session=session(parts))  # fmt: skip
+    result = app.acquire_token_by_auth_code_flow(flow, fields)
+
+    assert claims(result["access_token"])["aud"] == "https://outlook.office.com"
+    imap_login(parts, user, result["access_token"]).logout()
