@@ -364,13 +364,15 @@ function bareScope(scope) {
 
 const policy = interactionPolicy.base();
 // With a signed-in session oidc-provider would silently reuse it even when the app names another mailbox in
-// login_hint; Entra asks the user to pick or sign in again, and so do we.
+// login_hint; Entra asks the user to pick or sign in again, and so do we. A hint stays a hint: whoever signs in
+// on that prompt is accepted, as with Entra (the app checks the account itself).
 policy.get('login').checks.push(new interactionPolicy.Check(
   'login_hint_mismatch',
   'login_hint names another account than the signed-in one',
   (ctx) => {
     const hint = ctx.oidc.params.login_hint;
     const { accountId } = ctx.oidc.session;
+    if (ctx.oidc.result?.login) return interactionPolicy.Check.NO_NEED_TO_PROMPT;
     if (hint && accountId && oidFor(hint) !== accountId) return interactionPolicy.Check.REQUEST_PROMPT;
     return interactionPolicy.Check.NO_NEED_TO_PROMPT;
   },

@@ -1,0 +1,300 @@
+"""The consent flow against the real parts: Entra stand-in, Key Vault endpoint, Table storage (Azurite)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import requests
+from azure.data.tables import TableClient
+
+from collectors.consent import FLOW_PARTITION, ConsentProblem, ConsentService
+from shared import azure_clients, redaction
+from shared.errors import TransientError
+from shared.mailboxes import mailbox_key
+from shared.registry import NEEDS_RECONSENT, MailboxRegistry, utcnow
+from tests.support.signin import sign_in
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def redirect_uri(stack: dict[str, Any]) -> str:
+    return f"{stack['host_origin']}/api/auth/callback"
+
+
+@pytest.fixture
+def signed_in(stack: dict[str, Any], services: Any, redirect_uri: str, entra_session: requests.Session) -> Any:
+    """Start a flow and sign in at the stand-in; return the fields it posts back (not yet completed)."""
+
+    def run(address: str, *, login: str | None = None, delegate: str = "", accept: bool = True) -> dict[str, str]:
+        auth_uri = services.consent.start(address, redirect_uri=redirect_uri, delegate=delegate)
+        return sign_in(
+            auth_uri,
+            login=login or delegate or address,
+            password=stack["user_password"],
+            redirect_uri=redirect_uri,
+            session=entra_session,
+            accept=accept,
+        )
+
+    return run
+
+
+def stack_port(settings: Any) -> int:
+    return int(re.search(r"TableEndpoint=http://127.0.0.1:(\d+)/", settings.storage.connection_string).group(1))
+
+
+def nothing_stored(services: Any, address: str) -> bool:
+    return services.registry.find(address) is None and services.tokens._store.load(address) is None
+
+
+def test_consent_stores_the_token_in_key_vault_and_registers_the_mailbox(
+    services: Any, signed_in: Any, new_address: Any, keyvault_control: Any, stack: dict[str, Any]
+) -> None:
+    address = new_address()
+    result = services.consent.complete(signed_in(address))
+    assert (result.address, result.signed_in_as, result.reconsent) == (address, address, False)
+    row = services.registry.get(address)
+    assert row.status == "active" and row.consented_at is not None
+    secret = azure_clients.secret_client(services.settings).get_secret(mailbox_key(address))
+    assert secret.properties.content_type == "application/vnd.msal.token-cache+json"
+    assert secret.properties.tags == {"mailbox": address, "provider": "entra", "signed-in-as": address}
+    assert "RefreshToken" in (secret.value or "")
+
+
+def test_a_reused_state_is_refused_and_stores_nothing_more(services: Any, signed_in: Any, new_address: Any) -> None:
+    address = new_address()
+    fields = signed_in(address)
+    services.consent.complete(fields)
+    with pytest.raises(ConsentProblem) as problem:
+        services.consent.complete(fields)
+    assert problem.value.status == 400 and "already used" in problem.value.detail
+
+
+def test_a_double_submit_completes_once(services: Any, signed_in: Any, new_address: Any) -> None:
+    address = new_address()
+    fields = signed_in(address)
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda _: _outcome(services, fields), range(4)))
+    assert sorted(outcomes) == [200, 400, 400, 400]
+
+
+def _outcome(services: Any, fields: dict[str, str]) -> int:
+    try:
+        services.consent.complete(fields)
+        return 200
+    except ConsentProblem as e:
+        return e.status
+
+
+@pytest.mark.parametrize(
+    ("fields", "title"),
+    [
+        ({}, "Missing state"),
+        ({"state": "short"}, "Invalid state"),
+        ({"state": "x' or PartitionKey ne '"}, "Invalid state"),
+        ({"state": "A" * 40, "code": "forged"}, "Unknown or already used sign-in"),
+    ],
+)
+def test_missing_forged_and_unknown_state(services: Any, fields: dict[str, str], title: str) -> None:
+    with pytest.raises(ConsentProblem) as problem:
+        services.consent.complete(fields)
+    assert (problem.value.status, problem.value.title) == (400, title)
+
+
+def test_an_expired_flow_is_refused(services: Any, signed_in: Any, new_address: Any) -> None:
+    address = new_address()
+    fields = signed_in(address)
+    flows = azure_clients.table(services.settings, services.settings.consent_table)
+    entity = flows.get_entity(FLOW_PARTITION, fields["state"])
+    entity["expires_at"] = utcnow() - timedelta(seconds=1)
+    flows.update_entity(entity)
+    with pytest.raises(ConsentProblem) as problem:
+        services.consent.complete(fields)
+    assert problem.value.title == "Sign-in expired"
+    assert nothing_stored(services, address)
+
+
+def test_signing_in_as_another_account_stores_nothing(services: Any, signed_in: Any, new_address: Any) -> None:
+    address, other = new_address(), new_address()
+    fields = signed_in(address, login=other)
+    with pytest.raises(ConsentProblem) as problem:
+        services.consent.complete(fields)
+    assert problem.value.status == 403 and other in problem.value.detail and address in problem.value.next_step
+    assert nothing_stored(services, address)
+
+
+def test_a_shared_mailbox_is_authorized_by_its_delegate(services: Any, signed_in: Any, new_address: Any) -> None:
+    shared, delegate, stranger = new_address(), new_address(), new_address()
+    with pytest.raises(ConsentProblem):
+        services.consent.complete(signed_in(shared, delegate=delegate, login=stranger))
+    result = services.consent.complete(signed_in(shared, delegate=delegate))
+    assert (result.address, result.signed_in_as) == (shared, delegate)
+    assert services.registry.get(shared).signed_in_as == delegate
+
+
+def test_declined_consent_is_explained(services: Any, signed_in: Any, new_address: Any) -> None:
+    address = new_address()
+    fields = signed_in(address, accept=False)
+    assert fields.get("error") == "access_denied"
+    with pytest.raises(ConsentProblem) as problem:
+        services.consent.complete(fields)
+    assert problem.value.title == "Consent declined" and "AADSTS65004" in problem.value.detail
+    assert nothing_stored(services, address)
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "explains"),
+    [
+        ("consent_required", 65001, "admin consent"),
+        ("access_denied", 90094, "administrator must approve"),
+        ("invalid_request", 50011, "redirect URI"),
+    ],
+)
+def test_entra_errors_at_sign_in_are_explained(
+    services: Any, signed_in: Any, new_address: Any, entra_control: Any, error: str, code: int, explains: str
+) -> None:
+    address = new_address()
+    entra_control("faults", {"endpoint": "authorize", "error": error, "aadsts": code, "count": 1})
+    fields = signed_in(address)
+    with pytest.raises(ConsentProblem) as problem:
+        services.consent.complete(fields)
+    assert f"AADSTS{code}" in problem.value.detail and explains in problem.value.detail
+    assert nothing_stored(services, address)
+
+
+def test_a_code_that_fails_to_redeem_stores_nothing(
+    services: Any, signed_in: Any, new_address: Any, entra_control: Any
+) -> None:
+    address = new_address()
+    fields = signed_in(address)
+    entra_control(
+        "faults",
+        {
+            "endpoint": "token",
+            "error": "invalid_grant",
+            "aadsts": 70008,
+            "count": 1,
+            "grant_type": "authorization_code",
+        },
+    )
+    with pytest.raises(ConsentProblem) as problem:
+        services.consent.complete(fields)
+    assert problem.value.status == 400 and "AADSTS70008" in problem.value.detail
+    assert nothing_stored(services, address)
+
+
+def test_key_vault_down_stores_nothing(services: Any, signed_in: Any, new_address: Any, keyvault_control: Any) -> None:
+    address = new_address()
+    fields = signed_in(address)
+    keyvault_control("faults", {"status": 503, "count": -1, "method": "PUT"})
+    with pytest.raises(TransientError):
+        services.consent.complete(fields)
+    keyvault_control("faults", method="DELETE")
+    assert nothing_stored(services, address)
+
+
+def test_a_registry_write_failure_never_leaves_a_row_without_its_secret(
+    settings: Any, services: Any, signed_in: Any, new_address: Any
+) -> None:
+    address = new_address()
+    fields = signed_in(address)
+    unreachable = settings.storage.connection_string.replace(f":{stack_port(settings)}/", ":9/")
+    dead = TableClient.from_connection_string(unreachable, "x", connection_timeout=1, retry_total=0)
+    broken = ConsentService(
+        settings,
+        flows=azure_clients.table(settings, settings.consent_table),
+        registry=MailboxRegistry(dead),
+        store=services.tokens._store,
+    )
+    with pytest.raises(TransientError):
+        broken.complete(fields)
+    assert services.registry.find(address) is None
+
+
+def test_reconsent_replaces_the_token_and_resets_the_failure_status(
+    services: Any, consent: Any, signed_in: Any, new_address: Any
+) -> None:
+    address = new_address()
+    consent(address)
+    services.registry.update(address, status=NEEDS_RECONSENT, consecutive_failures=4, last_uid=17, uidvalidity=9)
+    first = services.tokens._store.load(address)
+    result = services.consent.complete(signed_in(address))
+    assert result.reconsent
+    row = services.registry.get(address)
+    assert (row.status, row.consecutive_failures, row.last_uid, row.uidvalidity) == ("active", 0, 17, 9)
+    assert services.tokens._store.load(address).version != first.version
+
+
+def test_revoke_deletes_the_secret_and_the_row_and_a_new_consent_works(
+    services: Any, consent: Any, new_address: Any
+) -> None:
+    address = new_address()
+    consent(address)
+    assert services.consent.revoke(address) is True
+    assert nothing_stored(services, address)
+    assert services.consent.revoke(address) is False
+    consent(address)  # the soft-deleted secret is recovered and overwritten
+    assert services.registry.get(address).status == "active"
+    assert services.tokens._store.load(address) is not None
+
+
+@pytest.mark.parametrize("address", ["not-an-address", "a@b", "x@contoso.com\r\nLocation: https://evil.example"])
+def test_bad_addresses_are_refused_before_anything_starts(services: Any, redirect_uri: str, address: str) -> None:
+    with pytest.raises(ConsentProblem) as problem:
+        services.consent.start(address, redirect_uri=redirect_uri)
+    assert problem.value.status == 400
+
+
+def test_domains_outside_the_allowed_list_are_refused(app_env: dict[str, str], redirect_uri: str) -> None:
+    from collectors.services import build_services
+    from shared.settings import load_settings
+
+    limited = build_services(load_settings({**app_env, "ALLOWED_MAIL_DOMAINS": "contoso.com"}))
+    with pytest.raises(ConsentProblem) as problem:
+        limited.consent.start("someone@example.test", redirect_uri=redirect_uri)
+    assert "ALLOWED_MAIL_DOMAINS" in problem.value.detail
+
+
+def test_fifty_concurrent_consents_all_land(
+    stack: dict[str, Any], services: Any, redirect_uri: str, new_address: Any
+) -> None:
+    addresses = [new_address() for _ in range(50)]
+
+    def one(address: str) -> str:
+        with requests.Session() as session:
+            session.trust_env = False
+            session.verify = stack["ca_bundle"]
+            auth_uri = services.consent.start(address, redirect_uri=redirect_uri)
+            fields = sign_in(
+                auth_uri, login=address, password=stack["user_password"], redirect_uri=redirect_uri, session=session
+            )
+            return str(services.consent.complete(fields).address)
+
+    with ThreadPoolExecutor(16) as pool:
+        done = list(pool.map(one, addresses))
+    assert done == addresses
+    versions = {services.tokens._store.load(a).version for a in addresses}
+    assert len(versions) == 50
+    assert {m.address for m in services.registry.list()} >= set(addresses)
+
+
+def test_no_token_code_or_secret_reaches_the_logs(
+    stack: dict[str, Any], services: Any, signed_in: Any, new_address: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)  # MSAL and azure-core log request details at DEBUG
+    redaction.install()  # as function_app does at import: the filter sits in front of every handler
+    address = new_address()
+    fields = signed_in(address)
+    services.consent.complete(fields)
+    cache = services.tokens._store.load(address).serialized
+    secrets = {fields["code"], stack["client_secret"], *re.findall(r'"secret": "([^"]+)"', cache)}
+    assert len(secrets) >= 4  # code, client secret, access token, refresh token, id token
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    leaked = [s[:6] for s in secrets if s in text]
+    assert leaked == []
