@@ -180,7 +180,9 @@ def collect_mail(timer: func.TimerRequest) -> None:
     """Collect every active mailbox. Failures are recorded per mailbox; the run itself only fails on configuration."""
     if timer.past_due:
         logger.warning("collection run is past due; collecting now")
-    results = get_services().collector.run()
+    services = get_services()
+    services.credential_check.run()
+    results = services.collector.run()
     failed = [r for r in results if r.outcome not in ("ok", "busy", "deferred")]
     logger.info(
         "collect run mailboxes=%d messages=%d failed=%d",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from collectors.collect import Collector, Sinks
 from collectors.consent import ConsentService
+from collectors.credential_check import CredentialExpiryCheck
 from collectors.tokens import TokenService
 from shared import azure_clients
 from shared.registry import MailboxRegistry
@@ -25,6 +26,7 @@ class Services:
     tokens: TokenService
     consent: ConsentService
     collector: Collector
+    credential_check: CredentialExpiryCheck
 
 
 def build_services(settings: Settings) -> Services:
@@ -49,7 +51,8 @@ def build_services(settings: Settings) -> Services:
         ),
         leases=azure_clients.container(settings, settings.lease_container),
     )
-    return Services(settings, registry, tokens, consent, collector)
+    credential_check = CredentialExpiryCheck(azure_clients.secret_client(settings), settings.client_secret_name)
+    return Services(settings, registry, tokens, consent, collector, credential_check)
 
 
 @functools.cache

@@ -30,6 +30,7 @@ SETTING_NAMES: tuple[str, ...] = (
     "ENTRA_CLIENT_ID",
     "ENTRA_AUTHORITY_HOST",
     "ENTRA_CLIENT_SECRET",
+    "ENTRA_CLIENT_SECRET_NAME",
     "ENTRA_REDIRECT_URI",
     "ALLOWED_MAIL_DOMAINS",
     "IMAP_HOST",
@@ -89,6 +90,7 @@ class Settings:
     client_id: str
     authority_host: str
     client_secret: str | None = field(repr=False)
+    client_secret_name: str | None
     redirect_uri: str | None
     allowed_domains: tuple[str, ...]
     imap_host: str
@@ -186,6 +188,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "ENTRA_AUTHORITY_HOST", _text(env, "ENTRA_AUTHORITY_HOST", DEFAULT_AUTHORITY_HOST) or ""
         ),
         client_secret=_text(env, "ENTRA_CLIENT_SECRET"),
+        client_secret_name=_text(env, "ENTRA_CLIENT_SECRET_NAME"),
         redirect_uri=_text(env, "ENTRA_REDIRECT_URI"),
         allowed_domains=tuple(d for d in domains if d),
         imap_host=_text(env, "IMAP_HOST", "outlook.office365.com") or "",
