@@ -30,6 +30,8 @@ from shared.registry import MailboxOptions
 
 logger = logging.getLogger("function_app")
 redaction.install()
+# The Azure SDKs log every HTTP request at INFO; keep Application Insights for the app's own lines.
+logging.getLogger("azure").setLevel(logging.WARNING)
 
 MAX_FORM_BYTES = 32 * 1024  # Entra's form post holds a code, a state and a session id: a few KB at most
 MAX_JSON_BYTES = 8 * 1024
