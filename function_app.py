@@ -8,7 +8,8 @@ Routes (under /api):
   GET    mailboxes/{address}/authorize   start the consent flow                    (function key)
   POST   auth/callback                   Entra's form post; anonymous because the OAuth "code" parameter
                                          collides with the function key's "code"
-Timer: collect_mail on %COLLECT_SCHEDULE% (six-field NCRONTAB).
+Timer: collect_mail on %COLLECT_SCHEDULE% (six-field NCRONTAB) collects the due mailboxes in-process or, when there
+are more than one instance should take, puts one work item per mailbox on %WORK_QUEUE_NAME% for collect_work.
 """
 
 from __future__ import annotations
@@ -184,7 +185,11 @@ def collect_mail(timer: func.TimerRequest) -> None:
         logger.warning("collection run is past due; collecting now")
     services = get_services()
     services.credential_check.run()
-    results = services.collector.run()
+    due = services.collector.due_mailboxes()
+    if services.collector.fan_out_needed(len(due)):
+        services.collector.fan_out(due, services.work_queue())
+        return
+    results = services.collector.run(due)
     failed = [r for r in results if r.outcome not in ("ok", "busy", "deferred")]
     logger.info(
         "collect run mailboxes=%d messages=%d failed=%d",
@@ -192,3 +197,9 @@ def collect_mail(timer: func.TimerRequest) -> None:
         sum(r.messages for r in results),
         len(failed),
     )
+
+
+@app.queue_trigger(arg_name="item", queue_name="%WORK_QUEUE_NAME%", connection="AzureWebJobsStorage")
+def collect_work(item: func.QueueMessage) -> None:
+    """Collect the one mailbox a work item names (fan-out across instances; the lease keeps each mailbox single)."""
+    get_services().collector.collect_work_item(item.get_body().decode("utf-8", errors="replace"))

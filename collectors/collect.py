@@ -12,6 +12,7 @@ IMAP round trips and the storage writes overlap.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 BATCH_MESSAGES = 50  # UIDs per FETCH: a few round trips per hundred messages, modest memory
 BATCH_BYTES = 16 * 1024 * 1024  # and at most this much mail per FETCH (one larger message goes alone)
+# One instance collects up to this many times COLLECT_MAX_CONCURRENCY mailboxes in a run; above that the timer fans
+# out one work item per mailbox and queue-triggered instances collect them in parallel.
+FANOUT_FACTOR = 4
+WORK_ITEM_TTL = 600  # seconds: a work item not taken by then is dropped; the next tick schedules the mailbox again
 STORE_THREADS = 8  # concurrent blob uploads, shared by the mailboxes of a worker
 
 
@@ -107,13 +112,49 @@ class Collector:
 
     # -- the run --------------------------------------------------------------------------------------------
 
-    def run(self, *, budget_seconds: float | None = None) -> list[MailboxResult]:
-        """Collect every active mailbox whose backoff has passed. One mailbox's failure never stops the others."""
-        deadline = self._clock() + (budget_seconds or self._settings.time_budget_seconds)
+    def due_mailboxes(self) -> list[Mailbox]:
+        """Active mailboxes whose throttling backoff, if any, has passed."""
         now = utcnow()
-        mailboxes = [
+        return [
             m for m in self._registry.list() if m.status == ACTIVE and (m.retry_after is None or m.retry_after <= now)
         ]
+
+    def fan_out_needed(self, count: int) -> bool:
+        """More mailboxes than one instance collects well in one run: spread them over instances via the queue."""
+        return count > self._settings.max_concurrency * FANOUT_FACTOR
+
+    def fan_out(self, mailboxes: list[Mailbox], work_queue: QueueClient) -> int:
+        """Put one work item per mailbox on the work queue (each expires before the next tick would add another)."""
+        for mailbox in mailboxes:
+            work_queue.send_message(
+                json.dumps({"mailbox": mailbox.address, "enqueued_at": utcnow().isoformat()}),
+                time_to_live=WORK_ITEM_TTL,
+            )
+        logger.info("collect fan-out mailboxes=%d queue=%s", len(mailboxes), work_queue.queue_name)
+        return len(mailboxes)
+
+    def collect_work_item(self, text: str) -> MailboxResult | None:
+        """Collect the mailbox a work item names. Items for unknown or inactive mailboxes are dropped (None)."""
+        try:
+            address = str(json.loads(text)["mailbox"])
+        except (ValueError, KeyError, TypeError):
+            logger.warning("work item dropped: not a JSON object with a mailbox")
+            return None
+        mailbox = self._registry.find(address)
+        if mailbox is None or mailbox.status != ACTIVE:
+            return None
+        return self.collect_mailbox(mailbox, deadline=self._clock() + self._settings.time_budget_seconds)
+
+    def run(
+        self, mailboxes: list[Mailbox] | None = None, *, budget_seconds: float | None = None
+    ) -> list[MailboxResult]:
+        """Collect ``mailboxes`` (default: every due one) in this process, concurrently within the bound.
+
+        One mailbox's failure never stops the others.
+        """
+        deadline = self._clock() + (budget_seconds or self._settings.time_budget_seconds)
+        if mailboxes is None:
+            mailboxes = self.due_mailboxes()
         workers = max(1, min(self._settings.max_concurrency, len(mailboxes)))
         with ThreadPoolExecutor(workers, thread_name_prefix="mailbox") as pool:
             return list(pool.map(lambda m: self.collect_mailbox(m, deadline=deadline), mailboxes))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from azure.storage.queue import QueueClient
+
 from collectors.collect import Collector, Sinks
 from collectors.consent import ConsentService
 from collectors.credential_check import CredentialExpiryCheck
@@ -27,6 +29,9 @@ class Services:
     consent: ConsentService
     collector: Collector
     credential_check: CredentialExpiryCheck
+
+    def work_queue(self) -> QueueClient:
+        return azure_clients.queue(self.settings, self.settings.work_queue)
 
 
 def build_services(settings: Settings) -> Services:

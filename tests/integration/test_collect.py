@@ -260,3 +260,26 @@ def test_a_30_mb_message_and_a_huge_header_go_through(
     for e in envelopes:
         jsonschema.validate(e, SCHEMA)
     assert envelopes[0]["size"] == len(big)
+
+
+def test_many_mailboxes_fan_out_as_work_items_that_each_collect_one_mailbox(
+    app_env: dict[str, str], consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    from collectors.services import build_services
+    from shared.settings import load_settings
+
+    narrow = build_services(load_settings({**app_env, "COLLECT_MAX_CONCURRENCY": "1"}))
+    addresses = [new_address() for _ in range(5)]
+    for address in addresses:
+        consent(address)
+        deliver(address, simple_message(f"for {address}"))
+    due = narrow.collector.due_mailboxes()
+    assert len(due) == 5 and narrow.collector.fan_out_needed(len(due))
+
+    narrow.collector.fan_out(due, narrow.work_queue())
+
+    items = [m.content for m in narrow.work_queue().receive_messages(max_messages=32)]
+    assert len(items) == 5
+    results = [narrow.collector.collect_work_item(item) for item in [*items, "not json", '{"mailbox": "x@y.test"}']]
+    assert [r.messages for r in results[:5]] == [1] * 5 and results[5:] == [None, None]
+    assert sorted(e["mailbox"] for e in queue_messages()) == sorted(addresses)

@@ -23,6 +23,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         "methods": ["GET", "PATCH", "DELETE"],
         "authLevel": "function",
     },
+    "collect_work": {"type": "queueTrigger", "queueName": "%WORK_QUEUE_NAME%", "connection": "AzureWebJobsStorage"},
     "collect_mail": {
         "type": "timerTrigger",
         "schedule": "%COLLECT_SCHEDULE%",
@@ -49,7 +50,18 @@ def functions() -> dict[str, dict[str, Any]]:
         found[fn.get_function_name()] = {
             k: _plain(v)
             for k, v in trigger.items()
-            if k in ("type", "route", "methods", "authLevel", "schedule", "runOnStartup", "useMonitor")
+            if k
+            in (
+                "type",
+                "route",
+                "methods",
+                "authLevel",
+                "schedule",
+                "runOnStartup",
+                "useMonitor",
+                "queueName",
+                "connection",
+            )
         }
     return found
 
