@@ -7,12 +7,14 @@ stand-in and Dovecot. Everything listens on loopback; state, certificates and lo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -32,6 +34,17 @@ START_TIMEOUT = 40.0  # seconds; Dovecot's first start and Node's module loading
 
 def run_dir() -> Path:
     return Path(os.environ.get("STACK_DIR", REPO / ".stack"))
+
+
+def dovecot_dir(folder: Path) -> Path:
+    """Where Dovecot's files and mail live: in the run folder when its unprivileged mail user can reach it, else
+    under /var/tmp (a clone inside a private home folder, as CI may use)."""
+    if all(p.stat().st_mode & stat.S_IXOTH for p in [folder.resolve(), *folder.resolve().parents] if p.exists()):
+        return folder
+    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
+    fallback = Path("/var/tmp") / f"mail-collector-{digest}"  # noqa: S108 - test mail only, named per clone
+    fallback.mkdir(mode=0o755, exist_ok=True)
+    return fallback
 
 
 def _port(name: str, default: int) -> int:
@@ -114,7 +127,7 @@ def describe() -> dict[str, Any]:
         "imap_port": ports.imaps,
         "storage_connection_string": storage,
         "host_origin": f"http://localhost:{ports.host}",
-        "dovecot_config": str(folder / "dovecot" / "dovecot.conf"),
+        "dovecot_config": str(dovecot_dir(folder) / "dovecot" / "dovecot.conf"),
         **ident,
     }
 
@@ -226,7 +239,7 @@ def _parts(info: dict[str, Any]) -> list[Part]:
 
     def dovecot_command() -> list[str]:
         conf = dovecot.write_config(
-            folder,
+            dovecot_dir(folder),
             port=ports.imaps,
             tls_cert=Path(info["tls_cert"]),
             tls_key=Path(info["tls_key"]),
