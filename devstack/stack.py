@@ -21,7 +21,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +53,15 @@ def _port(name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class Ports:
-    blob: int = _port("BLOB", 10000)
-    queue: int = _port("QUEUE", 10001)
-    table: int = _port("TABLE", 10002)
-    keyvault: int = _port("KEYVAULT", 10444)
-    entra: int = _port("ENTRA", 10443)
-    imaps: int = _port("IMAPS", 10993)
-    host: int = _port("HOST", 7071)
+    """Loopback ports of the parts; each settable with STACK_<NAME>_PORT (read when the object is made)."""
+
+    blob: int = field(default_factory=lambda: _port("BLOB", 10000))
+    queue: int = field(default_factory=lambda: _port("QUEUE", 10001))
+    table: int = field(default_factory=lambda: _port("TABLE", 10002))
+    keyvault: int = field(default_factory=lambda: _port("KEYVAULT", 10444))
+    entra: int = field(default_factory=lambda: _port("ENTRA", 10443))
+    imaps: int = field(default_factory=lambda: _port("IMAPS", 10993))
+    host: int = field(default_factory=lambda: _port("HOST", 7071))
 
 
 class StackError(RuntimeError):

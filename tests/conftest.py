@@ -54,10 +54,15 @@ def stack_info() -> dict[str, Any]:
         pytest.fail(f"local stack: {e}", pytrace=False)
 
 
+def dead_parts(info: dict[str, Any]) -> list[str]:
+    """The parts that do not answer now (each check gives up within a few seconds)."""
+    return [name for name, alive in PARTS.items() if not alive(info)]
+
+
 @pytest.fixture
 def stack(stack_info: dict[str, Any]) -> dict[str, Any]:
     """The stack, checked alive before each test so that a killed part fails fast with its name."""
-    dead = [name for name, alive in PARTS.items() if not alive(stack_info)]
+    dead = dead_parts(stack_info)
     if dead:
         pytest.fail(
             f"local stack part(s) not answering: {', '.join(dead)} -- restart with `python -m devstack start`",
