@@ -155,6 +155,9 @@ def app_settings(info: dict[str, Any]) -> dict[str, str]:
         "IMAP_PORT": str(info["imap_port"]),
         "TLS_CA_BUNDLE": info["ca_bundle"],
         "COLLECT_SCHEDULE": "0 */5 * * * *",
+        # Trigger bindings name these with %...%, so the host needs them even where the code has defaults.
+        "WORK_QUEUE_NAME": "collect-work",
+        "MAIL_QUEUE_NAME": "incoming-mail",
         "LOCAL_FUNCTION_KEY": info["function_key"],
         "LOCAL_MASTER_KEY": info["master_key"],
     }

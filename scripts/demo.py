@@ -36,14 +36,14 @@ SAMPLES = [
 ]
 
 
-def wait_for(url: str, timeout: float = 30) -> None:
+def wait_for(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - loopback http
                 return
         except OSError:
-            if time.monotonic() > deadline:
+            if process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"demo: the local host did not answer at {url}; see .stack/logs/host.log") from None
             time.sleep(0.3)
 
@@ -73,7 +73,7 @@ def main() -> int:
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(f"{origin}/admin/host/ping")
+        wait_for(f"{origin}/admin/host/ping", host)
         queue = QueueClient.from_connection_string(
             settings["AzureWebJobsStorage"], "incoming-mail", message_decode_policy=TextBase64DecodePolicy()
         )

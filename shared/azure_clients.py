@@ -62,16 +62,32 @@ def blob_service(settings: Settings) -> BlobServiceClient:
 
 @functools.cache
 def queue_service(settings: Settings) -> QueueServiceClient:
+    """For account-level operations only (create, delete, list queues); send and receive through ``queue()``."""
     storage = settings.storage
-    policies: dict[str, Any] = {
-        # The Functions queue trigger expects base64 (host.json messageEncoding) and so do consumers.
-        "message_encode_policy": TextBase64EncodePolicy(),
-        "message_decode_policy": TextBase64DecodePolicy(),
-    }
     if storage.connection_string:
-        return QueueServiceClient.from_connection_string(storage.connection_string, **policies, **STORAGE_TIMEOUTS)
+        return QueueServiceClient.from_connection_string(storage.connection_string, **STORAGE_TIMEOUTS)
     assert storage.queue_uri is not None
-    return QueueServiceClient(storage.queue_uri, credential=azure_credential(settings), **policies, **STORAGE_TIMEOUTS)
+    return QueueServiceClient(storage.queue_uri, credential=azure_credential(settings), **STORAGE_TIMEOUTS)
+
+
+# The Functions queue trigger expects base64 (host.json messageEncoding), and so do consumers. The service client
+# does not hand these policies on to its queue clients, so every QueueClient is built here with them.
+_QUEUE_POLICIES: dict[str, Any] = {
+    "message_encode_policy": TextBase64EncodePolicy(),
+    "message_decode_policy": TextBase64DecodePolicy(),
+}
+
+
+def _queue_client(settings: Settings, name: str) -> QueueClient:
+    storage = settings.storage
+    if storage.connection_string:
+        return QueueClient.from_connection_string(
+            storage.connection_string, name, **_QUEUE_POLICIES, **STORAGE_TIMEOUTS
+        )
+    assert storage.queue_uri is not None
+    return QueueClient(
+        storage.queue_uri, name, credential=azure_credential(settings), **_QUEUE_POLICIES, **STORAGE_TIMEOUTS
+    )
 
 
 @functools.cache
@@ -117,7 +133,7 @@ def container(settings: Settings, name: str) -> ContainerClient:
 
 
 def queue(settings: Settings, name: str) -> QueueClient:
-    client = queue_service(settings).get_queue_client(name)
+    client = _queue_client(settings, name)
     _once("queue", name, lambda: _ignore_exists(client.create_queue))
     return client
 

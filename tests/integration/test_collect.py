@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import threading
 import time
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+from azure.storage.queue import QueueClient
 
 from devstack import dovecot
 from shared import azure_clients
@@ -18,7 +21,7 @@ from tests.conftest import ROOT, simple_message
 
 pytestmark = pytest.mark.integration
 
-SCHEMA = __import__("json").loads((ROOT / "schemas" / "envelope.v1.json").read_text())
+SCHEMA = json.loads((ROOT / "schemas" / "envelope.v1.json").read_text())
 
 
 def collect(services: Any, address: str) -> Any:
@@ -43,6 +46,11 @@ def test_mail_reaches_the_queue_once_byte_exact_in_uid_order(
     result = collect(services, address)
 
     assert (result.outcome, result.messages) == ("ok", 6)
+    raw_queue = QueueClient.from_connection_string(
+        services.settings.storage.connection_string, services.settings.mail_queue
+    )
+    on_the_wire = [m.content for m in raw_queue.peek_messages(max_messages=32)]
+    assert [json.loads(base64.b64decode(text))["uid"] for text in on_the_wire] == list(range(1, 7))
     envelopes = queue_messages()
     assert [e["uid"] for e in envelopes] == sorted(e["uid"] for e in envelopes)
     assert [blob_bytes(services, e) for e in envelopes] == sent
