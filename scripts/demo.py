@@ -32,7 +32,7 @@ from devstack.stack import describe  # noqa: E402
 SAMPLES = [
     ("Alice Martin <alice@customer.example>", "Printer on floor 3 is jammed", "The printer says E-204 again."),
     ("Bob Chen <bob@customer.example>", "Réinitialisation du mot de passe", "Je n'arrive plus à me connecter."),
-    ("MAILER-DAEMON <postmaster@customer.example>", "Undeliverable: your reply", "Delivery failed."),
+    ("Mail Delivery System <MAILER-DAEMON@customer.example>", "Undeliverable: your reply", "Delivery failed."),
 ]
 
 
@@ -50,7 +50,8 @@ def wait_for(url: str, process: subprocess.Popen[bytes], timeout: float = 30) ->
 
 def sample(sender: str, subject: str, body: str) -> bytes:
     return (
-        f"From: {sender}\r\nTo: Support <support@demo.example>\r\nSubject: {subject}\r\n"
+        ("Return-Path: <>\r\n" if "MAILER-DAEMON" in sender else "")
+        + f"From: {sender}\r\nTo: Support <support@demo.example>\r\nSubject: {subject}\r\n"
         f"Message-ID: <{uuid.uuid4().hex}@customer.example>\r\nDate: Sun, 29 Nov 2026 09:00:00 +0000\r\n"
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
         f"{body}\r\n"
