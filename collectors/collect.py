@@ -40,6 +40,7 @@ BATCH_BYTES = 16 * 1024 * 1024  # and at most this much mail per FETCH (one larg
 # out one work item per mailbox and queue-triggered instances collect them in parallel.
 FANOUT_FACTOR = 4
 WORK_ITEM_TTL = 600  # seconds: a work item not taken by then is dropped; the next tick schedules the mailbox again
+REFUSED_CLASSES = ("auto_reply", "bounce", "loop")  # what the refuse_to folder receives, as GLPI refuses it
 STORE_THREADS = 8  # concurrent blob uploads, shared by the mailboxes of a worker
 
 
@@ -217,7 +218,7 @@ class Collector:
             sizes = imap.sizes(imap.uids_after(last_uid))
             batches = list(self._plan(sizes, options.max_messages, options.max_bytes))
             result.more = sum(len(b) for b in batches) < len(sizes)
-            pending: tuple[_Batch, Future[None]] | None = None
+            pending: tuple[_Batch, Future[list[int]]] | None = None
             for uids in batches:
                 if self._clock() > deadline:
                     result.more = True
@@ -259,7 +260,7 @@ class Collector:
         if batch:
             yield batch
 
-    def _store(self, mailbox: Mailbox, uidvalidity: int, batch: _Batch) -> Future[None]:
+    def _store(self, mailbox: Mailbox, uidvalidity: int, batch: _Batch) -> Future[list[int]]:
         """Upload the batch's blobs concurrently; send its envelopes one by one in UID order as uploads finish."""
         uploads = [
             (uid, self._store_pool.submit(self._upload, mailbox, uidvalidity, uid, batch.messages[uid]))
@@ -268,8 +269,9 @@ class Collector:
         ]
         return self._enqueue_pool.submit(self._enqueue_in_order, mailbox, uploads)
 
-    def _upload(self, mailbox: Mailbox, uidvalidity: int, uid: int, raw: bytes) -> str:
-        """Write the raw bytes to their blob and return the envelope text for the queue."""
+    def _upload(self, mailbox: Mailbox, uidvalidity: int, uid: int, raw: bytes) -> tuple[str, bool]:
+        """Write the raw bytes to their blob; return the envelope text for the queue and whether the mailbox's
+        refuse rule applies (an auto-reply, a bounce or a mail loop, as GLPI's "refused" folder)."""
         name = blob_name(mailbox.key, uidvalidity, uid)
         blob = self._sinks.container.get_blob_client(name)
         with self._storage_errors(mailbox, uid):
@@ -289,13 +291,19 @@ class Collector:
             blob_name=name,
             collected_at=datetime.now(UTC),
         )
-        return encode_for_queue(envelope)
+        flags = envelope["classification"]
+        return encode_for_queue(envelope), any(flags[name] for name in REFUSED_CLASSES)
 
-    def _enqueue_in_order(self, mailbox: Mailbox, uploads: list[tuple[int, Future[str]]]) -> None:
+    def _enqueue_in_order(self, mailbox: Mailbox, uploads: list[tuple[int, Future[tuple[str, bool]]]]) -> list[int]:
+        """Send the envelopes in UID order; return the UIDs the refuse rule applies to."""
+        refused = []
         for uid, upload in uploads:
-            text = upload.result()  # a failed upload stops here: no envelope without its blob
+            text, refuse = upload.result()  # a failed upload stops here: no envelope without its blob
             with self._storage_errors(mailbox, uid):
                 self._sinks.queue.send_message(text)
+            if refuse:
+                refused.append(uid)
+        return refused
 
     @staticmethod
     @contextlib.contextmanager
@@ -316,16 +324,22 @@ class Collector:
         lease: MailboxLease,
         uidvalidity: int,
         batch: _Batch,
-        writes: Future[None],
+        writes: Future[list[int]],
         result: MailboxResult,
     ) -> int:
         """Wait for the batch's blobs and envelopes, then apply the after-action, then move the checkpoint."""
-        error = writes.exception()
+        error = writes.exception()  # waits for the batch's envelopes
         if error is not None:
             raise error if isinstance(error, CollectorError) else TransientError(f"{type(error).__name__}: {error}")
         lease.check()
         done = [uid for uid in batch.uids if uid in batch.messages]
-        imap.after_action(done, mailbox.options.after_action, mailbox.options.move_to)
+        options = mailbox.options
+        if options.after_action == "move" and options.refuse_to:
+            refused = set(writes.result())
+            imap.after_action([u for u in done if u not in refused], "move", options.move_to)
+            imap.after_action([u for u in done if u in refused], "move", options.refuse_to)
+        else:
+            imap.after_action(done, options.after_action, options.move_to)
         lease.check()
         # Missing UIDs were deleted by someone else between SEARCH and FETCH: nothing to collect, move past them.
         checkpoint = batch.uids[-1]

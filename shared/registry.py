@@ -43,6 +43,7 @@ class MailboxOptions:
     folder: str = DEFAULT_FOLDER
     after_action: str = DEFAULT_AFTER_ACTION
     move_to: str = ""
+    refuse_to: str = ""  # with "move": auto-replies, bounces and loops go here instead (GLPI's refused folder)
     max_messages: int = DEFAULT_MAX_MESSAGES
     max_bytes: int = DEFAULT_MAX_BYTES
 
@@ -53,8 +54,12 @@ class MailboxOptions:
             raise ValueError("after_action 'move' needs move_to (the folder to move collected mail to)")
         if not self.folder or any(c in self.folder for c in '\r\n"\0') or len(self.folder) > 200:
             raise ValueError("folder must be a plain folder name")
-        if self.move_to and (any(c in self.move_to for c in '\r\n"\0') or len(self.move_to) > 200):
-            raise ValueError("move_to must be a plain folder name")
+        for name in ("move_to", "refuse_to"):
+            value = getattr(self, name)
+            if value and (any(c in value for c in '\r\n"\0') or len(value) > 200):
+                raise ValueError(f"{name} must be a plain folder name")
+        if self.refuse_to and self.after_action != "move":
+            raise ValueError("refuse_to works with after_action 'move'")
         if not 1 <= self.max_messages <= 100_000:
             raise ValueError("max_messages must be between 1 and 100000")
         if not 1 <= self.max_bytes <= 10 * 1024**3:

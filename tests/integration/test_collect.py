@@ -291,3 +291,21 @@ def test_many_mailboxes_fan_out_as_work_items_that_each_collect_one_mailbox(
     results = [narrow.collector.collect_work_item(item) for item in [*items, "not json", '{"mailbox": "x@y.test"}']]
     assert [r.messages for r in results[:5]] == [1] * 5 and results[5:] == [None, None]
     assert sorted(e["mailbox"] for e in queue_messages()) == sorted(addresses)
+
+
+def test_auto_replies_and_bounces_go_to_the_refused_folder(
+    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    address = new_address()
+    consent(address, after_action="move", move_to="Accepted", refuse_to="Refused")
+    deliver(address, simple_message("a real question"))
+    deliver(address, b"Auto-Submitted: auto-replied\r\nFrom: a@example.org\r\nSubject: Out of office\r\n\r\naway\r\n")
+    deliver(address, b"Return-Path: <>\r\nFrom: MAILER-DAEMON@example.org\r\nSubject: Undeliverable\r\n\r\nfail\r\n")
+
+    assert collect(services, address).messages == 3
+
+    config = Path(stack["dovecot_config"])
+    assert dovecot.list_uids(config, address) == []
+    assert len(dovecot.list_uids(config, address, "Accepted")) == 1
+    assert len(dovecot.list_uids(config, address, "Refused")) == 2
+    assert len(queue_messages()) == 3  # every message is queued; consumers see the classification

@@ -46,3 +46,9 @@ def test_rows_round_trip_including_large_byte_caps() -> None:
     entity = _to_entity(m)
     entity["opt_max_bytes"] = entity["opt_max_bytes"][0]  # as the table hands it back
     assert _from_entity(entity) == m
+
+
+def test_refuse_to_needs_the_move_action() -> None:
+    with pytest.raises(ValueError, match="refuse_to"):
+        MailboxOptions(after_action="seen", refuse_to="Refused")
+    assert MailboxOptions(after_action="move", move_to="Done", refuse_to="Refused").refuse_to == "Refused"
