@@ -32,7 +32,7 @@ param principalType string = 'User'
 @description('Entra tenant (directory) id of the mailboxes; empty: the tenant of the deployment.')
 param entraTenantId string = ''
 
-@description('Application (client) id of an existing Entra app registration; ignored when createEntraApp is true.')
+@description('Application (client) id of the Entra app registration (docs/deploy.md explains how to register it).')
 param entraClientId string = ''
 
 @description('Entra authority host; change it only for a national cloud.')
@@ -50,9 +50,6 @@ param entraCredentialMode string = 'federated'
 
 @description('Name of the Key Vault secret that holds the client secret (secret mode only); you set its value yourself.')
 param entraClientSecretName string = 'entra-client-secret'
-
-@description('Create the Entra app registration with the Microsoft Graph Bicep extension (needs Application.ReadWrite rights).')
-param createEntraApp bool = false
 
 @description('Comma-separated mail domains that may be registered as mailboxes; empty: any.')
 param allowedMailDomains string = ''
@@ -128,11 +125,10 @@ var tags = {
 }
 var functionAppName = '${abbrs.webSitesFunctions}api-${resourceToken}'
 var deploymentContainerName = 'app-package-${resourceToken}'
-// Known before the app exists, so the app registration and the app settings need not wait for each other.
+// Derived from the app's deterministic name, so that it can be registered before the app exists.
 var redirectUri = empty(entraRedirectUri) ? 'https://${functionAppName}.azurewebsites.net/api/auth/callback' : entraRedirectUri
 var useSecret = entraCredentialMode == 'secret'
 var tenantId = empty(entraTenantId) ? tenant().tenantId : entraTenantId
-var effectiveClientId = createEntraApp ? entraApp.outputs.clientId : entraClientId
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
   name: empty(resourceGroupName) ? '${abbrs.resourcesResourceGroups}${environmentName}' : resourceGroupName
@@ -239,20 +235,6 @@ module monitoring 'app/monitoring.bicep' = {
   }
 }
 
-module entraApp 'app/entra-app.bicep' = if (createEntraApp) {
-  name: 'entra-app'
-  scope: rg
-  params: {
-    uniqueName: 'm365-mail-collector-${resourceToken}'
-    displayName: 'M365 mail collector (${environmentName})'
-    redirectUri: redirectUri
-    trustManagedIdentity: !useSecret
-    managedIdentityPrincipalId: identity.outputs.principalId
-    // The managed identity's tokens come from the deployment's tenant.
-    issuer: '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
-  }
-}
-
 module api 'app/api.bicep' = {
   name: 'api'
   scope: rg
@@ -271,7 +253,7 @@ module api 'app/api.bicep' = {
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
     entraTenantId: tenantId
-    entraClientId: effectiveClientId
+    entraClientId: entraClientId
     entraAuthorityHost: entraAuthorityHost
     entraRedirectUri: redirectUri
     entraClientSecretName: useSecret ? entraClientSecretName : ''
@@ -337,7 +319,7 @@ output AZURE_STORAGE_QUEUE_ENDPOINT string = storage.outputs.serviceEndpoints.qu
 output AZURE_STORAGE_TABLE_ENDPOINT string = storage.outputs.serviceEndpoints.table
 output APPLICATIONINSIGHTS_CONNECTION_STRING string = monitoring.outputs.connectionString
 output ENTRA_TENANT_ID string = tenantId
-output ENTRA_CLIENT_ID string = effectiveClientId
+output ENTRA_CLIENT_ID string = entraClientId
 output ENTRA_AUTHORITY_HOST string = entraAuthorityHost
 output ENTRA_REDIRECT_URI string = redirectUri
 output ENTRA_CREDENTIAL_MODE string = entraCredentialMode

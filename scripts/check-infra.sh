@@ -6,9 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Pinned together. checkov pins pycep-parser 0.5.1, whose grammar predates Bicep's `extension` statement
-# (infra/app/entra-app.bicep); 0.7.1 is the parser the unit tests use and yields the same findings on every other
-# file, so it replaces the pinned one after checkov is installed (pip reports the override, which is expected).
+# Pinned together. checkov pins pycep-parser 0.5.1; 0.7.1 is the parser the unit tests use, so it replaces the
+# pinned one after checkov is installed and both checks read the templates with one grammar (pip reports the
+# override, which is expected).
 CHECKOV_VERSION=3.3.30
 PYCEP_VERSION=0.7.1
 venv=.tools/checkov

@@ -1,7 +1,8 @@
 // Log alerts on the stable key=value fields the collector writes into its log lines (Application Insights traces):
 //   outcome=needs_reconsent          a mailbox whose grant was revoked or expired; someone must sign it in again
 //   consecutive_failures=<n>         how many collector runs in a row have failed for a mailbox
-//   credential_expires_in_days=<n>   days left on the Entra client credential (secret or certificate mode)
+//   credential_expires_in_days=<n>   days left on the Entra client secret (secret mode: the expiry date of its
+//                                    Key Vault secret, read once a day; negative once it has expired)
 // Each alert is split by mailbox where the line names one, so one broken mailbox raises one alert.
 param namePrefix string
 param actionGroupName string
@@ -159,7 +160,7 @@ resource credentialExpiring 'Microsoft.Insights/scheduledQueryRules@2022-06-15' 
   kind: 'LogAlert'
   properties: {
     displayName: 'Entra client credential near expiry'
-    description: 'The client secret or certificate expires within ${credentialExpiryWarningDays} days; an expired one stops every mailbox (AADSTS7000222). Renew it, or move to the federated credential.'
+    description: 'The Entra client secret expires within ${credentialExpiryWarningDays} days; an expired one stops every mailbox (AADSTS7000222). Create a new one and store it in Key Vault with its expiry date, or move to the federated credential.'
     severity: 2
     enabled: true
     scopes: [

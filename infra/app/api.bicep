@@ -93,8 +93,11 @@ var collectorSettings = {
 
 // Secret mode only, and then only as a Key Vault reference that the platform resolves with the app's identity
 // (keyVaultReferenceIdentity below); the value itself never appears in settings, templates or deployment history.
+// The secret's name is passed as well: the app reads the secret's expiry date from Key Vault once a day and logs
+// credential_expires_in_days=, which the expiry alert watches (an expired secret stops every mailbox).
 var secretReference = {
   ENTRA_CLIENT_SECRET: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${entraClientSecretName})'
+  ENTRA_CLIENT_SECRET_NAME: entraClientSecretName
 }
 var secretSettings = empty(entraClientSecretName) ? {} : secretReference
 

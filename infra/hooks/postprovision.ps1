@@ -91,20 +91,21 @@ Write-Host "  az functionapp keys list --name $appName --resource-group $group -
 $clientId = Get-Setting 'ENTRA_CLIENT_ID'
 if (-not $clientId) {
     Write-Host ''
-    Write-Host 'ENTRA_CLIENT_ID is empty: register the Entra app (docs/deploy.md), then'
+    $redirect = Get-Setting 'ENTRA_REDIRECT_URI' '<redirect uri>'
+    Write-Host "ENTRA_CLIENT_ID is empty: register the Entra app (docs/deploy.md, redirect URI $redirect), then"
     Write-Host '  azd env set ENTRA_CLIENT_ID <application (client) id>; azd provision'
-    Write-Host 'or let the deployment create it: azd env set CREATE_ENTRA_APP true; azd provision'
 }
 
 if ((Get-Setting 'ENTRA_CREDENTIAL_MODE' 'federated') -eq 'secret') {
     $vault = Get-Setting 'KEY_VAULT_NAME' '<key vault>'
     $secretName = Get-Setting 'ENTRA_CLIENT_SECRET_NAME' 'entra-client-secret'
     Write-Host ''
-    Write-Host 'Secret mode: put the client secret into Key Vault (read from a file, not typed on the command line), then'
-    Write-Host 'restart the app so that the Key Vault reference resolves:'
-    Write-Host "  az keyvault secret set --vault-name $vault --name $secretName --file <file>"
+    Write-Host 'Secret mode: put the client secret into Key Vault (read from a file, not typed on the command line) with the'
+    Write-Host "secret's own end date as its expiry, which the expiry alert watches; then restart the app so that the Key Vault"
+    Write-Host 'reference resolves:'
+    Write-Host "  az keyvault secret set --vault-name $vault --name $secretName --file <file> --expires <end date, UTC>"
     Write-Host "  az functionapp restart --name $appName --resource-group $group"
-} elseif ((Get-Setting 'CREATE_ENTRA_APP' 'false') -ne 'true' -and $clientId) {
+} elseif ($clientId) {
     $tenant = Get-Setting 'AZURE_TENANT_ID' '<tenant id>'
     $principal = Get-Setting 'AZURE_MANAGED_IDENTITY_PRINCIPAL_ID' '<identity principal id>'
     Write-Host ''

@@ -111,18 +111,18 @@ echo "  az functionapp keys list --name ${app_name} --resource-group ${group} --
 
 if [ -z "${ENTRA_CLIENT_ID:-}" ]; then
   echo
-  echo "ENTRA_CLIENT_ID is empty: register the Entra app (docs/deploy.md), then"
+  echo "ENTRA_CLIENT_ID is empty: register the Entra app (docs/deploy.md, redirect URI ${ENTRA_REDIRECT_URI:-<redirect uri>}), then"
   echo "  azd env set ENTRA_CLIENT_ID <application (client) id> && azd provision"
-  echo "or let the deployment create it: azd env set CREATE_ENTRA_APP true && azd provision"
 fi
 
 if [ "${ENTRA_CREDENTIAL_MODE:-federated}" = "secret" ]; then
   echo
-  echo "Secret mode: put the client secret into Key Vault (read from a file, not typed on the command line), then"
-  echo "restart the app so that the Key Vault reference resolves:"
-  echo "  az keyvault secret set --vault-name ${KEY_VAULT_NAME:-<key vault>} --name ${ENTRA_CLIENT_SECRET_NAME:-entra-client-secret} --file <file>"
+  echo "Secret mode: put the client secret into Key Vault (read from a file, not typed on the command line) with the"
+  echo "secret's own end date as its expiry, which the expiry alert watches; then restart the app so that the Key Vault"
+  echo "reference resolves:"
+  echo "  az keyvault secret set --vault-name ${KEY_VAULT_NAME:-<key vault>} --name ${ENTRA_CLIENT_SECRET_NAME:-entra-client-secret} --file <file> --expires <end date, UTC>"
   echo "  az functionapp restart --name ${app_name} --resource-group ${group}"
-elif [ "${CREATE_ENTRA_APP:-false}" != "true" ] && [ -n "${ENTRA_CLIENT_ID:-}" ]; then
+elif [ -n "${ENTRA_CLIENT_ID:-}" ]; then
   echo
   echo "Federated mode: the app registration must trust the managed identity (once):"
   echo "  az ad app federated-credential create --id ${ENTRA_CLIENT_ID} --parameters '{\"name\": \"function-app-identity\","
