@@ -8,13 +8,14 @@ property from the Bicep text, parse again and see the check fail: no check here 
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import os
 import re
 import stat
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ Trees = dict[str, Tree]
 # app-registration secret the local run reaches Key Vault with).
 NOT_IN_AZURE = {"AzureWebJobsStorage", *LOCAL_ONLY_SETTINGS}
 PLATFORM_SETTINGS = {"APPLICATIONINSIGHTS_CONNECTION_STRING", "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"}
+# Names of Key Vault secrets, not secrets: plain values.
+SECRET_NAME_SETTINGS = {"ENTRA_CLIENT_SECRET_NAME"}
 # Flex Consumption rejects the first four (runtime and package live in functionAppConfig); the rest are key-based
 # or local-only.
 FORBIDDEN_SETTINGS = {
@@ -90,7 +93,7 @@ AZD_OUTPUTS = {
     "AZURE_STORAGE_TABLE_ENDPOINT",
     "APPLICATIONINSIGHTS_CONNECTION_STRING",
 }
-# Types that take no tags, or are not Azure resources (Microsoft Graph objects).
+# Types that take no tags.
 UNTAGGED_TYPES = {
     "Microsoft.Authorization/roleAssignments",
     "Microsoft.Web/sites/config",
@@ -199,12 +202,17 @@ def dotted(value: Any) -> str:
     return str(value) if is_ref(value) else json.dumps(value)
 
 
-def app_settings(trees: Trees) -> dict[str, list[Any]]:
+def app_settings_value(trees: Trees) -> Any:
+    """The expression assigned to the app's settings (the ``properties`` of its sites/config 'appsettings')."""
     api = trees[API]
     configs = [body for _, kind, _, body in resources(api) if kind == "Microsoft.Web/sites/config"]
     settings = [body for body in configs if body.get("name") == "appsettings"]
     assert len(settings) == 1, "api.bicep must declare exactly one sites/config 'appsettings' resource"
-    return object_entries(api, settings[0]["properties"])
+    return settings[0]["properties"]
+
+
+def app_settings(trees: Trees) -> dict[str, list[Any]]:
+    return object_entries(trees[API], app_settings_value(trees))
 
 
 def only_value(entries: dict[str, list[Any]], name: str) -> Any:
@@ -249,12 +257,24 @@ def check_storage_settings_use_the_identity(trees: Trees) -> None:
 
 def check_secrets_only_as_key_vault_references(trees: Trees) -> None:
     entries = app_settings(trees)
-    secret_like = [name for name in entries if re.search(r"SECRET|PASSWORD|ACCOUNT_?KEY", name, re.IGNORECASE)]
+    secret_like = [
+        name
+        for name in entries
+        if re.search(r"SECRET|PASSWORD|ACCOUNT_?KEY", name, re.IGNORECASE) and name not in SECRET_NAME_SETTINGS
+    ]
     assert "ENTRA_CLIENT_SECRET" in secret_like, "secret mode must still be possible"
     for name in secret_like:
         for value in entries[name]:
             assert isinstance(value, str) and not is_ref(value), f"{name} must be a literal Key Vault reference"
             assert value.startswith("@Microsoft.KeyVault("), f"{name} is not a Key Vault reference: {value}"
+    # The expiry check reads the very secret the reference resolves, and only where there is one.
+    reference = only_value(entries, "ENTRA_CLIENT_SECRET")
+    secret_name = only_value(entries, "ENTRA_CLIENT_SECRET_NAME")
+    assert is_ref(secret_name), f"ENTRA_CLIENT_SECRET_NAME must be the secret-name parameter, found {secret_name!r}"
+    assert f"SecretName=${{{secret_name}}})" in reference, f"{reference} does not resolve the secret {secret_name}"
+    for candidate in expand(trees[API], app_settings_value(trees)):
+        if isinstance(candidate, dict) and {"ENTRA_CLIENT_SECRET", "ENTRA_CLIENT_SECRET_NAME"} & set(candidate):
+            assert {"ENTRA_CLIENT_SECRET", "ENTRA_CLIENT_SECRET_NAME"} <= set(candidate), "set both or neither"
     # Default mode: no secret at all, the federated credential of the managed identity.
     main = trees[MAIN]
     assert param_default(main, "entraCredentialMode") == "federated"
@@ -414,7 +434,7 @@ def check_outputs(trees: Trees) -> None:
     hook = (INFRA / "hooks" / "postprovision.sh").read_text(encoding="utf-8")
     read = set(re.findall(r'env\["([A-Z_]+)"\]', hook)) | set(re.findall(r'value\("([A-Z_]+)"', hook))
     read |= set(re.findall(r"\$\{([A-Z_]+)[:}]", hook))
-    azd_inputs = {"AZURE_ENV_NAME", "CREATE_ENTRA_APP"}  # set by azd itself, or by the user with azd env set
+    azd_inputs = {"AZURE_ENV_NAME"}  # set by azd itself
     assert read - azd_inputs <= set(outputs), (
         f"the hook reads what main.bicep does not output: {read - azd_inputs - set(outputs)}"
     )
@@ -433,7 +453,7 @@ def check_tags(trees: Trees) -> None:
             assert module_params(main, symbol).get("tags") == "tags", f"module {symbol} must get the azd tags"
     for name, tree in trees.items():
         for symbol, kind, existing, body in resources(tree):
-            if existing or kind in UNTAGGED_TYPES or kind.startswith("Microsoft.Graph/"):
+            if existing or kind in UNTAGGED_TYPES:
                 continue
             tags = body.get("tags")
             assert tags is not None, f"{name}: {symbol} has no tags"
@@ -499,6 +519,23 @@ def test_every_bicep_file_parses() -> None:
     assert _trees()[MAIN]["globals"]["scope"]["value"] == "subscription"
 
 
+def test_templates_reach_registries_only_through_the_builtin_alias() -> None:
+    # A full registry address would name a registry host in the repository; Bicep extensions can only be referenced
+    # that way, so the templates use none (the Entra app registration is a documented manual step instead).
+    files = [path for path in sorted(INFRA.rglob("*")) if path.suffix in {".bicep", ".json"}]
+    assert not [path.name for path in files if path.name == "bicepconfig.json"], "no registry aliases of our own"
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"\bbr:|^\s*(extension|import)\s", text, re.MULTILINE), f"{path.name} names a registry"
+    modules = [declaration for tree in _trees().values() for declaration in tree.get("modules", {}).values()]
+    remote = [declaration for declaration in modules if declaration["type"] != "local"]
+    assert remote, "the Azure Verified Modules are gone from main.bicep"
+    for declaration in remote:
+        assert declaration["type"] == "bicep_registry_alias", declaration["detail"]
+        assert declaration["detail"]["alias"] == "public", declaration["detail"]
+        assert declaration["detail"]["path"].startswith("avm/res/"), declaration["detail"]
+
+
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_infra_check(name: str) -> None:
     CHECKS[name](_trees())
@@ -529,6 +566,8 @@ MUTATIONS = [
         "    entraClientSecretName: 'x'\n",
     ),
     ("secrets", API, "    keyVaultReferenceIdentity: identityId\n", ""),
+    ("secrets", API, "  ENTRA_CLIENT_SECRET_NAME: entraClientSecretName\n", "  ENTRA_CLIENT_SECRET_NAME: 'entra'\n"),
+    ("secrets", API, "SecretName=${entraClientSecretName})", "SecretName=entra-client-secret)"),
     ("storage account", MAIN, "    allowSharedKeyAccess: false\n", ""),
     ("storage account", MAIN, "    allowBlobPublicAccess: false\n", "    allowBlobPublicAccess: true\n"),
     ("storage account", MAIN, "    minimumTlsVersion: 'TLS1_2'\n", ""),
@@ -628,10 +667,183 @@ def test_alert_fields_are_what_the_collector_logs() -> None:
     assert re.search(r'error_class = "needs_reconsent"', errors), "the outcome the re-consent alert looks for"
 
 
-@pytest.mark.xfail(strict=True, reason="contract: the collector does not log credential_expires_in_days= yet")
-def test_collector_logs_the_credential_expiry_the_alert_reads() -> None:
-    source = "\n".join(path.read_text(encoding="utf-8") for path in (ROOT / "collectors").glob("*.py"))
-    assert "credential_expires_in_days=" in source
+def _render(log_format: str, field: str, value: int) -> str:
+    """A log line as %-formatting would write it, with ``value`` for the conversion that follows ``field``."""
+    head, tail = log_format.split(field, 1)
+    conversion = re.match(r"%[-+ 0#]*\d*([sdir])", tail)
+    assert conversion, f"{field} is not followed by a %-conversion in {log_format!r}"
+    assert conversion.group(1) in "di", f"{field} must be logged as a whole number (%d), found {conversion.group()}"
+    others = {"s": "x", "r": "'x'", "d": "0", "i": "0"}
+
+    def fill(text: str) -> str:
+        return re.sub(r"%[-+ 0#]*\d*([sdir])", lambda m: others[m.group(1)], text.replace("%%", "%"))
+
+    return f"{fill(head)}{field}{value}{fill(tail[conversion.end() :])}"
+
+
+def test_credential_alert_reads_what_the_collector_logs() -> None:
+    field = "credential_expires_in_days="
+    source = "\n".join(path.read_text(encoding="utf-8") for path in sorted((ROOT / "collectors").glob("*.py")))
+    formats = re.findall(rf'"([^"\n]*{field}[^"\n]*)"', source)
+    assert formats, f"no log line in collectors/ writes {field}"
+    queries = [v["value"] for v in _trees()[ALERTS]["variables"].values() if field in str(v["value"])]
+    assert len(queries) == 1, queries
+    query = queries[0]
+    (term,) = re.findall(r'has "([^"]+)"', query)
+    (pattern,) = re.findall(rf'extract\(@"({field}[^"]+)", 1, message\)', query)
+    for log_format in formats:
+        for days in (400, 29, 0, -3):
+            line = _render(log_format, field, days)
+            assert term in line, f"the alert filters on {term!r}, which {line!r} lacks"
+            match = re.search(pattern, line)
+            assert match and int(match.group(1)) == days, f"the alert reads {match and match.group(1)} from {line!r}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One set of setting names: local.settings.sample.json, the app settings in the Bicep, and shared/settings.py
+
+SAMPLE = ROOT / "local.settings.sample.json"
+SETTINGS_SOURCE = ROOT / "shared" / "settings.py"
+READERS = {"_text", "_required", "_integer"}
+# The Functions runtime's own settings: the runtime reads them, the app does not.
+RUNTIME_SETTINGS = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsFeatureFlags"}
+RUNTIME_PREFIX = "APPLICATIONINSIGHTS_"
+# In SETTING_NAMES because the Functions host reads it (identity-based AzureWebJobsStorage); the app code does not.
+READ_BY_THE_HOST_ONLY = {"AzureWebJobsStorage__credential"}
+NO_DEFAULT = object()
+
+
+def app_names(names: Iterable[str]) -> set[str]:
+    return {name for name in names if name not in RUNTIME_SETTINGS and not name.startswith(RUNTIME_PREFIX)}
+
+
+def sample_values() -> dict[str, str]:
+    document = json.loads(SAMPLE.read_text(encoding="utf-8"))
+    assert document.get("IsEncrypted") is False
+    values: dict[str, str] = document["Values"]
+    return values
+
+
+def _strings(node: ast.expr, scope: dict[str, list[str]]) -> list[str]:
+    """Every string an expression can be, given the names that hold known strings; a failure for anything else."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.Name) and node.id in scope:
+        return scope[node.id]
+    if isinstance(node, ast.JoinedStr):
+        combined = [""]
+        for part in node.values:
+            inner = part.value if isinstance(part, ast.FormattedValue) else part
+            combined = [head + tail for head in combined for tail in _strings(inner, scope)]
+        return combined
+    raise AssertionError(f"shared/settings.py line {node.lineno}: cannot tell which setting {ast.unparse(node)} names")
+
+
+def _known_strings(tree: ast.AST, outer: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Names bound to a string literal, or looped over a tuple or list of them, anywhere inside ``tree``."""
+    scope = dict(outer)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                scope[node.targets[0].id] = [node.value.value]
+        elif isinstance(node, ast.For | ast.comprehension) and isinstance(node.target, ast.Name):
+            items = node.iter.elts if isinstance(node.iter, ast.Tuple | ast.List) else []
+            if items and all(isinstance(item, ast.Constant) and isinstance(item.value, str) for item in items):
+                scope[node.target.id] = [item.value for item in items if isinstance(item, ast.Constant)]
+    return scope
+
+
+def settings_read_by_the_code() -> dict[str, object]:
+    """Every setting shared/settings.py reads through its readers, with the default it falls back to."""
+    module = ast.parse(SETTINGS_SOURCE.read_text(encoding="utf-8"))
+    constants = {
+        node.targets[0].id: node.value.value
+        for node in module.body
+        if isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Name)
+        and isinstance(node.value, ast.Constant)
+    }
+    read: dict[str, object] = {}
+    # The readers pass their own ``name`` parameter on to each other; the settings are named by their callers.
+    callers = [node for node in module.body if isinstance(node, ast.FunctionDef) and node.name not in READERS]
+    for function in callers:
+        scope = _known_strings(function, {})
+        for call in ast.walk(function):
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in READERS):
+                continue
+            assert len(call.args) >= 2, f"line {call.lineno}: {call.func.id}(env, NAME, ...) expected"
+            default: object = NO_DEFAULT
+            if call.func.id != "_required" and len(call.args) >= 3:
+                given = call.args[2]
+                if isinstance(given, ast.Name):
+                    assert given.id in constants, f"line {call.lineno}: default {given.id} is not a module constant"
+                    default = constants[given.id]
+                else:
+                    assert isinstance(given, ast.Constant), f"line {call.lineno}: default must be a literal"
+                    default = given.value
+            for name in _strings(call.args[1], scope):
+                if name in read and read[name] is not NO_DEFAULT and default is not NO_DEFAULT:
+                    assert read[name] == default, f"{name} is read with two defaults: {read[name]!r}, {default!r}"
+                if read.get(name, NO_DEFAULT) is NO_DEFAULT:
+                    read[name] = default
+    assert read, "no reader call found in shared/settings.py"
+    return read
+
+
+def bicep_default(trees: Trees, setting: str) -> Any:
+    """The default of the main.bicep parameter whose value the app setting carries."""
+    value = only_value(app_settings(trees), setting)
+    if isinstance(value, dict) and value.get("function", {}).get("type") == "string":
+        (value,) = function_args(value, "string")
+    assert is_ref(value) and value in trees[API]["parameters"], f"{setting} is not an api.bicep parameter: {value!r}"
+    passed = module_params(trees[MAIN], "api")[value]
+    assert is_ref(passed) and passed in trees[MAIN]["parameters"], f"{setting}: main.bicep passes {passed!r}"
+    return param_default(trees[MAIN], passed)
+
+
+def test_sample_bicep_and_code_name_the_same_settings() -> None:
+    code = set(SETTING_NAMES)
+    sample = app_names(sample_values())
+    bicep = app_names(app_settings(_trees()))
+    assert sample == code, f"sample lacks {sorted(code - sample)}; the code does not read {sorted(sample - code)}"
+    assert bicep == code - NOT_IN_AZURE, (
+        f"Bicep lacks {sorted(code - NOT_IN_AZURE - bicep)}; the code does not read {sorted(bicep - code)}"
+    )
+    assert set(LOCAL_ONLY_SETTINGS) <= code
+    deploy = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    undocumented = sorted(name for name in NOT_IN_AZURE if f"`{name}`" not in deploy)
+    assert not undocumented, f"docs/deploy.md must say why these are not set in Azure: {undocumented}"
+
+
+def test_every_setting_the_code_reads_is_declared() -> None:
+    read = set(settings_read_by_the_code())
+    assert {"AzureWebJobsStorage__blobServiceUri", "AzureWebJobsStorage__clientId", "KEY_VAULT_URI"} <= read
+    assert read <= set(SETTING_NAMES), f"read but not in SETTING_NAMES: {sorted(read - set(SETTING_NAMES))}"
+    assert set(SETTING_NAMES) - read == READ_BY_THE_HOST_ONLY, (
+        f"in SETTING_NAMES but read nowhere: {sorted(set(SETTING_NAMES) - read - READ_BY_THE_HOST_ONLY)}"
+    )
+
+
+def test_sample_and_bicep_defaults_are_the_code_defaults() -> None:
+    sample = sample_values()
+    defaults = {name: value for name, value in settings_read_by_the_code().items() if value is not NO_DEFAULT}
+    assert {"IMAP_PORT", "ENTRA_AUTHORITY_HOST", "MAIL_QUEUE_NAME"} <= set(defaults)
+    for name, default in defaults.items():
+        assert sample[name] == str(default), f"sample {name}={sample[name]!r}, the code's default is {default!r}"
+        if name not in NOT_IN_AZURE:
+            assert bicep_default(_trees(), name) == default, f"main.bicep's default for {name} is not {default!r}"
+
+
+def test_sample_holds_placeholders_not_secrets() -> None:
+    values = sample_values()
+    assert all(isinstance(value, str) for value in values.values()), "app settings are strings"
+    for name, value in values.items():
+        if re.search(r"SECRET|PASSWORD|KEY$", name, re.IGNORECASE) and name not in SECRET_NAME_SETTINGS:
+            assert value.startswith("<") and value.endswith(">"), f"{name} must hold a placeholder, not a value"
+        assert not re.search(r"AccountKey=|SharedAccessSignature=|sig=", value), f"{name} holds a key"
+    assert "local.settings.json" in (ROOT / ".gitignore").read_text(encoding="utf-8").split()
+    assert "local.settings.sample.json" not in (ROOT / ".gitignore").read_text(encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -730,7 +942,9 @@ def test_postprovision_writes_local_settings_for_the_cloud_resources(tmp_path: P
     # Locally the developer's identity is used: nothing that would select a managed identity, no secret invented.
     assert not {"AZURE_CLIENT_ID", "AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId"} & set(values)
     assert "ENTRA_CLIENT_SECRET" not in values
+    # The secret and its Key Vault name belong to the deployed app in secret mode; a local run brings its own.
     names_the_app_reads = set(SETTING_NAMES) - NOT_IN_AZURE - {"AZURE_CLIENT_ID", "ENTRA_CLIENT_SECRET"}
+    names_the_app_reads -= SECRET_NAME_SETTINGS
     names_the_app_reads -= {"AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId"}
     assert not set(LOCAL_ONLY_SETTINGS) & set(values), "the developer's own login reaches Key Vault, not a secret"
     assert names_the_app_reads <= set(values), sorted(names_the_app_reads - set(values))
@@ -766,7 +980,8 @@ def test_postprovision_keeps_a_developer_secret_only_for_the_same_vault(tmp_path
 def test_postprovision_secret_mode_points_at_key_vault_and_names_missing_outputs(tmp_path: Path) -> None:
     result = _run_hook(tmp_path, {**AZD_ENV, "ENTRA_CREDENTIAL_MODE": "secret"})
     assert result.returncode == 0, result.stderr
-    assert "az keyvault secret set --vault-name kv-example --name entra-client-secret --file <file>" in result.stdout
+    command = "az keyvault secret set --vault-name kv-example --name entra-client-secret --file <file>"
+    assert f"{command} --expires <end date, UTC>" in result.stdout, "the expiry alert needs the secret's end date"
     assert "federated-credential" not in result.stdout
 
     partial = {key: value for key, value in AZD_ENV.items() if key != "KEY_VAULT_URI"}
