@@ -17,6 +17,9 @@ from typing import Any
 import pytest
 import requests
 
+from tests.support import secret_scan
+from tests.support.app_host import HostStartError, LocalApp, serve_app
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PARTS = {  # what each stack part answers on; a test that needs a dead part fails naming it
@@ -25,6 +28,10 @@ PARTS = {  # what each stack part answers on; a test that needs a dead part fail
     "entra": lambda info: _https(f"{info['entra_origin']}/_control/health", info["ca"]),
     "dovecot": lambda info: _tcp(info["ports"]["imaps"]),
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    secret_scan.configure(config)
 
 
 def _tcp(port: int) -> bool:
@@ -106,6 +113,16 @@ def services(settings: Any) -> Any:
     from collectors.services import build_services
 
     return build_services(settings)
+
+
+@pytest.fixture
+def local_host(app_env: dict[str, str], tmp_path: Path) -> Iterator[LocalApp]:
+    """The real function_app.py served by the local Functions host, with this test's settings, on a free port."""
+    try:
+        with serve_app(app_env, tmp_path / "host") as app:
+            yield app
+    except HostStartError as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 @pytest.fixture

@@ -10,6 +10,9 @@ from urllib.parse import urljoin
 
 import requests
 
+# Every authorization code the stand-in handed to this process: the secret scan looks for each in the logs.
+ISSUED_CODES: list[str] = []
+
 
 class _Forms(HTMLParser):
     def __init__(self) -> None:
@@ -55,6 +58,8 @@ def sign_in(
         action = urljoin(response.url, str(form["action"]))
         fields = dict(form["fields"])  # type: ignore[call-overload]
         if action.split("?")[0] == redirect_uri:
+            if fields.get("code"):
+                ISSUED_CODES.append(fields["code"])
             return fields
         if "login" in fields:
             fields["login"] = login
