@@ -349,7 +349,7 @@ class RouteTemplate:
         if "{" in text[position:] or "}" in text[position:]:
             raise HostError(f"route segment {text!r} has an unbalanced brace")
         return _Segment(
-            pattern=re.compile("".join(regex), re.IGNORECASE),
+            pattern=re.compile("".join(regex), re.IGNORECASE | re.DOTALL),
             names=tuple(names),
             optional=optional,
             constrained=constrained,
