@@ -26,9 +26,13 @@ def normalize_address(text: str, *, allowed_domains: Sequence[str] = ()) -> str:
 
     ``allowed_domains`` (empty: any) limits which domains may be authorized.
     """
-    address = text.strip().lower()
-    if len(address) > MAX_ADDRESS_LENGTH or not _ADDRESS.match(address) or ".." in address:
+    # Only spaces are forgiven: a CR, LF, tab or NUL around an address came from a crafted URL, not a typo.
+    # The pattern is checked before lower-casing, which would turn some non-ASCII letters (the Kelvin sign) into
+    # ASCII ones, and with fullmatch, because "$" also matches before a final newline.
+    stripped = text.strip(" ")
+    if len(stripped) > MAX_ADDRESS_LENGTH or not _ADDRESS.fullmatch(stripped) or ".." in stripped:
         raise InvalidMailboxError("not a valid email address")
+    address = stripped.lower()
     domain = address.rsplit("@", 1)[1]
     if allowed_domains and domain not in allowed_domains:
         raise InvalidMailboxError(f"the domain {domain} is not in ALLOWED_MAIL_DOMAINS")
