@@ -166,7 +166,10 @@ def mailbox(req: func.HttpRequest) -> func.HttpResponse:
         body = req.get_body()
         if len(body) > MAX_JSON_BYTES:
             return _json(413, {"error": "too_large"})
-        changes = json.loads(body or b"{}")
+        try:
+            changes = json.loads(body or b"{}")
+        except RecursionError:  # a few KB of "[[[[" nest deeper than the parser's recursion limit
+            raise ValueError("the body nests too deeply") from None
         if not isinstance(changes, dict):
             raise ValueError("the body must be a JSON object")
         options = MailboxOptions.from_mapping(changes, current.options)

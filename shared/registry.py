@@ -77,7 +77,7 @@ class MailboxOptions:
             if name in ("max_messages", "max_bytes"):
                 try:
                     values[name] = int(value)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):  # JSON's 1e400 is an infinite float
                     raise ValueError(f"{name} must be a whole number") from None
             elif isinstance(value, str):
                 values[name] = value.strip()
