@@ -1,0 +1,580 @@
+"""Abuse of the HTTP side, through the real function_app.py served by the local Functions host.
+
+Every refusal is checked three ways: the status, the page (the app's security headers, nothing reflected that
+should not be), and storage (no registry row, no Key Vault secret, no consent flow, no changed option).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import pytest
+import requests
+
+from collectors.consent import FLOW_PARTITION
+from devstack.stack import app_settings
+from shared import azure_clients
+from shared.mailboxes import mailbox_key
+from shared.registry import utcnow
+from tests.support.app_host import LocalApp, serve_app
+from tests.support.signin import sign_in
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+EVIL = "https://evil.example/steal"
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class NoRedirects(requests.Session):
+    """A redirect is what these tests look at, never something to follow."""
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        kwargs["allow_redirects"] = False
+        return super().send(request, **kwargs)
+
+
+@dataclass
+class Site:
+    app: LocalApp
+    stack: dict[str, Any]
+    services: Any
+    http: requests.Session  # to the app: no redirects followed, no proxies
+    entra: requests.Session  # to the Entra stand-in, trusting the stack's CA
+    owner: str  # a mailbox authorized through the app at the start
+
+    def url(self, path: str, *, key: str | None = None, **query: str) -> str:
+        params = {**query, **({"code": key} if key is not None else {})}
+        text = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in params.items())
+        return f"{self.app.origin}{path}" + (f"?{text}" if text else "")
+
+    def authorize(self, address: str, **query: str) -> requests.Response:
+        return self.http.get(self.url(f"/api/mailboxes/{quote(address)}/authorize", key=self.app.key, **query))
+
+    def sign_in(self, address: str) -> dict[str, str]:
+        """Start a flow through the app and sign in at the stand-in; the fields Entra would post back."""
+        started = self.authorize(address)
+        assert started.status_code == 302, started.text
+        return sign_in(
+            started.headers["Location"],
+            login=address,
+            password=self.stack["user_password"],
+            redirect_uri=self.app.callback,
+            session=self.entra,
+        )
+
+    def callback(self, body: bytes | dict[str, str], content_type: str = "application/x-www-form-urlencoded") -> Any:
+        return self.http.post(self.app.callback, data=body, headers={"Content-Type": content_type})
+
+    def flows_of(self, address: str) -> int:
+        flows = azure_clients.table(self.services.settings, self.services.settings.consent_table)
+        return len(
+            list(
+                flows.query_entities(
+                    "PartitionKey eq @p and address eq @a", parameters={"p": FLOW_PARTITION, "a": address}
+                )
+            )
+        )
+
+    def stored(self, address: str) -> bool:
+        return self.services.registry.find(address) is not None or self.services.tokens._store.load(address) is not None
+
+    def secret_versions(self, address: str) -> int:
+        client = azure_clients.secret_client(self.services.settings)
+        return len(list(client.list_properties_of_secret_versions(mailbox_key(address))))
+
+
+@pytest.fixture(scope="module")
+def site(stack_info: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    from collectors.services import build_services
+    from shared.settings import load_settings
+
+    tag = f"a{uuid.uuid4().hex[:10]}"
+    env = app_settings(stack_info)
+    env.update(
+        MAIL_QUEUE_NAME=f"{tag}-mail",
+        WORK_QUEUE_NAME=f"{tag}-work",
+        MAIL_CONTAINER_NAME=f"{tag}-raw",
+        LEASE_CONTAINER_NAME=f"{tag}-lease",
+        MAILBOX_TABLE_NAME=f"{tag}mailboxes",
+        CONSENT_TABLE_NAME=f"{tag}flows",
+    )
+    services = build_services(load_settings(env))
+    http = NoRedirects()
+    http.trust_env = False
+    entra = requests.Session()
+    entra.trust_env = False
+    entra.verify = stack_info["ca_bundle"]
+    with serve_app(env, tmp_path_factory.mktemp("abuse-host")) as app:
+        site = Site(app, stack_info, services, http, entra, owner="")
+        owner = new_address()
+        answer = site.callback(site.sign_in(owner))
+        assert answer.status_code == 200, answer.text
+        site.owner = owner
+        yield site
+    http.close()
+    entra.close()
+
+
+def new_address() -> str:
+    return f"abuse-{uuid.uuid4().hex[:10]}@example.test"
+
+
+def assert_app_page(response: requests.Response, status: int) -> None:
+    """The app's own answer: the status, its security headers, never a redirect."""
+    assert response.status_code == status, response.text[:500]
+    assert "Location" not in response.headers
+    for name, value in PAGE_HEADERS.items():
+        assert response.headers.get(name) == value, name
+    policy = response.headers.get("Content-Security-Policy", "")
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy and "form-action 'none'" in policy
+
+
+def title_of(response: requests.Response) -> str:
+    return response.text.split("<title>", 1)[1].split("</title>", 1)[0]
+
+
+# --- the redirect ----------------------------------------------------------------------------------------------
+
+
+def test_the_only_redirect_goes_to_the_entra_authorize_endpoint_with_the_apps_own_callback(site: Site) -> None:
+    address = new_address()
+    response = site.authorize(address)
+    assert response.status_code == 302
+    target = urlsplit(response.headers["Location"])
+    authorize = urlsplit(f"{site.stack['entra_origin']}/{site.stack['tenant_id']}/oauth2/v2.0/authorize")
+    assert (target.scheme, target.netloc, target.path) == (authorize.scheme, authorize.netloc, authorize.path)
+    query = parse_qs(target.query)
+    assert query["redirect_uri"] == [site.app.callback]
+    assert query["response_mode"] == ["form_post"] and query["code_challenge_method"] == ["S256"]
+    assert query["client_id"] == [site.stack["client_id"]] and query["login_hint"] == [address]
+    assert response.headers["Cache-Control"] == "no-store"
+    assert site.flows_of(address) == 1
+
+
+OPEN_REDIRECT_PARAMETERS = [
+    "redirect_uri",
+    "redirect",
+    "next",
+    "return_url",
+    "returnUrl",
+    "return_to",
+    "url",
+    "continue",
+    "goto",
+    "state",
+    "post_logout_redirect_uri",
+    "response_mode",
+    "authority",
+]
+
+
+@pytest.mark.parametrize("parameter", OPEN_REDIRECT_PARAMETERS)
+def test_no_parameter_of_the_authorize_route_redirects_anywhere_else(site: Site, parameter: str) -> None:
+    address = new_address()
+    response = site.authorize(address, **{parameter: EVIL})
+    assert_app_page(response, 400)
+    assert title_of(response) == "Invalid mailbox option"
+    assert "evil.example" not in response.text
+    assert site.flows_of(address) == 0 and not site.stored(address)
+
+
+@pytest.mark.parametrize("delegate", [EVIL, "//evil.example", "a@evil.example\r\nLocation: https://evil.example"])
+def test_a_delegate_that_is_not_an_address_is_refused(site: Site, delegate: str) -> None:
+    address = new_address()
+    response = site.authorize(address, delegate=delegate)
+    assert_app_page(response, 400)
+    assert title_of(response) == "Invalid delegate address" and "evil.example" not in response.text
+    assert site.flows_of(address) == 0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-Forwarded-Host": "evil.example"}, {"X-Forwarded-Proto": "javascript"}, {"Forwarded": "host=evil.example"}],
+)
+def test_forwarding_headers_do_not_move_the_callback(site: Site, headers: dict[str, str]) -> None:
+    address = new_address()
+    response = site.http.get(site.url(f"/api/mailboxes/{quote(address)}/authorize", key=site.app.key), headers=headers)
+    assert response.status_code == 302
+    assert parse_qs(urlsplit(response.headers["Location"]).query)["redirect_uri"] == [site.app.callback]
+
+
+def test_a_forged_host_header_cannot_send_a_code_elsewhere(site: Site) -> None:
+    # Without ENTRA_REDIRECT_URI (the local default; Azure always sets it) the callback comes from the request's
+    # host, so a forged Host reaches Entra's authorize request. Entra only posts to registered redirect URIs.
+    address = new_address()
+    response = site.http.get(
+        site.url(f"/api/mailboxes/{quote(address)}/authorize", key=site.app.key), headers={"Host": "evil.example"}
+    )
+    assert response.status_code == 302
+    location = response.headers["Location"]
+    assert location.startswith(f"{site.stack['entra_origin']}/{site.stack['tenant_id']}/oauth2/v2.0/authorize?")
+    at_entra = site.entra.get(location, allow_redirects=True, timeout=30)
+    assert at_entra.status_code == 400 and "invalid_redirect_uri" in at_entra.text
+    assert "<form" not in at_entra.text  # nothing that would post a code anywhere
+
+
+def test_the_callback_never_redirects_whatever_it_is_sent(site: Site) -> None:
+    response = site.callback({"state": "A" * 43, "code": "forged", "redirect_uri": EVIL, "next": EVIL})
+    assert_app_page(response, 400)
+    assert "evil.example" not in response.text
+
+
+# --- state: forged, replayed, expired, crossed ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "title"),
+    [
+        ({"code": "forged"}, "Missing state"),
+        ({"state": "A" * 43, "code": "forged"}, "Unknown or already used sign-in"),
+        ({"state": "x' or PartitionKey ne '", "code": "c"}, "Invalid state"),
+        ({"state": "a" * 129, "code": "c"}, "Invalid state"),
+        ({"state": "abcdefgh\r\nSet-Cookie: a=b", "code": "c"}, "Invalid state"),
+        ({"state": "abcdefgh\x00", "code": "c"}, "Invalid state"),
+        (
+            {"state": "A" * 43, "error": "access_denied", "error_description": "AADSTS65004"},
+            "Unknown or already used sign-in",
+        ),
+    ],
+)
+def test_a_forged_state_is_refused(site: Site, fields: dict[str, str], title: str) -> None:
+    before = len(site.services.registry.list())
+    response = site.callback(fields)
+    assert_app_page(response, 400)
+    assert title_of(response) == title
+    assert len(site.services.registry.list()) == before
+
+
+def test_a_replayed_callback_is_refused_and_stores_nothing_more(site: Site) -> None:
+    address = new_address()
+    fields = site.sign_in(address)
+    first = site.callback(fields)
+    assert_app_page(first, 200)
+    assert site.secret_versions(address) == 1
+    for _ in range(2):
+        again = site.callback(fields)
+        assert_app_page(again, 400)
+        assert title_of(again) == "Unknown or already used sign-in"
+    assert site.secret_versions(address) == 1
+    assert site.services.registry.get(address).status == "active"
+
+
+def test_an_expired_state_is_refused_and_stores_nothing(site: Site) -> None:
+    address = new_address()
+    fields = site.sign_in(address)
+    flows = azure_clients.table(site.services.settings, site.services.settings.consent_table)
+    entity = flows.get_entity(FLOW_PARTITION, fields["state"])
+    entity["expires_at"] = utcnow() - timedelta(seconds=1)
+    flows.update_entity(entity)
+    response = site.callback(fields)
+    assert_app_page(response, 400)
+    assert title_of(response) == "Sign-in expired"
+    assert not site.stored(address) and site.flows_of(address) == 0
+
+
+def test_another_mailboxs_code_with_this_mailboxs_state_is_refused(site: Site) -> None:
+    victim, attacker = new_address(), new_address()
+    victim_start = site.authorize(victim)
+    assert victim_start.status_code == 302
+    victim_state = parse_qs(urlsplit(victim_start.headers["Location"]).query)["state"][0]
+    attacker_fields = site.sign_in(attacker)
+    crossed = {**attacker_fields, "state": victim_state}
+    response = site.callback(crossed)
+    assert_app_page(response, 400)
+    assert title_of(response) == "Sign-in could not be completed"
+    assert attacker_fields["code"] not in response.text
+    assert not site.stored(victim) and site.flows_of(victim) == 0
+    assert not site.stored(attacker)
+
+
+# --- bodies -------------------------------------------------------------------------------------------------------
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "title"),
+    [
+        (b"state=" + b"A" * 40_000, FORM, 413, "Request too large"),
+        (b'{"state": "AAAAAAAAAA", "code": "c"}', "application/json", 415, "Unexpected request"),
+        (b"state=AAAAAAAAAA&code=c", "text/plain", 415, "Unexpected request"),
+        (
+            b"--b\r\nContent-Disposition: form-data; name=state\r\n\r\nAAAAAAAAAA\r\n--b--",
+            "multipart/form-data; boundary=b",
+            415,
+            "Unexpected request",
+        ),
+        (b"state=AAAAAAAAAA&code=c", "", 415, "Unexpected request"),
+        (b"state=\xff\xfe\xfd&code=\xc3\xa9", FORM, 400, "Malformed request"),
+        ("state=AAAAAAAAAA&code=c".encode("utf-16"), FORM + "; charset=utf-16", 400, "Malformed request"),
+        (b"state=AAAAAAAAAA&state=BBBBBBBBBB&code=c", FORM, 400, "Malformed request"),
+        (b"&".join(b"f%d=1" % i for i in range(3000)), FORM, 400, "Malformed request"),
+        (b"state=AAAAAAAAAA&&code=c", FORM, 400, "Malformed request"),
+        (b"state", FORM, 400, "Malformed request"),
+        (b"", FORM, 400, "Missing state"),
+        (b"state=%41%41%41%41%41%41%41%41%ZZ&code=c", FORM, 400, "Invalid state"),
+    ],
+    ids=[
+        "40KB",
+        "json",
+        "text",
+        "multipart",
+        "no-content-type",
+        "not-ascii",
+        "utf-16",
+        "repeated-field",
+        "3000-fields",
+        "empty-field",
+        "no-equals",
+        "empty",
+        "bad-percent-escape",
+    ],
+)
+def test_malformed_callback_bodies_are_refused(
+    site: Site, body: bytes, content_type: str, status: int, title: str
+) -> None:
+    before = len(site.services.registry.list())
+    response = site.http.post(
+        site.app.callback, data=body, headers={"Content-Type": content_type} if content_type else {}
+    )
+    assert_app_page(response, status)
+    assert title_of(response) == title
+    assert len(site.services.registry.list()) == before
+
+
+def test_bodies_past_the_hosts_limit_are_refused_before_the_app(site: Site) -> None:
+    huge = site.callback(b"state=" + b"A" * (2 * 1024 * 1024))
+    assert huge.status_code == 413
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(40):
+            yield b"A" * 64 * 1024
+
+    chunked = site.http.post(site.app.callback, data=chunks(), headers={"Content-Type": FORM})
+    assert chunked.status_code == 413
+
+
+# --- keys ---------------------------------------------------------------------------------------------------------
+
+
+ADMIN_ROUTES = [
+    ("GET", "/api/mailboxes"),
+    ("GET", "/api/mailboxes/{owner}"),
+    ("PATCH", "/api/mailboxes/{owner}"),
+    ("DELETE", "/api/mailboxes/{owner}"),
+    ("GET", "/api/mailboxes/{owner}/authorize"),
+    ("POST", "/admin/functions/collect_mail"),
+    ("GET", "/admin/host/status"),
+]
+
+
+def _wrong_keys(site: Site) -> dict[str, dict[str, Any]]:
+    key = site.app.key
+    return {
+        "none": {},
+        "empty": {"params": {"code": ""}},
+        "one-char-off": {"params": {"code": key[:-1] + ("A" if key[-1] != "A" else "B")}},
+        "prefix": {"params": {"code": key[:8]}},
+        "upper-case": {"params": {"code": key.upper() if key.upper() != key else key.lower()}},
+        "key-plus-suffix": {"params": {"code": key + "x"}},
+        "header-wrong": {"headers": {"x-functions-key": "wrong"}},
+        "oauth-looking": {"params": {"code": "0.AXYZ" + "a" * 40}},
+    }
+
+
+@pytest.mark.parametrize(("method", "route"), ADMIN_ROUTES)
+def test_admin_routes_without_the_right_key_are_401_and_change_nothing(site: Site, method: str, route: str) -> None:
+    path = route.format(owner=quote(site.owner))
+    before = site.services.registry.get(site.owner)
+    for name, how in _wrong_keys(site).items():
+        response = site.http.request(
+            method,
+            f"{site.app.origin}{path}",
+            params=how.get("params"),
+            headers=how.get("headers"),
+            data=json.dumps({"after_action": "delete"}) if method == "PATCH" else None,
+        )
+        assert response.status_code == 401, f"{name}: {response.status_code}"
+        assert site.owner not in response.text
+    after = site.services.registry.get(site.owner)
+    assert (after.status, after.options) == (before.status, before.options)
+    assert site.secret_versions(site.owner) >= 1
+
+
+def test_the_keys_do_open_their_routes(site: Site) -> None:
+    listed = site.http.get(site.url("/api/mailboxes", key=site.app.key))
+    assert_app_page(listed, 200)
+    assert site.owner in {m["address"] for m in listed.json()}
+    by_header = site.http.get(f"{site.app.origin}/api/mailboxes", headers={"x-functions-key": site.app.key})
+    assert by_header.status_code == 200
+    assert site.http.get(site.url("/admin/host/status", key=site.app.key)).status_code == 401  # function key
+    assert site.http.get(site.url("/admin/host/status", key=site.app.master_key)).status_code == 200
+
+
+def test_the_callback_is_anonymous_and_a_key_there_changes_nothing(site: Site) -> None:
+    response = site.http.post(
+        site.url("/api/auth/callback", key=site.app.key), data={"state": "A" * 43}, headers={"Content-Type": FORM}
+    )
+    assert_app_page(response, 400)
+
+
+# --- header injection through the address ---------------------------------------------------------------------
+
+
+INJECTED = [
+    "a%0D%0ASet-Cookie:%20injected=1@example.test",
+    "a%0ASet-Cookie:%20injected=1@example.test",
+    "a%0DX-Injected:%201@example.test",
+    "{owner}%0D%0ASet-Cookie:%20injected=1",
+    "{owner}%0D%0A",
+    "{owner}%0A",
+    "%0D%0A{owner}",
+    "a%00b@example.test",
+    "a%E2%80%A8X-Injected:1@example.test",
+    "a@example.test%0D%0A%0D%0A%3Cscript%3Einjected%3C%2Fscript%3E",
+]
+
+
+def raw_request(site: Site, method: str, path: str, body: bytes = b"") -> bytes:
+    """Send a request over a plain socket and return the response head as it came off the wire."""
+    port = urlsplit(site.app.origin).port
+    request = (
+        f"{method} {path} HTTP/1.1\r\nHost: localhost:{port}\r\nx-functions-key: {site.app.key}\r\n"
+        f"Content-Length: {len(body)}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(request)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize("template", INJECTED)
+@pytest.mark.parametrize(
+    ("method", "suffix", "body"),
+    [("GET", "", b""), ("PATCH", "", b'{"after_action": "delete"}'), ("DELETE", "", b""), ("GET", "/authorize", b"")],
+)
+def test_cr_lf_and_controls_in_the_address_are_400_and_nothing_is_reflected_in_headers(
+    site: Site, template: str, method: str, suffix: str, body: bytes
+) -> None:
+    before = site.services.registry.get(site.owner)
+    path = "/api/mailboxes/" + template.format(owner=quote(site.owner)) + suffix
+    answer = raw_request(site, method, path, body)
+    head, _, page = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.split(b"\r\n")
+    assert status_line.split()[1] == b"400", answer[:300]
+    names = [line.split(b":", 1)[0].lower() for line in header_lines]
+    assert b"set-cookie" not in names and b"x-injected" not in names
+    assert b"injected" not in head.lower() and b"\n" not in head.replace(b"\r\n", b"")
+    assert b"<script>" not in page
+    after = site.services.registry.get(site.owner)
+    assert (after.status, after.options) == (before.status, before.options)
+
+
+# --- PATCH -----------------------------------------------------------------------------------------------------------
+
+
+def patch(site: Site, body: bytes, address: str | None = None) -> requests.Response:
+    return site.http.patch(
+        site.url(f"/api/mailboxes/{quote(address or site.owner)}", key=site.app.key),
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"",
+        b"[]",
+        b'"after_action"',
+        b"null",
+        b'{"unknown": 1}',
+        b'{"after_action": "explode"}',
+        b'{"after_action": "move"}',
+        b'{"max_messages": "many"}',
+        b'{"max_messages": 0}',
+        b'{"max_bytes": 99999999999999999999}',
+        b'{"folder": "INBOX\\r\\nA1 DELETE INBOX"}',
+        b'{"folder": ""}',
+        b'{"folder": ["INBOX"]}',
+        b'{"max_messages": 1e400}',
+        b"\xff\xfe{}",
+        b"[" * 3000 + b"]" * 3000,
+        b'{"folder": "x", "folder": "y", "after_action": {"nested": true}}',
+    ],
+    ids=lambda b: b[:24].decode("latin-1"),
+)
+def test_patch_with_a_bad_body_is_400_and_changes_nothing(site: Site, body: bytes) -> None:
+    before = site.services.registry.get(site.owner)
+    response = patch(site, body)
+    if body == b"":  # an empty body is an empty change
+        assert_app_page(response, 200)
+    else:
+        assert_app_page(response, 400)
+        assert response.json()["error"] == "bad_request"
+    assert site.services.registry.get(site.owner).options == before.options
+
+
+def test_patch_with_an_oversized_body_is_413(site: Site) -> None:
+    response = patch(site, json.dumps({"folder": "x" * 9000}).encode())
+    assert_app_page(response, 413)
+
+
+def test_patch_of_an_unknown_mailbox_is_404_and_creates_nothing(site: Site) -> None:
+    address = new_address()
+    response = patch(site, b'{"after_action": "leave"}', address)
+    assert_app_page(response, 404)
+    assert not site.stored(address)
+
+
+def test_a_valid_patch_changes_the_options(site: Site) -> None:
+    response = patch(site, b'{"after_action": "move", "move_to": "Done", "max_messages": 25}')
+    assert_app_page(response, 200)
+    assert response.json()["options"]["after_action"] == "move"
+    options = site.services.registry.get(site.owner).options
+    assert (options.after_action, options.move_to, options.max_messages) == ("move", "Done", 25)
+    back = patch(site, b'{"after_action": "seen", "move_to": "", "max_messages": 500}')
+    assert back.status_code == 200 and site.services.registry.get(site.owner).options.after_action == "seen"
+
+
+# --- pages --------------------------------------------------------------------------------------------------------
+
+
+def test_every_page_and_json_answer_carries_the_security_headers(site: Site) -> None:
+    answers = [
+        (site.authorize("not an address"), 400),
+        (site.callback({"state": "A" * 43}), 400),
+        (site.http.get(site.url(f"/api/mailboxes/{quote(site.owner)}", key=site.app.key)), 200),
+        (site.http.get(site.url(f"/api/mailboxes/{quote(new_address())}", key=site.app.key)), 404),
+        (site.http.get(site.url("/api/mailboxes", key=site.app.key)), 200),
+    ]
+    for response, status in answers:
+        assert_app_page(response, status)
+    html = answers[1][0]
+    assert html.headers["Content-Type"].startswith("text/html") and "<script" not in html.text
+
+
+def test_the_host_log_holds_no_key_code_or_token(site: Site) -> None:
+    text = Path(site.app.log).read_text()
+    assert site.app.key not in text and site.app.master_key not in text
+    assert site.stack["client_secret"] not in text and site.stack["user_password"] not in text
+    cache = site.services.tokens._store.load(site.owner).serialized
+    for token in json.loads(cache)["RefreshToken"].values():
+        assert token["secret"] not in text
