@@ -231,6 +231,13 @@ class SecretScan:
         root.addHandler(handler)
         root.setLevel(logging.DEBUG)
         self._handler = handler
+        # pytest's own capture handlers keep seeing what they saw before the root logger went to DEBUG: tests read
+        # caplog as without the scan, and reports do not hold megabytes of protocol lines (and mail) per test.
+        logging_plugin = session.config.pluginmanager.get_plugin("logging-plugin")
+        for name in ("caplog_handler", "report_handler"):
+            capture = getattr(logging_plugin, name, None)
+            if isinstance(capture, logging.Handler) and capture.level < self._previous_level:
+                capture.setLevel(self._previous_level)
         self._patch_requests()
         # Local hosts started by the tests log at DEBUG as well (tests/support/app_host.py reads this).
         os.environ["TEST_HOST_LOG_LEVEL"] = "DEBUG"
