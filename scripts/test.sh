@@ -16,4 +16,5 @@ fi
 echo "== local stack"
 .venv/bin/python -m devstack start
 echo "== tests"
-.venv/bin/python -m pytest "$@"
+# The whole run logs at DEBUG and is scanned for tokens, codes and secrets at the end (tests/support/secret_scan.py).
+SECRET_SCAN="${SECRET_SCAN:-1}" .venv/bin/python -m pytest "$@"
