@@ -13,9 +13,7 @@ from shared import azure_clients
 pytestmark = pytest.mark.integration
 
 
-def test_days_left_are_logged_once_a_day_and_warn_when_close(
-    settings: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_days_left_are_logged_once_a_day_and_warn_when_close(settings: Any, caplog: pytest.LogCaptureFixture) -> None:
     client = azure_clients.secret_client(settings)
     name = f"entra-client-secret-{uuid.uuid4().hex[:8]}"
     client.set_secret(name, "not-a-real-secret", expires_on=datetime.now(UTC) + timedelta(days=10, hours=1))
