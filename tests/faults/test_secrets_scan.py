@@ -39,7 +39,7 @@ def test_the_session_scan_is_on_with_the_apps_redaction_filter(request: pytest.F
         pytest.skip("the session scan runs with -m faults or SECRET_SCAN=1")
     assert scan is not None
     root = logging.getLogger()
-    assert root.level == logging.DEBUG
+    assert root.level <= logging.DEBUG
     handlers = [h for h in root.handlers if getattr(h, "baseFilename", None) == str(scan.log_path)]
     assert len(handlers) == 1 and handlers[0].level == logging.DEBUG
     assert any(isinstance(f, RedactingFilter) for f in handlers[0].filters)

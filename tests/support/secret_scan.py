@@ -41,6 +41,8 @@ WINDOW = 24  # characters looked up at once; long enough to be unique inside a t
 STRIDE = 8  # the text is sampled every STRIDE characters; a secret of WINDOW + STRIDE chars cannot slip through
 PREFIX_SHOWN = 6  # characters of a leaked secret printed in the report: enough to find it, not to use it
 CACHE_SECTIONS = ("AccessToken", "RefreshToken", "IdToken")
+# Just below DEBUG: lets every DEBUG record through, and tells the scan's setting apart from a test's own choice.
+SCAN_ROOT_LEVEL = logging.DEBUG - 1
 _MARKEXPR_FAULTS = re.compile(r"(?<!not )\bfaults\b")
 
 
@@ -229,15 +231,15 @@ class SecretScan:
         root = logging.getLogger()
         self._previous_level = root.level
         root.addHandler(handler)
-        root.setLevel(logging.DEBUG)
+        root.setLevel(SCAN_ROOT_LEVEL)
         self._handler = handler
-        # pytest's own capture handlers keep seeing what they saw before the root logger went to DEBUG: tests read
-        # caplog as without the scan, and reports do not hold megabytes of protocol lines (and mail) per test.
+        # pytest's own capture handlers keep seeing what they saw before: tests read caplog as without the scan, and
+        # reports do not hold megabytes of protocol lines (and mail) per test.
         logging_plugin = session.config.pluginmanager.get_plugin("logging-plugin")
         for name in ("caplog_handler", "report_handler"):
             capture = getattr(logging_plugin, name, None)
-            if isinstance(capture, logging.Handler) and capture.level < self._previous_level:
-                capture.setLevel(self._previous_level)
+            if isinstance(capture, logging.Handler):
+                capture.addFilter(_AsWithoutTheScan(self._previous_level))
         self._patch_requests()
         # Local hosts started by the tests log at DEBUG as well (tests/support/app_host.py reads this).
         os.environ["TEST_HOST_LOG_LEVEL"] = "DEBUG"
@@ -297,6 +299,30 @@ def _is_app_route(url: str) -> bool:
     # stand-ins' pages (Entra's form post carries the code to the app) are not the app's output.
     parts = urlsplit(url)
     return parts.hostname in ("localhost", "127.0.0.1") and parts.path.startswith(("/api/", "/admin/"))
+
+
+class _AsWithoutTheScan(logging.Filter):
+    """Drops the records that reach a handler only because the scan lowered the root logger's level.
+
+    A record passed its own logger; if no logger between it and the root has a level of its own, it passed the
+    root's level, which is the scan's unless a test (caplog.set_level) chose another. Then the level the root had
+    before the scan decides, as it would have without the scan.
+    """
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        root = logging.getLogger()
+        if root.level != SCAN_ROOT_LEVEL or record.levelno >= self.level:
+            return True
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None and logger is not root:
+            if logger.level != logging.NOTSET:
+                return True
+            logger = logger.parent if logger.propagate else None
+        return False
 
 
 _SESSION: dict[str, SecretScan] = {}  # the session's scan, when this run scans
