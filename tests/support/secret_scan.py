@@ -32,8 +32,6 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-STACK_DIR = ROOT / ".stack"
 ENV_SWITCH = "SECRET_SCAN"
 KEEP_SWITCH = "SECRET_SCAN_KEEP"  # =1 keeps the captured text of a clean run too, to see what was scanned
 MIN_SECRET_CHARS = 8  # shorter values (a port, "true") would match by chance
@@ -172,9 +170,11 @@ def secrets_of_stack(stack_json: Path) -> dict[str, str]:
 class SecretScan:
     """Collects what the session writes and reads, and scans it at the end. One per session."""
 
-    def __init__(self, work_dir: Path, *, stack_dir: Path = STACK_DIR) -> None:
+    def __init__(self, work_dir: Path, *, stack_dir: Path | None = None) -> None:
+        from devstack.stack import run_dir
+
         self.work_dir = work_dir
-        self.stack_dir = stack_dir
+        self.stack_dir = stack_dir or run_dir()
         self.log_path = work_dir / "session-debug.log"
         self.pages_dir = work_dir / "pages"
         self.pages_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +208,7 @@ class SecretScan:
             source, _, text = page.read_text(encoding="utf-8", errors="replace").partition("\n")
             yield source, text
         for log in sorted((self.stack_dir / "logs").glob("*.log")):
-            yield f".stack/logs/{log.name}", log.read_text(encoding="utf-8", errors="replace")
+            yield f"stand-in log {log.name}", log.read_text(encoding="utf-8", errors="replace")
 
     def secrets(self) -> dict[str, str]:
         from tests.support.signin import ISSUED_CODES
