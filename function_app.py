@@ -33,6 +33,8 @@ logger = logging.getLogger("function_app")
 redaction.install()
 # The Azure SDKs log every HTTP request at INFO; keep Application Insights for the app's own lines.
 logging.getLogger("azure").setLevel(logging.WARNING)
+# At DEBUG imapclient logs every line it reads, whole messages included: mail content stays out of the logs.
+logging.getLogger("imapclient").setLevel(logging.INFO)
 
 MAX_FORM_BYTES = 32 * 1024  # Entra's form post holds a code, a state and a session id: a few KB at most
 MAX_JSON_BYTES = 8 * 1024
