@@ -10,6 +10,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -77,12 +78,14 @@ class TokenService:
         """
         with self._lock:
             warm = self._warm.get(address)
+        pending_saved_at = None
         if warm is not None and warm.unsaved:
-            self._save(address, warm)  # raises TransientError while Key Vault is still failing
+            pending_saved_at = self._save(address, warm)  # raises TransientError while Key Vault is still failing
         if warm is not None:
             token = self._cached_token(warm)
             if token is not None:
-                return token
+                # The registry's token age must count the save of the token renewed in an earlier run.
+                return dataclasses.replace(token, saved_at=pending_saved_at)
         stored = self._store.load(address)
         if stored is None:
             if warm is None or not warm.unsaved:
@@ -91,13 +94,16 @@ class TokenService:
             warm = _Warm(stored.serialized, stored.version, signed_in_as or address)
         assert warm is not None
         try:
-            return self._renew(address, warm)
+            token = self._renew(address, warm)
         except NeedsReconsentError:
             # A re-consent (or another worker) may have stored a newer token meanwhile: only the latest one counts.
             latest = self._store.load(address)
             if latest is None or latest.version == warm.version or warm.unsaved:
                 raise
-            return self._renew(address, _Warm(latest.serialized, latest.version, signed_in_as or address))
+            token = self._renew(address, _Warm(latest.serialized, latest.version, signed_in_as or address))
+        if token.saved_at is None and pending_saved_at is not None:
+            token = dataclasses.replace(token, saved_at=pending_saved_at)
+        return token
 
     def _cached_token(self, warm: _Warm) -> AccessToken | None:
         cache = msal.SerializableTokenCache()
