@@ -25,6 +25,10 @@ from shared.settings import DEFAULT_AUTHORITY_HOST, Settings
 
 # Storage calls should fail fast enough that one slow dependency cannot eat a run's time budget.
 STORAGE_TIMEOUTS: dict[str, Any] = {"connection_timeout": 10, "read_timeout": 60}
+# Blob and queue clients retry with the storage SDK's own policy, whose default waits 15, 18 and 24 s (plus
+# jitter): against an unreachable account one call then takes well over a minute, and a run makes several.
+# Three quick retries (about 1, 3 and 5 s) ride out a blip; an outage is left to the next run.
+STORAGE_RETRY: dict[str, Any] = {"retry_total": 3, "initial_backoff": 1, "increment_base": 2, "random_jitter_range": 1}
 _lock = threading.Lock()
 
 
@@ -55,9 +59,11 @@ def azure_credential(settings: Settings) -> TokenCredential:
 def blob_service(settings: Settings) -> BlobServiceClient:
     storage = settings.storage
     if storage.connection_string:
-        return BlobServiceClient.from_connection_string(storage.connection_string, **STORAGE_TIMEOUTS)
+        return BlobServiceClient.from_connection_string(storage.connection_string, **STORAGE_TIMEOUTS, **STORAGE_RETRY)
     assert storage.blob_uri is not None
-    return BlobServiceClient(storage.blob_uri, credential=azure_credential(settings), **STORAGE_TIMEOUTS)
+    return BlobServiceClient(
+        storage.blob_uri, credential=azure_credential(settings), **STORAGE_TIMEOUTS, **STORAGE_RETRY
+    )
 
 
 @functools.cache
@@ -65,9 +71,11 @@ def queue_service(settings: Settings) -> QueueServiceClient:
     """For account-level operations only (create, delete, list queues); send and receive through ``queue()``."""
     storage = settings.storage
     if storage.connection_string:
-        return QueueServiceClient.from_connection_string(storage.connection_string, **STORAGE_TIMEOUTS)
+        return QueueServiceClient.from_connection_string(storage.connection_string, **STORAGE_TIMEOUTS, **STORAGE_RETRY)
     assert storage.queue_uri is not None
-    return QueueServiceClient(storage.queue_uri, credential=azure_credential(settings), **STORAGE_TIMEOUTS)
+    return QueueServiceClient(
+        storage.queue_uri, credential=azure_credential(settings), **STORAGE_TIMEOUTS, **STORAGE_RETRY
+    )
 
 
 # The Functions queue trigger expects base64 (host.json messageEncoding), and so do consumers. The service client
@@ -82,11 +90,16 @@ def _queue_client(settings: Settings, name: str) -> QueueClient:
     storage = settings.storage
     if storage.connection_string:
         return QueueClient.from_connection_string(
-            storage.connection_string, name, **_QUEUE_POLICIES, **STORAGE_TIMEOUTS
+            storage.connection_string, name, **_QUEUE_POLICIES, **STORAGE_TIMEOUTS, **STORAGE_RETRY
         )
     assert storage.queue_uri is not None
     return QueueClient(
-        storage.queue_uri, name, credential=azure_credential(settings), **_QUEUE_POLICIES, **STORAGE_TIMEOUTS
+        storage.queue_uri,
+        name,
+        credential=azure_credential(settings),
+        **_QUEUE_POLICIES,
+        **STORAGE_TIMEOUTS,
+        **STORAGE_RETRY,
     )
 
 
