@@ -140,28 +140,26 @@ def entra_session(stack: dict[str, Any]) -> Iterator[requests.Session]:
     session.close()
 
 
-@pytest.fixture
-def entra_control(stack: dict[str, Any], entra_session: requests.Session) -> Iterator[Callable[..., Any]]:
-    """POST to the Entra stand-in's control API; injected faults are cleared after the test."""
+def _control_api(session: requests.Session, origin: str) -> Iterator[Callable[..., Any]]:
+    """Call a stand-in's control API (``/_control/...``); injected faults are cleared after the test."""
 
     def call(path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:
-        r = entra_session.request(method, f"{stack['entra_origin']}/_control/{path}", json=body, timeout=10)
+        r = session.request(method, f"{origin}/_control/{path}", json=body, timeout=10)
         r.raise_for_status()
         return r.json() if r.content else None
 
     yield call
     call("faults", method="DELETE")
+
+
+@pytest.fixture
+def entra_control(stack: dict[str, Any], entra_session: requests.Session) -> Iterator[Callable[..., Any]]:
+    yield from _control_api(entra_session, stack["entra_origin"])
 
 
 @pytest.fixture
 def keyvault_control(stack: dict[str, Any], entra_session: requests.Session) -> Iterator[Callable[..., Any]]:
-    def call(path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:
-        r = entra_session.request(method, f"{stack['key_vault_uri']}/_control/{path}", json=body, timeout=10)
-        r.raise_for_status()
-        return r.json() if r.content else None
-
-    yield call
-    call("faults", method="DELETE")
+    yield from _control_api(entra_session, stack["key_vault_uri"])
 
 
 @dataclass
