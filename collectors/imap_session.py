@@ -24,6 +24,7 @@ READ_TIMEOUT = 120.0  # seconds without a byte from the server; a 150 MB message
 _THROTTLED = re.compile(r"Request is throttled\.?\s*Suggested Backoff Time:\s*(\d+)\s*milli", re.IGNORECASE)
 DEFAULT_THROTTLE_BACKOFF = 60.0  # seconds, when the server says "throttled" without a figure
 SEEN = b"\\Seen"
+IMAPLIB_LOGGER = "imapclient.imaplib"  # where imapclient sends imaplib's wire trace (DEBUG)
 
 
 def _throttle(text: str) -> TransientError | None:
@@ -74,6 +75,10 @@ class ImapSession:
             )
         except (OSError, imap_errors.IMAPClientError) as e:
             raise TransientError(f"cannot connect to IMAP {self._host}:{self._port}: {type(e).__name__}: {e}") from e
+        if not logging.getLogger(IMAPLIB_LOGGER).isEnabledFor(logging.DEBUG):
+            # imapclient sets imaplib's debug level to 5, at which imaplib formats a repr() of every answer, message
+            # bodies included, before the logger drops it: a 25 MB message cost 100 MB of text and its CPU time.
+            self._client._imap.debug = 0
         try:
             self._client.oauth2_login(self._address, self._token)
         except imap_errors.LoginError as e:
