@@ -8,11 +8,12 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 
 from imapclient import IMAPClient, SocketTimeout
 from imapclient import exceptions as imap_errors
+from imapclient.response_parser import parse_fetch_response
 
 from shared.errors import MailboxAccessError, TransientError
 
@@ -25,6 +26,9 @@ _THROTTLED = re.compile(r"Request is throttled\.?\s*Suggested Backoff Time:\s*(\
 DEFAULT_THROTTLE_BACKOFF = 60.0  # seconds, when the server says "throttled" without a figure
 SEEN = b"\\Seen"
 IMAPLIB_LOGGER = "imapclient.imaplib"  # where imapclient sends imaplib's wire trace (DEBUG)
+# FETCH commands sent before the answer to the current one is read: the server streams the next batch while this
+# one is handled, which hides one round trip per batch (20-80 ms to Exchange Online).
+FETCH_AHEAD = 1
 
 
 def _throttle(text: str) -> TransientError | None:
@@ -63,6 +67,9 @@ class ImapSession:
         self._context = ssl.create_default_context(cafile=ca_bundle)
         self._client: IMAPClient | None = None
         self._created: set[str] = set()
+        self._requested: dict[bytes, list[int]] = {}  # FETCH tag -> its UIDs, until the caller has the answer
+        self._in_flight: set[bytes] = set()  # FETCH tags whose completion has not been read yet
+        self._bodies: dict[int, bytes] = {}  # bodies read so far for requested UIDs, whatever command they came with
 
     def __enter__(self) -> ImapSession:
         try:
@@ -141,6 +148,11 @@ class ImapSession:
 
     @property
     def client(self) -> IMAPClient:
+        """The connection, for one command: FETCH answers still on the wire are read first."""
+        self._settle()
+        return self._connection()
+
+    def _connection(self) -> IMAPClient:
         if self._client is None:
             raise TransientError("IMAP connection is closed")
         return self._client
@@ -185,11 +197,74 @@ class ImapSession:
 
         UIDs deleted meanwhile by someone else are simply absent from the answer.
         """
+        self._settle()
+        return self._answer(self._send_fetch(uids))
+
+    def fetch_batches(self, batches: Iterable[list[int]]) -> Iterator[tuple[list[int], dict[int, bytes]]]:
+        """``(uids, fetch(uids))`` for each batch in order, with the next FETCH_AHEAD batches already requested.
+
+        The caller may run other commands (after-actions) between batches: every other command first reads the
+        answers still on the wire (imaplib files all untagged FETCH answers together, and ``UID STORE`` would
+        otherwise take them). Leaving the loop early abandons the requested batches.
+        """
+        waiting = list(batches)
+        sent: list[bytes] = []
         try:
-            answer = self.client.fetch(uids, [b"BODY.PEEK[]"])
+            while waiting or sent:
+                while waiting and len(sent) <= FETCH_AHEAD:
+                    sent.append(self._send_fetch(waiting.pop(0)))
+                tag = sent.pop(0)
+                yield self._requested[tag], self._answer(tag)
+        finally:
+            for tag in sent:
+                for uid in self._requested.pop(tag, []):
+                    self._bodies.pop(uid, None)
+
+    def _send_fetch(self, uids: list[int]) -> bytes:
+        # imapclient's own fetch() sends and reads in one call; the pipelined path uses the same imaplib calls
+        # that imapclient makes, split in two.
+        try:
+            tag: bytes = self._connection()._imap._command("UID", "FETCH", ",".join(map(str, uids)), "(BODY.PEEK[])")
         except Exception as e:
             raise self._translate(e) from e
-        return {int(uid): bytes(data[b"BODY[]"]) for uid, data in answer.items() if b"BODY[]" in data}
+        self._requested[tag] = uids
+        self._in_flight.add(tag)
+        return tag
+
+    def _complete(self, tag: bytes) -> None:
+        """Read up to ``tag``'s completion and keep the bodies that arrived meanwhile.
+
+        A server may start the next command before it finishes this one (RFC 3501, 5.5), so the answers read here
+        can hold bodies of a later FETCH too: they wait in ``_bodies`` for their own batch.
+        """
+        self._in_flight.discard(tag)
+        imap = self._connection()._imap
+        try:
+            status, data = imap._command_complete("FETCH", tag)
+            if status != "OK":
+                raise imap_errors.IMAPClientError(f"FETCH failed: {data!r}"[:300])
+            _, data = imap._untagged_response(status, data, "FETCH")
+            answer = parse_fetch_response(data, False, True)
+        except Exception as e:
+            raise self._translate(e) from e
+        # Unsolicited FETCH answers (flag changes by another client) carry no body, or a UID nobody asked for; a
+        # message expunged by another client since SEARCH comes back as "BODY[] NIL".
+        wanted = {uid for uids in self._requested.values() for uid in uids}
+        for uid, item in answer.items():
+            body = item.get(b"BODY[]")
+            if uid in wanted and body is not None:
+                self._bodies[int(uid)] = bytes(body)
+
+    def _answer(self, tag: bytes) -> dict[int, bytes]:
+        if tag in self._in_flight:
+            self._complete(tag)
+        uids = self._requested.pop(tag)
+        return {uid: self._bodies.pop(uid) for uid in uids if uid in self._bodies}
+
+    def _settle(self) -> None:
+        """Read every FETCH completion still on the wire, so that the next command's answer is its own."""
+        for tag in list(self._in_flight):
+            self._complete(tag)
 
     def after_action(self, uids: list[int], action: str, move_to: str = "") -> None:
         """Apply the mailbox's after-action to messages that are already on the queue."""
