@@ -17,6 +17,7 @@ import hashlib
 import html
 import json
 import re
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,6 +50,11 @@ QUEUE_MARGIN = 1024  # bytes kept free below the limit for the service's own wra
 PREVIEW_CHARS = 2000  # characters of plain text: enough to triage, small next to the queue limit
 PREVIEW_SOURCE_CHARS = 64 * 1024  # encoded characters read from the body part: a preview never decodes 30 MB
 FEED_CHUNK = 1024 * 1024  # bytes per parser feed: avoids one more full-size decoded copy of a large message
+# The email parser keeps every body line as its own string, then joins them: about three times a part's size.
+# Above THIN_ABOVE, long runs of plain content lines (an attachment's base64) are cut before parsing, keeping
+# THIN_KEEP bytes of each run (well past what a preview reads) and a marker line with what was cut.
+THIN_ABOVE = 1024 * 1024  # bytes
+THIN_KEEP = 2 * PREVIEW_SOURCE_CHARS  # bytes
 MAX_DEPTH = 64  # MIME nesting levels walked; real mail rarely passes 10
 MAX_PARTS = 1000  # MIME parts walked per message
 MAX_ADDRESSES = 500  # entries parsed per address header; the rest are only counted
@@ -79,6 +85,11 @@ _CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BLANK_RUN = re.compile(r"[ \t\u00a0]+")
 _NEWLINE_RUN = re.compile(r"\n[ \t]*(?:\n[ \t]*)+")
 _BASE64_NOISE = re.compile(r"[^A-Za-z0-9+/=]")
+# Lines the MIME parser can only take as content: not blank, not a boundary ("--"), not folded (leading blank),
+# no colon (never a header), no lone CR (which the parser also reads as a line end). Runs of them are cut.
+# Anchored at line starts, so that a long line is scanned once, not once per character; possessive, because a
+# plain repeat keeps a backtracking entry per line (about two bytes for every byte it spans).
+_CONTENT_RUN = re.compile(rb"(?m)^(?:[^\s:\-][^:\r\n]*+\r?\n)++")
 _TAG = re.compile(r"<[^>]*>")
 
 
@@ -89,6 +100,7 @@ class _Notes:
     header_problems: list[str] = field(default_factory=list)
     mime_problems: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
+    thin_marker: str = ""  # starts each marker line of a cut run (random per message: mail cannot forge one)
 
     def header(self, name: str, text: str) -> None:
         _append_bounded(self.header_problems, f"{name}: {text}")
@@ -449,11 +461,47 @@ def _date(value: str | None, notes: _Notes) -> tuple[str | None, str | None]:
 # --- MIME structure ----------------------------------------------------------------------------------------
 
 
+def _thin(raw: bytes, notes: _Notes) -> bytes:
+    """``raw`` with long runs of content lines cut short; each cut leaves a marker line with the characters and
+    the base64 letters it removed, so that attachment sizes stay exact (see ``_approx_size``).
+
+    Only whole content lines go, never the first THIN_KEEP bytes of a run nor its last line: what the parser
+    sees as headers, boundaries and part structure is the same as in ``raw``.
+    """
+    if len(raw) <= THIN_ABOVE:
+        return raw
+    keep = THIN_KEEP
+    pieces: list[bytes | memoryview] = []
+    view = memoryview(raw)
+    done = 0
+    for run in _CONTENT_RUN.finditer(raw):
+        if run.end() - run.start() <= 2 * keep:
+            continue
+        cut = raw.find(b"\n", run.start() + keep, run.end()) + 1
+        last = raw.rfind(b"\n", cut, run.end() - 1) + 1
+        if cut <= 0 or last <= cut:  # a few very long lines: nothing worth cutting between them
+            continue
+        if not notes.thin_marker:
+            notes.thin_marker = f"\x00cut-{secrets.token_hex(8)}"
+        chars = last - cut
+        letters = chars - sum(raw.count(c, cut, last) for c in (b"\r", b"\n", b" ", b"\t", b"="))
+        pieces += [view[done:cut], f"{notes.thin_marker} {chars} {letters}\x00\n".encode()]
+        done = last
+    if not pieces:
+        return raw
+    pieces.append(view[done:])
+    return b"".join(pieces)
+
+
 def _parse(raw: bytes, notes: _Notes) -> Message:
     parser = BytesFeedParser(policy=email_policy.compat32)
     try:
-        view = memoryview(raw)
-        for start in range(0, len(raw), FEED_CHUNK):
+        thinned = _thin(raw, notes)
+    except Exception:  # thinning only saves memory: never let it cost the message its structure
+        thinned, notes.thin_marker = raw, ""
+    try:
+        view = memoryview(thinned)
+        for start in range(0, len(thinned), FEED_CHUNK):
             parser.feed(bytes(view[start : start + FEED_CHUNK]))
         return parser.close()
     except RecursionError:
@@ -552,15 +600,22 @@ def _stored_payload(part: Message) -> str | None:
     return payload if isinstance(payload, str) else None
 
 
-def _approx_size(part: Message) -> int | None:
+def _approx_size(part: Message, notes: _Notes) -> int | None:
     """Decoded size estimated from the encoded payload, without decoding it."""
     payload = _stored_payload(part)
     if not isinstance(payload, str):
         return None
+    cut_chars = cut_letters = 0
+    if notes.thin_marker and notes.thin_marker in payload:
+        marks = re.compile(re.escape(notes.thin_marker) + r" (\d+) (\d+)\x00\n")
+        for mark in marks.finditer(payload):
+            cut_chars += int(mark.group(1))
+            cut_letters += int(mark.group(2))
+        payload = marks.sub("", payload)
     if _transfer_encoding(part) == "base64":
         spaces = payload.count("\n") + payload.count("\r") + payload.count(" ") + payload.count("\t")
-        return max(len(payload) - spaces - payload.count("="), 0) * 3 // 4
-    return len(payload)
+        return (max(len(payload) - spaces - payload.count("="), 0) + cut_letters) * 3 // 4
+    return len(payload) + cut_chars
 
 
 def _decode_head(part: Message, notes: _Notes) -> str | None:
@@ -673,7 +728,12 @@ def _body(message: Message, notes: _Notes) -> _Body:
                 markup = markup or part
             continue
         body.attachments.append(
-            {"filename": filename, "content_type": content_type, "size": _approx_size(part), "disposition": disposition}
+            {
+                "filename": filename,
+                "content_type": content_type,
+                "size": _approx_size(part, notes),
+                "disposition": disposition,
+            }
         )
     source = plain or markup
     if source is not None:
