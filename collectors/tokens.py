@@ -92,6 +92,12 @@ class TokenService:
                 raise NeedsReconsentError(f"no token is stored for {address} (its Key Vault secret is missing)")
         elif warm is None or stored.version != warm.version:
             warm = _Warm(stored.serialized, stored.version, signed_in_as or address)
+            # A cold worker, or another worker renewed meanwhile: a stored token that is still good is used as is.
+            token = self._cached_token(warm)
+            if token is not None:
+                with self._lock:
+                    self._warm[address] = warm
+                return dataclasses.replace(token, saved_at=pending_saved_at)
         assert warm is not None
         try:
             token = self._renew(address, warm)
@@ -127,7 +133,9 @@ class TokenService:
         if account is None:
             raise NeedsReconsentError(f"the stored token cache of {address} holds no account")
         try:
-            result = app.acquire_token_silent_with_error(self.scopes, account, force_refresh=False)
+            # Only reached when no cached token outlives ACCESS_TOKEN_MARGIN. MSAL's own margin is shorter (5 minutes):
+            # left to itself it would hand back the same expiring token, and the next run would read Key Vault again.
+            result = app.acquire_token_silent_with_error(self.scopes, account, force_refresh=True)
         except UNREACHABLE as e:
             raise TransientError(
                 f"Entra ID unreachable while renewing the token of {address}: {type(e).__name__}"

@@ -1,0 +1,65 @@
+"""A warm worker reads Key Vault once per token lifetime and writes once per renewal, against the real Entra
+stand-in and Key Vault endpoint. Time is simulated for the token service and MSAL only (five-minute runs)."""
+
+from __future__ import annotations
+
+import time
+import types
+from collections import Counter
+from typing import Any
+
+import msal.application
+import msal.token_cache
+import pytest
+
+import collectors.tokens
+
+pytestmark = pytest.mark.integration
+
+RUN_EVERY = 300  # seconds: the default schedule
+
+
+class _Clock(types.SimpleNamespace):
+    offset = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def test_key_vault_is_read_once_per_renewal_and_not_in_between(
+    services: Any, consent: Any, new_address: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address = new_address()
+    consent(address)
+    store = services.tokens._store
+    calls: Counter[str] = Counter()
+    for name in ("load", "save"):
+        original = getattr(store, name)
+
+        def counted(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(store, name, counted)
+    clock = _Clock()
+    for module in (collectors.tokens, msal.application, msal.token_cache):
+        monkeypatch.setattr(module, "time", clock)
+
+    first = services.tokens.access_token(address, signed_in_as=address)
+    lifetime = first.expires_on - time.time()
+    if lifetime < 1800:
+        pytest.skip(f"the Entra stand-in issues {lifetime:.0f}-second tokens now (another test changed it)")
+    tokens = {first.token}
+    for _ in range(2 * 3600 // RUN_EVERY):
+        clock.offset += RUN_EVERY
+        token = services.tokens.access_token(address, signed_in_as=address)
+        assert token.expires_on - clock.time() > collectors.tokens.ACCESS_TOKEN_MARGIN
+        tokens.add(token.token)
+
+    # Two hours of 60-minute tokens: renewed twice (each ten minutes before expiry), one read before each
+    # renewal plus the cold worker's first read; nothing in between.
+    assert len(tokens) == 3
+    assert calls == {"load": 3, "save": 2}
