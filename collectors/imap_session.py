@@ -126,6 +126,17 @@ class ImapSession:
                 remedy="the signed-in account has no access to this mailbox: authorize it as the mailbox itself, "
                 "or give the delegate Full Access to the shared mailbox (Add-MailboxPermission), then re-consent",
             )
+        if self._signed_in_as.lower() != self._address.lower():
+            # A delegate's token is valid (the identity provider issued it), so the likely cause is the delegate's
+            # access to this mailbox, which Exchange reports as "authenticated but not connected".
+            return MailboxAccessError(
+                f"IMAP refused the token of {self._signed_in_as} for the mailbox {self._address} (AUTHENTICATE "
+                "failed): the delegate signed in, but the server does not let that account open this mailbox",
+                remedy=f"give {self._signed_in_as} Full Access to {self._address} (Add-MailboxPermission "
+                "-AccessRights FullAccess) or authorize the mailbox signed in as itself, then re-consent; also check "
+                "that IMAP is enabled for the mailbox (Exchange admin center: mailbox > Email apps) and that the app "
+                "has the delegated permission IMAP.AccessAsUser.All",
+            )
         return MailboxAccessError(
             f"IMAP refused the OAuth login of {self._address} as {self._signed_in_as} (AUTHENTICATE failed)",
             remedy="check that IMAP is enabled for the mailbox (Exchange admin center: mailbox > Email apps), that "
