@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from azure.core.exceptions import AzureError
-from azure.storage.blob import ContainerClient, ContentSettings
+from azure.storage.blob import BlobClient, ContainerClient, ContentSettings
 from azure.storage.queue import QueueClient
 
 from collectors.envelope import build_envelope, encode_for_queue
@@ -263,19 +263,23 @@ class Collector:
             yield batch
 
     def _store(self, mailbox: Mailbox, uidvalidity: int, batch: _Batch) -> Future[list[int]]:
-        """Upload the batch's blobs concurrently; send its envelopes one by one in UID order as uploads finish."""
-        uploads = [
-            (uid, self._store_pool.submit(self._upload, mailbox, uidvalidity, uid, batch.messages[uid]))
-            for uid in batch.uids
-            if uid in batch.messages
-        ]
-        return self._enqueue_pool.submit(self._enqueue_in_order, mailbox, uploads)
+        """Upload the batch's blobs and build their envelopes concurrently; send the envelopes one by one in UID
+        order as they are ready."""
+        writes = []
+        for uid in batch.uids:
+            if uid not in batch.messages:
+                continue
+            raw = batch.messages[uid]
+            blob = self._sinks.container.get_blob_client(blob_name(mailbox.key, uidvalidity, uid))
+            # Two tasks: the envelope (parsing, CPU) is built while the blob uploads (I/O). For a large message
+            # each takes a good part of the time, and a batch of one message has nothing else to overlap with.
+            upload = self._store_pool.submit(self._upload, mailbox, uid, blob, raw)
+            envelope = self._store_pool.submit(self._envelope, mailbox, uidvalidity, uid, blob, raw)
+            writes.append((uid, upload, envelope))
+        return self._enqueue_pool.submit(self._enqueue_in_order, mailbox, writes)
 
-    def _upload(self, mailbox: Mailbox, uidvalidity: int, uid: int, raw: bytes) -> tuple[str, bool]:
-        """Write the raw bytes to their blob; return the envelope text for the queue and whether the mailbox's
-        refuse rule applies (an auto-reply, a bounce or a mail loop, as GLPI's "refused" folder)."""
-        name = blob_name(mailbox.key, uidvalidity, uid)
-        blob = self._sinks.container.get_blob_client(name)
+    def _upload(self, mailbox: Mailbox, uid: int, blob: BlobClient, raw: bytes) -> None:
+        """Write the raw bytes to their blob."""
         with self._storage_errors(mailbox, uid):
             blob.upload_blob(
                 raw,
@@ -283,6 +287,11 @@ class Collector:
                 content_settings=ContentSettings(content_type="message/rfc822"),
                 max_concurrency=4,
             )
+
+    @staticmethod
+    def _envelope(mailbox: Mailbox, uidvalidity: int, uid: int, blob: BlobClient, raw: bytes) -> tuple[str, bool]:
+        """The envelope text for the queue, and whether the mailbox's refuse rule applies (an auto-reply, a bounce
+        or a mail loop, as GLPI's "refused" folder)."""
         envelope = build_envelope(
             raw,
             mailbox=mailbox.address,
@@ -290,17 +299,20 @@ class Collector:
             uidvalidity=uidvalidity,
             uid=uid,
             blob_url=blob.url,
-            blob_name=name,
+            blob_name=blob.blob_name,
             collected_at=datetime.now(UTC),
         )
         flags = envelope["classification"]
         return encode_for_queue(envelope), any(flags[name] for name in REFUSED_CLASSES)
 
-    def _enqueue_in_order(self, mailbox: Mailbox, uploads: list[tuple[int, Future[tuple[str, bool]]]]) -> list[int]:
+    def _enqueue_in_order(
+        self, mailbox: Mailbox, writes: list[tuple[int, Future[None], Future[tuple[str, bool]]]]
+    ) -> list[int]:
         """Send the envelopes in UID order; return the UIDs the refuse rule applies to."""
         refused = []
-        for uid, upload in uploads:
-            text, refuse = upload.result()  # a failed upload stops here: no envelope without its blob
+        for uid, upload, envelope in writes:
+            upload.result()  # a failed upload stops here: no envelope without its blob
+            text, refuse = envelope.result()
             with self._storage_errors(mailbox, uid):
                 self._sinks.queue.send_message(text)
             if refuse:
