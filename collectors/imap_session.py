@@ -4,6 +4,7 @@ the collector needs. Server answers become the app's errors here, each saying wh
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import socket
@@ -29,6 +30,13 @@ IMAPLIB_LOGGER = "imapclient.imaplib"  # where imapclient sends imaplib's wire t
 # FETCH commands sent before the answer to the current one is read: the server streams the next batch while this
 # one is handled, which hides one round trip per batch (20-80 ms to Exchange Online).
 FETCH_AHEAD = 1
+
+
+@functools.cache
+def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """One verifying TLS context per CA bundle, shared by every session: loading the certificates takes about
+    20 ms, once per mailbox and run otherwise. A context is safe to share between threads."""
+    return ssl.create_default_context(cafile=ca_bundle)
 
 
 def _throttle(text: str) -> TransientError | None:
@@ -64,7 +72,7 @@ class ImapSession:
         self._address = address
         self._token = access_token
         self._signed_in_as = signed_in_as or address
-        self._context = ssl.create_default_context(cafile=ca_bundle)
+        self._context = _tls_context(ca_bundle)
         self._client: IMAPClient | None = None
         self._created: set[str] = set()
         self._requested: dict[bytes, list[int]] = {}  # FETCH tag -> its UIDs, until the caller has the answer
