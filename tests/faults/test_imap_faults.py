@@ -59,9 +59,15 @@ def test_a_connection_cut_in_the_middle_of_a_fetch_batch_loses_nothing(
     queue_messages: Any,
 ) -> None:  # fmt: skip
     address = new_address()
-    sent = mailbox_with_mail(consent, deliver, address, 120)
+    consent(address)
+    sent = [simple_message(f"{address} #{i:03d}", "x" * 1000) for i in range(120)]  # all of one size
+    for raw in sent:
+        deliver(address, raw)
     version = stored_version(services, address)
-    cut = proxy.add("drop", BODY_FETCH, skip=1, after_bytes=20_000)  # 20 KB into the second batch's answer
+    # FETCH answers follow each other on the wire (the next batch is requested early): counting from the first
+    # one, a batch and a half of bytes ends in the middle of the second batch's answer.
+    batch_answer = 50 * (len(sent[0]) + len(b"* 50 FETCH (UID 50 BODY[] {1234}\r\n)\r\n"))
+    cut = proxy.add("drop", BODY_FETCH, after_bytes=batch_answer * 3 // 2)
 
     failed = collect(services, address)
 
