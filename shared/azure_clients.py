@@ -13,8 +13,10 @@ import threading
 from typing import Any
 from urllib.parse import urlparse
 
+import requests
 from azure.core.credentials import TokenCredential
 from azure.core.exceptions import ResourceExistsError
+from azure.core.pipeline.transport import RequestsTransport
 from azure.data.tables import TableClient, TableServiceClient
 from azure.identity import ClientSecretCredential, DefaultAzureCredential, ManagedIdentityCredential
 from azure.keyvault.secrets import SecretClient
@@ -27,9 +29,24 @@ from shared.settings import DEFAULT_AUTHORITY_HOST, Settings
 STORAGE_TIMEOUTS: dict[str, Any] = {"connection_timeout": 10, "read_timeout": 60}
 # Blob and queue clients retry with the storage SDK's own policy, whose default waits 15, 18 and 24 s (plus
 # jitter): against an unreachable account one call then takes well over a minute, and a run makes several.
-# Three quick retries (about 1, 3 and 5 s) ride out a blip; an outage is left to the next run.
-STORAGE_RETRY: dict[str, Any] = {"retry_total": 3, "initial_backoff": 1, "increment_base": 2, "random_jitter_range": 1}
+# Two quick retries (after about 3 and 5 s: initial_backoff + increment_base ** n) ride out a blip; an outage is
+# left to the next run.
+STORAGE_RETRY: dict[str, Any] = {"retry_total": 2, "initial_backoff": 1, "increment_base": 2, "random_jitter_range": 1}
+# Connections kept per host. The blob client is shared by the store threads, the mailbox threads and their lease
+# renewals: with urllib3's default of 10, every connection beyond that was dropped after use (with a WARNING).
+BLOB_POOL_CONNECTIONS = 32
 _lock = threading.Lock()
+
+
+class _PooledTransport(RequestsTransport):  # type: ignore[misc]  # the SDK exports it lazily: Any to mypy
+    """The SDK's own requests transport, with a connection pool sized for the worker's threads."""
+
+    def _init_session(self, session: requests.Session) -> None:
+        super()._init_session(session)
+        for prefix in ("http://", "https://"):
+            adapter = session.get_adapter(prefix)
+            if isinstance(adapter, requests.adapters.HTTPAdapter):
+                adapter.init_poolmanager(BLOB_POOL_CONNECTIONS, BLOB_POOL_CONNECTIONS)
 
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
@@ -58,12 +75,11 @@ def azure_credential(settings: Settings) -> TokenCredential:
 @functools.cache
 def blob_service(settings: Settings) -> BlobServiceClient:
     storage = settings.storage
+    options: dict[str, Any] = {**STORAGE_TIMEOUTS, **STORAGE_RETRY, "transport": _PooledTransport()}
     if storage.connection_string:
-        return BlobServiceClient.from_connection_string(storage.connection_string, **STORAGE_TIMEOUTS, **STORAGE_RETRY)
+        return BlobServiceClient.from_connection_string(storage.connection_string, **options)
     assert storage.blob_uri is not None
-    return BlobServiceClient(
-        storage.blob_uri, credential=azure_credential(settings), **STORAGE_TIMEOUTS, **STORAGE_RETRY
-    )
+    return BlobServiceClient(storage.blob_uri, credential=azure_credential(settings), **options)
 
 
 @functools.cache
