@@ -310,13 +310,21 @@ class Collector:
     ) -> list[int]:
         """Send the envelopes in UID order; return the UIDs the refuse rule applies to."""
         refused = []
-        for uid, upload, envelope in writes:
-            upload.result()  # a failed upload stops here: no envelope without its blob
-            text, refuse = envelope.result()
-            with self._storage_errors(mailbox, uid):
-                self._sinks.queue.send_message(text)
-            if refuse:
-                refused.append(uid)
+        try:
+            for uid, upload, envelope in writes:
+                upload.result()  # a failed upload stops here: no envelope without its blob
+                text, refuse = envelope.result()
+                with self._storage_errors(mailbox, uid):
+                    self._sinks.queue.send_message(text)
+                if refuse:
+                    refused.append(uid)
+        except BaseException:
+            # The run stops at this batch. Its uploads still waiting for a thread would only retry against failing
+            # storage, holding the shared pool (and the next run, and the other mailboxes) for a minute or more.
+            for _, upload, envelope in writes:
+                upload.cancel()
+                envelope.cancel()
+            raise
         return refused
 
     @staticmethod
