@@ -12,7 +12,7 @@ import threading
 import time
 from types import TracebackType
 
-from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError
+from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobLeaseClient, ContainerClient
 
 from shared.errors import TransientError
@@ -42,13 +42,18 @@ class MailboxLease:
     def __enter__(self) -> MailboxLease:
         try:
             try:
-                self._blob.upload_blob(b"", overwrite=False)
-            except ResourceExistsError:
-                pass
-            except HttpResponseError as e:
-                if e.status_code != 412:  # 412: the blob exists and is leased: someone is collecting
-                    raise
-            self._lease = self._blob.acquire_lease(lease_duration=LEASE_SECONDS)
+                self._lease = self._blob.acquire_lease(lease_duration=LEASE_SECONDS)
+            except ResourceNotFoundError:
+                # The mailbox's first run: create its lease blob, then take the lease. Later runs find the blob,
+                # so each run costs one storage call here, not two.
+                try:
+                    self._blob.upload_blob(b"", overwrite=False)
+                except ResourceExistsError:
+                    pass
+                except HttpResponseError as e:
+                    if e.status_code != 412:  # 412: the blob exists and is leased: someone is collecting
+                        raise
+                self._lease = self._blob.acquire_lease(lease_duration=LEASE_SECONDS)
             self._renewed_at = time.monotonic()
         except HttpResponseError as e:
             if e.status_code in (409, 412):
