@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    if not args.verbose:
+        # As in function_app.py: at INFO the Azure SDK logs every request and response with its headers (2.5 MB
+        # for a run of a thousand messages), burying the one line per mailbox that an operator reads.
+        logging.getLogger("azure").setLevel(logging.WARNING)
     redaction.install()
     if args.settings:
         _load_settings_file(args.settings)
