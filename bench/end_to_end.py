@@ -19,7 +19,7 @@ GOAL = 1.0
 SETS = (("2,000 x 20 KB", 2000, 20 * KB), ("20 x 2 MB", 20, 2 * MB), ("1 x 25 MB", 1, 25 * MB))
 
 
-def floor(ws: Workspace, address: str) -> int:
+def floor(ws: Workspace, mailbox: Any) -> int:
     """Fetch every message, write its blob, then its envelope, strictly one thing at a time. Returns bytes."""
     from azure.storage.blob import ContentSettings
 
@@ -29,7 +29,7 @@ def floor(ws: Workspace, address: str) -> int:
     from shared import azure_clients
 
     settings = ws.settings
-    mailbox = ws.services.registry.get(address)
+    address = mailbox.address
     container = azure_clients.container(settings, settings.mail_container)
     queue = azure_clients.queue(settings, settings.mail_queue)
     token = ws.services.tokens.access_token(address, signed_in_as=mailbox.signed_in_as).token
@@ -61,10 +61,10 @@ def floor(ws: Workspace, address: str) -> int:
     return total
 
 
-def collect(ws: Workspace, address: str) -> int:
-    result = ws.services.collector.collect_mailbox(ws.services.registry.get(address), deadline=time.monotonic() + 3600)
+def collect(ws: Workspace, mailbox: Any) -> int:
+    result = ws.services.collector.collect_mailbox(mailbox, deadline=time.monotonic() + 3600)
     if result.outcome != "ok":
-        raise RuntimeError(f"collection of {address} failed: {result.outcome} {result.error}")
+        raise RuntimeError(f"collection of {mailbox.address} failed: {result.outcome} {result.error}")
     return result.bytes
 
 
@@ -81,18 +81,23 @@ def run(info: dict[str, Any], *, scale: float = 1.0, repeat: int = 3) -> list[Ro
         for address, (_, count, size) in zip(addresses, sets, strict=True):
             ws.deliver(address, (make_message(size, serial=i, rng=rng) for i in range(count)))
         for address, (label, count, size) in zip(addresses, sets, strict=True):
-            collect(ws, address)  # warm-up: token, connections, Dovecot's index and the page cache
+            collect(ws, ws.services.registry.get(address))  # warm-up: token, connections, Dovecot, page cache
             floors, runs = [], []
-            for _ in range(repeat):
+            rounds = repeat if count > 100 else 3 * repeat  # the sets of few messages take a second: more rounds
+            for _ in range(rounds):
+                # The mailbox's row is read before the clock starts, as a run lists all rows once; the collector
+                # still reads it again under the lease, as it always does.
                 ws.reset_checkpoint(address)
                 ws.clear_queue()
+                mailbox = ws.services.registry.get(address)
                 timer = Timer()
-                expected = floor(ws, address)
+                expected = floor(ws, mailbox)
                 floors.append(timer.elapsed())
                 ws.reset_checkpoint(address)
                 ws.clear_queue()
+                mailbox = ws.services.registry.get(address)
                 timer = Timer()
-                got = collect(ws, address)
+                got = collect(ws, mailbox)
                 runs.append(timer.elapsed())
                 if got != expected:
                     raise RuntimeError(f"collector stored {got} bytes, the floor {expected}")
@@ -107,7 +112,7 @@ def run(info: dict[str, Any], *, scale: float = 1.0, repeat: int = 3) -> list[Ro
                     ratio,
                     f">= {GOAL}x",
                     ratio >= GOAL,
-                    f"median of {repeat} alternating runs; ratio = floor time / collector time",
+                    f"median of {rounds} alternating runs; ratio = floor time / collector time",
                 )
             )
         return rows

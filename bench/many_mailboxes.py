@@ -2,8 +2,9 @@
 messages in one mailbox, each collected by one ``Collector.run`` (the timer's work) on a warm worker.
 
 Both workers are warmed by an empty run first (tokens read once, connections open), as a worker is between two
-timer ticks. The consents of the 500 mailboxes go through the real flow (start, the Entra stand-in's sign-in
-pages, callback), eight at a time; their duration is reported too.
+timer ticks. The single mailbox is collected before and after the 500, and the baseline is the mean of the two.
+The consents of the 500 mailboxes go through the real flow (start, the Entra stand-in's sign-in pages, callback),
+eight at a time; their duration is reported too.
 """
 
 from __future__ import annotations
@@ -50,15 +51,21 @@ def run(info: dict[str, Any], *, mailboxes: int = 500, per_mailbox: int = 10, si
         sync_mailboxes(info, addresses)
         one.deliver(single, (make_message(size, serial=next(serial), rng=rng) for _ in range(total)))
 
-        one_seconds = _collect_all(one, total)
+        # The single mailbox is collected before and after the 500 (its checkpoint reset in between), so that a
+        # change of load on the shared machine during the long run weighs on both sides.
+        before = _collect_all(one, total)
         many_seconds = _collect_all(many, total)
+        one.reset_checkpoint(single)
+        one.clear_queue()
+        after = _collect_all(one, total)
+        one_seconds = (before + after) / 2
         ratio = many_seconds / one_seconds
         say(f"many mailboxes: {mailboxes} x {per_mailbox} in {many_seconds:.1f} s, 1 x {total} in {one_seconds:.1f} s")
         return [
             Row(
                 f"6 many mailboxes, {mailboxes} x {per_mailbox}",
                 f"{many_seconds:.1f} s ({total / many_seconds:.0f} msg/s)",
-                f"1 x {total} in {one_seconds:.1f} s",
+                f"1 x {total} in {one_seconds:.1f} s (mean of {before:.1f} and {after:.1f})",
                 ratio,
                 f"<= {GOAL:.0f}x",
                 ratio <= GOAL,
