@@ -181,6 +181,16 @@ class Collector:
             self._record_failure(mailbox, e)
         except KeyError:
             result.outcome = "deferred"  # revoked while the run was starting
+        except Exception as e:
+            # A defect must cost this mailbox one run, not stop the others: record it and go on.
+            logger.exception("collect failed unexpectedly mailbox=%s error=%s", mailbox.address, type(e).__name__)
+            unexpected = CollectorError(
+                f"unexpected {type(e).__name__} while collecting {mailbox.address}",
+                remedy="nothing is lost (the checkpoint did not move); if it repeats, report it with the log",
+            )
+            result.outcome = unexpected.error_class
+            result.error = unexpected.describe()
+            self._record_failure(mailbox, unexpected)
         result.duration = self._clock() - started
         if result.outcome == "ok":
             failures = 0
@@ -352,7 +362,7 @@ class Collector:
         """Wait for the batch's blobs and envelopes, then apply the after-action, then move the checkpoint."""
         error = writes.exception()  # waits for the batch's envelopes
         if error is not None:
-            raise error if isinstance(error, CollectorError) else TransientError(f"{type(error).__name__}: {error}")
+            raise error  # storage trouble arrives as TransientError; anything else is a defect, reported as such
         lease.check()
         done = [uid for uid in batch.uids if uid in batch.messages]
         options = mailbox.options

@@ -80,7 +80,13 @@ class TokenService:
             warm = self._warm.get(address)
         pending_saved_at = None
         if warm is not None and warm.unsaved:
-            pending_saved_at = self._save(address, warm)  # raises TransientError while Key Vault is still failing
+            try:
+                pending_saved_at = self._save(address, warm)
+            except TransientError as e:
+                # Still kept in memory and tried again next time; collecting meanwhile loses nothing more.
+                logger.warning(
+                    "rotated token still not saved mailbox=%s outcome=token_save_pending error=%s", address, e
+                )
         if warm is not None:
             token = self._cached_token(warm)
             if token is not None:

@@ -309,3 +309,31 @@ def test_auto_replies_and_bounces_go_to_the_refused_folder(
     assert len(dovecot.list_uids(config, address, "Accepted")) == 1
     assert len(dovecot.list_uids(config, address, "Refused")) == 2
     assert len(queue_messages()) == 3  # every message is queued; consumers see the classification
+
+
+def test_an_unexpected_error_in_one_mailbox_does_not_stop_the_others(
+    services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import collectors.collect
+
+    good, broken = new_address(), new_address()
+    for address in (good, broken):
+        consent(address)
+        deliver(address, simple_message(f"for {address}"))
+    real = collectors.collect.build_envelope
+
+    def defect(raw: bytes, **kwargs: Any) -> dict[str, Any]:
+        if kwargs["mailbox"] == broken:
+            raise RuntimeError("a defect")
+        return real(raw, **kwargs)
+
+    monkeypatch.setattr(collectors.collect, "build_envelope", defect)
+
+    results = {r.address: r for r in services.collector.run()}
+
+    assert results[good].messages == 1
+    assert results[broken].outcome == "error" and "RuntimeError" in results[broken].error
+    row = services.registry.get(broken)
+    assert (row.last_error_class, row.last_uid, row.status) == ("error", 0, "active")
+    monkeypatch.undo()
+    assert collect(services, broken).messages == 1  # nothing was lost
