@@ -214,7 +214,7 @@ class Workspace:
     # mail -----------------------------------------------------------------------------------------------------
 
     def deliver(self, address: str, messages: Iterable[bytes]) -> int:
-        """Deliver into the mailbox's INBOX the way a Maildir delivery agent does, then let Dovecot index it."""
+        """Deliver into the mailbox's INBOX the way Maildir delivery works, then let Dovecot index it."""
         count = deliver_maildir(self.info, address, messages)
         sync_mailboxes(self.info, [address])
         return count
@@ -288,7 +288,7 @@ _serial_lock = threading.Lock()
 
 
 def deliver_maildir(info: dict[str, Any], address: str, messages: Iterable[bytes]) -> int:
-    """Write each message into ``<home>/Maildir/tmp`` and rename it into ``new``, as a delivery agent does.
+    """Write each message into ``<home>/Maildir/tmp`` and rename it into ``new``, as Maildir delivery works.
 
     About a hundred times faster than ``doveadm save`` per message (no process per message). The file names
     carry the size (``S=``, and ``W=``: the files already have CRLF line ends), so Dovecot need not read a
