@@ -155,20 +155,15 @@ class Workspace:
 
     def __init__(self, info: dict[str, Any], name: str, **overrides: str) -> None:
         from collectors.services import build_services
-        from devstack.stack import app_settings
+        from devstack.stack import isolated_settings
         from shared.settings import load_settings
 
         self.info = info
         self.tag = f"b{uuid.uuid4().hex[:8]}"
         self.name = name
-        env = app_settings(info)
-        env.update(
-            MAIL_QUEUE_NAME=f"{self.tag}-mail",
-            WORK_QUEUE_NAME=f"{self.tag}-work",
-            MAIL_CONTAINER_NAME=f"{self.tag}-raw",
-            LEASE_CONTAINER_NAME=f"{self.tag}-lease",
-            MAILBOX_TABLE_NAME=f"{self.tag}mailboxes",
-            CONSENT_TABLE_NAME=f"{self.tag}flows",
+        env = isolated_settings(
+            info,
+            self.tag,
             COLLECT_TIME_BUDGET_SECONDS="3600",  # a benchmark run must not stop at the default budget
         )
         env.update(overrides)

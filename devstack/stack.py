@@ -163,6 +163,21 @@ def app_settings(info: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def isolated_settings(info: dict[str, Any], tag: str, **overrides: str) -> dict[str, str]:
+    """App settings whose queues, containers and tables carry ``tag``: a test or benchmark sees only its own data."""
+    values = app_settings(info)
+    values.update(
+        MAIL_QUEUE_NAME=f"{tag}-mail",
+        WORK_QUEUE_NAME=f"{tag}-work",
+        MAIL_CONTAINER_NAME=f"{tag}-raw",
+        LEASE_CONTAINER_NAME=f"{tag}-lease",
+        MAILBOX_TABLE_NAME=f"{tag}mailboxes",
+        CONSENT_TABLE_NAME=f"{tag}flows",
+    )
+    values.update(overrides)
+    return values
+
+
 def write_local_settings(info: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps({"IsEncrypted": False, "Values": app_settings(info)}, indent=2) + "\n")
     path.chmod(0o600)

@@ -85,19 +85,9 @@ def _unique(prefix: str) -> str:
 @pytest.fixture
 def app_env(stack: dict[str, Any]) -> dict[str, str]:
     """App settings for this test: the stack's, with this test's own queue, containers and tables."""
-    from devstack.stack import app_settings
+    from devstack.stack import isolated_settings
 
-    tag = _unique("t")
-    env = app_settings(stack)
-    env.update(
-        MAIL_QUEUE_NAME=f"{tag}-mail",
-        WORK_QUEUE_NAME=f"{tag}-work",
-        MAIL_CONTAINER_NAME=f"{tag}-raw",
-        LEASE_CONTAINER_NAME=f"{tag}-lease",
-        MAILBOX_TABLE_NAME=f"{tag}mailboxes",
-        CONSENT_TABLE_NAME=f"{tag}flows",
-        COLLECT_TIME_BUDGET_SECONDS="120",
-    )
+    env = isolated_settings(stack, _unique("t"), COLLECT_TIME_BUDGET_SECONDS="120")
     return env
 
 

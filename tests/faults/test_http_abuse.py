@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from collectors.consent import FLOW_PARTITION
-from devstack.stack import app_settings
+from devstack.stack import isolated_settings
 from shared import azure_clients
 from shared.mailboxes import mailbox_key
 from shared.registry import utcnow
@@ -101,16 +101,7 @@ def site(stack_info: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -
     from collectors.services import build_services
     from shared.settings import load_settings
 
-    tag = f"a{uuid.uuid4().hex[:10]}"
-    env = app_settings(stack_info)
-    env.update(
-        MAIL_QUEUE_NAME=f"{tag}-mail",
-        WORK_QUEUE_NAME=f"{tag}-work",
-        MAIL_CONTAINER_NAME=f"{tag}-raw",
-        LEASE_CONTAINER_NAME=f"{tag}-lease",
-        MAILBOX_TABLE_NAME=f"{tag}mailboxes",
-        CONSENT_TABLE_NAME=f"{tag}flows",
-    )
+    env = isolated_settings(stack_info, f"a{uuid.uuid4().hex[:10]}")
     services = build_services(load_settings(env))
     http = NoRedirects()
     http.trust_env = False
