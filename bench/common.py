@@ -233,8 +233,8 @@ class Workspace:
 
         s = self.settings
         steps: list[Callable[[], object]] = [
-            lambda: azure_clients.queue_service(s).delete_queue(s.mail_queue),
-            lambda: azure_clients.queue_service(s).delete_queue(s.work_queue),
+            lambda: azure_clients.queue(s, s.mail_queue).delete_queue(),
+            lambda: azure_clients.queue(s, s.work_queue).delete_queue(),
             lambda: azure_clients.blob_service(s).delete_container(s.mail_container),
             lambda: azure_clients.blob_service(s).delete_container(s.lease_container),
             lambda: azure_clients.table_service(s).delete_table(s.mailbox_table),

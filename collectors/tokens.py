@@ -46,7 +46,7 @@ class AccessToken:
 
 @dataclass
 class _Warm:
-    serialized: str
+    serialized: str = dataclasses.field(repr=False)  # holds the refresh token
     version: str
     signed_in_as: str
     unsaved: bool = False

@@ -21,7 +21,7 @@ from azure.data.tables import TableClient, TableServiceClient
 from azure.identity import ClientSecretCredential, DefaultAzureCredential, ManagedIdentityCredential
 from azure.keyvault.secrets import SecretClient
 from azure.storage.blob import BlobServiceClient, ContainerClient
-from azure.storage.queue import QueueClient, QueueServiceClient, TextBase64DecodePolicy, TextBase64EncodePolicy
+from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
 from shared.settings import DEFAULT_AUTHORITY_HOST, Settings
 
@@ -80,18 +80,6 @@ def blob_service(settings: Settings) -> BlobServiceClient:
         return BlobServiceClient.from_connection_string(storage.connection_string, **options)
     assert storage.blob_uri is not None
     return BlobServiceClient(storage.blob_uri, credential=azure_credential(settings), **options)
-
-
-@functools.cache
-def queue_service(settings: Settings) -> QueueServiceClient:
-    """For account-level operations only (create, delete, list queues); send and receive through ``queue()``."""
-    storage = settings.storage
-    if storage.connection_string:
-        return QueueServiceClient.from_connection_string(storage.connection_string, **STORAGE_TIMEOUTS, **STORAGE_RETRY)
-    assert storage.queue_uri is not None
-    return QueueServiceClient(
-        storage.queue_uri, credential=azure_credential(settings), **STORAGE_TIMEOUTS, **STORAGE_RETRY
-    )
 
 
 # The Functions queue trigger expects base64 (host.json messageEncoding), and so do consumers. The service client

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from azure.core.exceptions import (
@@ -32,7 +32,7 @@ MAX_SECRET_BYTES = 25 * 1024  # Key Vault's limit for a secret value
 
 @dataclass(frozen=True)
 class StoredCache:
-    serialized: str
+    serialized: str = field(repr=False)  # holds the refresh token: never in a repr, log or traceback
     version: str
 
 

@@ -72,3 +72,12 @@ def test_the_client_secret_is_not_in_the_repr() -> None:
 
 def test_setting_names_are_unique() -> None:
     assert len(SETTING_NAMES) == len(set(SETTING_NAMES))
+
+
+def test_token_caches_never_show_in_a_repr() -> None:
+    from collectors.tokens import _Warm
+    from shared.token_store import StoredCache
+
+    cache = '{"RefreshToken": {"x": {"secret": "1.AbCdEf-refresh"}}}'
+    assert "1.AbCdEf" not in repr(StoredCache(cache, "v1"))
+    assert "1.AbCdEf" not in repr(_Warm(cache, "v1", "a@contoso.com"))
