@@ -320,14 +320,21 @@ class ImapSession:
     def _ensure_folder(self, name: str) -> None:
         if name in self._created:
             return
-        client = self.client
-        if not client.folder_exists(name):
+        if not self._folder_exists(name):
             try:
-                client.create_folder(name)
+                self.client.create_folder(name)
             except imap_errors.IMAPClientError as e:
-                if not client.folder_exists(name):  # a concurrent create is fine
+                if not self._folder_exists(name):  # a concurrent create is fine
                     raise MailboxAccessError(
                         f"cannot create folder {name!r} in {self._address}: {str(e)[:200]}",
                         remedy="create the folder by hand or choose another move_to folder",
                     ) from e
         self._created.add(name)
+
+    def _folder_exists(self, name: str) -> bool:
+        """An exact LIST of the quoted name. The options refuse the wildcards, and a server may still answer with
+        other names (a case-folded INBOX, children): only the name itself counts."""
+        listed = self.client.list_folders("", name)
+        return any(
+            str(found) == name or (name.upper() == "INBOX" and str(found).upper() == "INBOX") for _, _, found in listed
+        )

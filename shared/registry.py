@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
 from shared.errors import TransientError
+from shared.folders import check_folder, same_folder
 from shared.mailboxes import mailbox_key
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,23 @@ DEFAULT_FOLDER = "INBOX"
 DEFAULT_AFTER_ACTION = "seen"
 DEFAULT_MAX_MESSAGES = 500
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024  # per mailbox and run; at least one message is always taken
+NUMERIC_RANGES = {"max_messages": (1, 100_000), "max_bytes": (1, 10 * 1024**3)}
+# Plain ASCII digits, no sign: int() would also take "1_000", " 12", Arabic-Indic digits and 5,000-digit numbers
+# (with an error about sys.set_int_max_str_digits).
+_DIGITS = re.compile(r"[0-9]{1,15}")
+
+
+def _whole_number(name: str, value: Any) -> int:
+    """A JSON integer or text of ASCII digits within the option's range; anything else is refused in plain words."""
+    low, high = NUMERIC_RANGES[name]
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _DIGITS.fullmatch(value):
+        number = int(value)
+    if number is None or not low <= number <= high:
+        raise ValueError(f"{name} must be a whole number between {low} and {high} (digits only, no decimals)")
+    return number
 
 
 @dataclass(frozen=True)
@@ -60,10 +79,22 @@ class MailboxOptions:
                 raise ValueError(f"{name} must be a plain folder name")
         if self.refuse_to and self.after_action != "move":
             raise ValueError("refuse_to works with after_action 'move'")
-        if not 1 <= self.max_messages <= 100_000:
-            raise ValueError("max_messages must be between 1 and 100000")
-        if not 1 <= self.max_bytes <= 10 * 1024**3:
-            raise ValueError("max_bytes must be between 1 and 10 GiB")
+        for name, (low, high) in NUMERIC_RANGES.items():
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be a whole number between {low} and {high}")
+
+    def check_input(self) -> MailboxOptions:
+        """The stricter rules for what an admin sends (rows written before them still load). Raises ValueError."""
+        check_folder(self.folder, "folder")
+        for name in ("move_to", "refuse_to"):
+            value = getattr(self, name)
+            if value:
+                check_folder(value, name)
+                if same_folder(value, self.folder):
+                    # Each run would move the mail back into the collected folder under new UIDs and queue it
+                    # again: a new ticket per message and run, with nothing failing.
+                    raise ValueError(f"{name} {value!r} is the collected folder {self.folder!r}: choose another folder")
+        return self
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], base: MailboxOptions | None = None) -> MailboxOptions:
@@ -74,16 +105,13 @@ class MailboxOptions:
             raise ValueError(f"unknown option(s): {', '.join(unknown)}")
         values = dataclasses.asdict(base or cls())
         for name, value in data.items():
-            if name in ("max_messages", "max_bytes"):
-                try:
-                    values[name] = int(value)
-                except (TypeError, ValueError, OverflowError):  # JSON's 1e400 is an infinite float
-                    raise ValueError(f"{name} must be a whole number") from None
+            if name in NUMERIC_RANGES:
+                values[name] = _whole_number(name, value)
             elif isinstance(value, str):
-                values[name] = value.strip()
+                values[name] = value.strip(" ")
             else:
                 raise ValueError(f"{name} must be text")
-        return cls(**values)
+        return cls(**values).check_input()
 
 
 @dataclass(frozen=True)

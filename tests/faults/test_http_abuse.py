@@ -523,6 +523,56 @@ def test_patch_with_a_bad_body_is_400_and_changes_nothing(site: Site, body: byte
     assert site.services.registry.get(site.owner).options == before.options
 
 
+LOOPING_OR_UNSAFE_OPTIONS = [
+    {"after_action": "move", "move_to": "INBOX"},
+    {"after_action": "move", "move_to": "inbox"},
+    {"after_action": "move", "move_to": " INBOX "},
+    {"after_action": "move", "move_to": "Done", "refuse_to": "Inbox"},
+    {"folder": "Support/Tickets", "after_action": "move", "move_to": "support.tickets"},
+    {"after_action": "move", "move_to": "*"},
+    {"after_action": "move", "move_to": "Archive/%"},
+    {"after_action": "move", "move_to": "Done\u202e"},
+    {"folder": "IN\ud800BOX"},
+    {"folder": "/".join(["a"] * 11)},
+    {"max_messages": True},
+    {"max_messages": 2.5},
+    {"max_messages": 20.0},
+    {"max_messages": "\u0661\u0662"},
+    {"max_messages": "1_000"},
+    {"max_messages": "9" * 5000},
+    {"max_bytes": -1},
+]
+
+
+@pytest.mark.parametrize("options", LOOPING_OR_UNSAFE_OPTIONS, ids=lambda o: json.dumps(o)[:40])
+def test_patch_refuses_options_that_loop_or_cannot_be_sent(site: Site, options: dict[str, Any]) -> None:
+    before = site.services.registry.get(site.owner)
+    response = patch(site, json.dumps(options).encode())
+    assert_app_page(response, 400)
+    message = response.json()["message"]
+    for internal in ("sys.", "invalid literal", "codec", "surrogate", "Traceback"):
+        assert internal not in message
+    assert site.services.registry.get(site.owner).options == before.options
+
+
+@pytest.mark.parametrize(
+    "options",
+    # A query string carries text only, and no lone surrogate (it has no UTF-8 form).
+    [
+        o
+        for o in LOOPING_OR_UNSAFE_OPTIONS
+        if not isinstance(next(iter(o.values())), bool | float) and "ud800" not in str(o)
+    ],
+    ids=lambda o: json.dumps(o)[:40],
+)
+def test_the_authorize_link_refuses_options_that_loop_or_cannot_be_sent(site: Site, options: dict[str, Any]) -> None:
+    address = new_address()
+    response = site.authorize(address, **{k: str(v) for k, v in options.items()})
+    assert_app_page(response, 400)
+    assert title_of(response) == "Invalid mailbox option"
+    assert site.flows_of(address) == 0 and not site.stored(address)
+
+
 def test_patch_with_an_oversized_body_is_413(site: Site) -> None:
     response = patch(site, json.dumps({"folder": "x" * 9000}).encode())
     assert_app_page(response, 413)

@@ -93,6 +93,22 @@ def test_the_after_action_waits_for_the_queue(
     assert [e["subject"] for e in queue_messages()] == ["first"]
 
 
+def test_a_non_ascii_nested_move_folder_is_created_once_and_receives_the_mail(
+    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    # imapclient sends the name in modified UTF-7; Dovecot stores it under its UTF-8 name, which doveadm shows.
+    address = new_address()
+    folder = "Erledigt/Überprüft"
+    consent(address, after_action="move", move_to=folder)
+    deliver(address, simple_message("one"))
+    assert collect(services, address).messages == 1
+    deliver(address, simple_message("two"))
+    assert collect(services, address).messages == 1  # the folder exists now: the exact LIST finds it
+    config = Path(stack["dovecot_config"])
+    assert len(dovecot.list_uids(config, address, folder)) == 2
+    assert dovecot.list_uids(config, address) == []
+
+
 @pytest.mark.parametrize("action", ["leave", "delete"])
 def test_other_after_actions(
     stack: dict[str, Any],

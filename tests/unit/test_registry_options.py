@@ -52,3 +52,83 @@ def test_refuse_to_needs_the_move_action() -> None:
     with pytest.raises(ValueError, match="refuse_to"):
         MailboxOptions(after_action="seen", refuse_to="Refused")
     assert MailboxOptions(after_action="move", move_to="Done", refuse_to="Refused").refuse_to == "Refused"
+
+
+@pytest.mark.parametrize(
+    ("data", "base"),
+    [
+        ({"after_action": "move", "move_to": "INBOX"}, None),
+        ({"after_action": "move", "move_to": "inbox"}, None),
+        ({"after_action": "move", "move_to": " INBOX "}, None),
+        ({"after_action": "move", "move_to": "Done", "refuse_to": "Inbox"}, None),
+        ({"folder": "Support/Tickets", "after_action": "move", "move_to": "support.tickets"}, None),
+        ({"folder": "Done"}, MailboxOptions(after_action="move", move_to="Done")),
+        ({"folder": "refused"}, MailboxOptions(after_action="move", move_to="Done", refuse_to="Refused")),
+    ],
+)
+def test_moving_mail_back_into_the_collected_folder_is_refused(
+    data: dict[str, object], base: MailboxOptions | None
+) -> None:
+    # Each run would move the messages back in under new UIDs and collect them again: a new ticket every run.
+    with pytest.raises(ValueError, match="collected folder"):
+        MailboxOptions.from_mapping(data, base)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"move_to": "Archive/*", "after_action": "move"},
+        {"move_to": "%", "after_action": "move"},
+        {"refuse_to": "Ref\u202eused", "after_action": "move", "move_to": "Done"},
+        {"folder": "IN\ud800BOX"},
+        {"folder": "/".join(["a"] * 11)},
+    ],
+)
+def test_unsafe_folder_names_are_refused(data: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=r"folder|move_to|refuse_to"):
+        MailboxOptions.from_mapping(data)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        True,
+        False,
+        2.0,
+        2.5,
+        float("inf"),
+        "2.0",
+        "1_000",
+        "\u0661\u0662",  # Arabic-Indic digits, which int() accepts
+        "\uff11\uff12",  # full-width digits
+        "+12",
+        "-1",
+        " 12",
+        "0x10",
+        "1e3",
+        "9" * 5000,  # int() would raise with a message about sys.set_int_max_str_digits
+        None,
+        [1],
+        {"n": 1},
+        100_001,
+        0,
+    ],
+    ids=repr,
+)
+def test_numeric_options_take_whole_numbers_in_range_only(value: object) -> None:
+    with pytest.raises(ValueError) as refused:
+        MailboxOptions.from_mapping({"max_messages": value})
+    text = str(refused.value)
+    assert text.startswith("max_messages must be a whole number between 1 and 100000")
+    for internal in ("sys.", "int()", "invalid literal", "codec", "base 10", "Exceeds"):
+        assert internal not in text
+
+
+@pytest.mark.parametrize(("value", "expected"), [(25, 25), ("25", 25), ("100000", 100_000), (1, 1)])
+def test_numeric_options_accept_json_integers_and_ascii_digit_text(value: object, expected: int) -> None:
+    assert MailboxOptions.from_mapping({"max_messages": value}).max_messages == expected
+
+
+def test_max_bytes_range_is_named_in_the_error() -> None:
+    with pytest.raises(ValueError, match="max_bytes must be a whole number between 1 and 10737418240"):
+        MailboxOptions.from_mapping({"max_bytes": 10 * 1024**3 + 1})
