@@ -118,6 +118,15 @@ param leaseContainerName string = 'mailbox-leases'
 param mailboxTableName string = 'mailboxes'
 param consentTableName string = 'consentflows'
 
+@description('GLPI REST API URL (https://<glpi>/apirest.php); empty: the GLPI ticket consumer stays disabled.')
+param glpiUrl string = ''
+@description('Key Vault secrets that hold the GLPI API client\'s App-Token and the GLPI user\'s API token.')
+param glpiAppTokenSecretName string = 'glpi-app-token'
+param glpiUserTokenSecretName string = 'glpi-user-token'
+param glpiStateTableName string = 'glpitickets'
+@description('Per-mailbox ticket options as JSON, e.g. {"support@contoso.com": {"entities_id": 1}}; see README.')
+param glpiMailboxOptions string = '{}'
+
 var abbrs = loadJsonContent('./abbreviations.json')
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = {
@@ -270,6 +279,11 @@ module api 'app/api.bicep' = {
     mailboxTableName: mailboxTableName
     consentTableName: consentTableName
     leaseContainerName: leaseContainerName
+    glpiUrl: glpiUrl
+    glpiAppTokenSecretName: glpiAppTokenSecretName
+    glpiUserTokenSecretName: glpiUserTokenSecretName
+    glpiStateTableName: glpiStateTableName
+    glpiMailboxOptions: glpiMailboxOptions
   }
 }
 
@@ -337,3 +351,6 @@ output MAIL_CONTAINER_NAME string = mailContainerName
 output LEASE_CONTAINER_NAME string = leaseContainerName
 output MAILBOX_TABLE_NAME string = mailboxTableName
 output CONSENT_TABLE_NAME string = consentTableName
+output GLPI_URL string = glpiUrl
+output GLPI_STATE_TABLE_NAME string = glpiStateTableName
+output GLPI_MAILBOX_OPTIONS string = glpiMailboxOptions

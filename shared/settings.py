@@ -15,6 +15,10 @@ from shared.errors import ConfigurationError
 
 DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
 DEFAULT_IMAP_SCOPE = "https://outlook.office.com/IMAP.AccessAsUser.All"
+# The Functions host's own switch for one function (AzureWebJobs.<function name>.Disabled): the GLPI consumer stays
+# off, and leaves the mail queue to other consumers, until a GLPI URL is configured.
+GLPI_FUNCTION_NAME = "glpi_tickets"
+GLPI_DISABLED_SETTING = f"AzureWebJobs.{GLPI_FUNCTION_NAME}.Disabled"
 
 # Every setting the app reads; infra and the local sample must provide the same names (a test checks).
 SETTING_NAMES: tuple[str, ...] = (
@@ -49,6 +53,12 @@ SETTING_NAMES: tuple[str, ...] = (
     "AZURE_TENANT_ID",
     "AZURE_CLIENT_SECRET",
     "AZURE_AUTHORITY_HOST",
+    "GLPI_URL",
+    "GLPI_APP_TOKEN",
+    "GLPI_USER_TOKEN",
+    "GLPI_STATE_TABLE_NAME",
+    "GLPI_MAILBOX_OPTIONS",
+    GLPI_DISABLED_SETTING,
 )
 # Read only when running outside Azure (the local stack, or a developer against cloud resources): the app then
 # authenticates to Key Vault as an app registration instead of the managed identity.
@@ -82,6 +92,17 @@ class LocalCredential:
 
 
 @dataclass(frozen=True)
+class GlpiSettings:
+    """Where the GLPI consumer sends tickets. In Azure both tokens are Key Vault references the platform resolves."""
+
+    url: str
+    app_token: str | None = field(repr=False)
+    user_token: str = field(repr=False)
+    state_table: str
+    mailbox_options: str  # JSON text; consumers/glpi/options.py reads and checks it
+
+
+@dataclass(frozen=True)
 class Settings:
     storage: StorageSettings
     key_vault_uri: str
@@ -107,6 +128,7 @@ class Settings:
     lease_container: str
     ca_bundle: str | None
     local_credential: LocalCredential | None = None
+    glpi: GlpiSettings | None = None
 
     @property
     def authority(self) -> str:
@@ -205,6 +227,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         lease_container=_text(env, "LEASE_CONTAINER_NAME", "mailbox-leases") or "",
         ca_bundle=_text(env, "TLS_CA_BUNDLE"),
         local_credential=_local_credential(env),
+        glpi=_glpi(env),
+    )
+
+
+def _glpi(env: Mapping[str, str]) -> GlpiSettings | None:
+    url = _text(env, "GLPI_URL")
+    if url is None:
+        return None
+    return GlpiSettings(
+        url=_https_url(env, "GLPI_URL", url),
+        app_token=_text(env, "GLPI_APP_TOKEN"),
+        user_token=_required(env, "GLPI_USER_TOKEN", "the API token of the GLPI user the tickets are created as"),
+        state_table=_text(env, "GLPI_STATE_TABLE_NAME", "glpitickets") or "",
+        mailbox_options=_text(env, "GLPI_MAILBOX_OPTIONS", "{}") or "",
     )
 
 

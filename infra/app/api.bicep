@@ -46,6 +46,13 @@ param mailboxTableName string
 param consentTableName string
 param leaseContainerName string
 
+@description('GLPI REST API URL; empty: the GLPI ticket consumer is disabled (AzureWebJobs.glpi_tickets.Disabled).')
+param glpiUrl string = ''
+param glpiAppTokenSecretName string
+param glpiUserTokenSecretName string
+param glpiStateTableName string
+param glpiMailboxOptions string
+
 resource storageAccount 'Microsoft.Storage/storageAccounts@2024-01-01' existing = {
   name: storageAccountName
 }
@@ -101,7 +108,19 @@ var secretReference = {
 }
 var secretSettings = empty(entraClientSecretName) ? {} : secretReference
 
-var appSettings = union(storageSettings, monitoringSettings, collectorSettings, secretSettings)
+// The GLPI tokens, like the client secret, are Key Vault references resolved with the app's identity. The function
+// is switched off with the host's own per-function setting until a GLPI URL is given, so that an app deployed
+// without GLPI leaves the mail queue to other consumers.
+var glpiSettings = {
+  GLPI_URL: glpiUrl
+  GLPI_APP_TOKEN: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${glpiAppTokenSecretName})'
+  GLPI_USER_TOKEN: '@Microsoft.KeyVault(VaultName=${keyVaultName};SecretName=${glpiUserTokenSecretName})'
+  GLPI_STATE_TABLE_NAME: glpiStateTableName
+  GLPI_MAILBOX_OPTIONS: glpiMailboxOptions
+  'AzureWebJobs.glpi_tickets.Disabled': empty(glpiUrl) ? 'true' : 'false'
+}
+
+var appSettings = union(storageSettings, monitoringSettings, collectorSettings, secretSettings, glpiSettings)
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   //checkov:skip=CKV_AZURE_225: a zone outage only delays collection (the next run resumes from the checkpoint)

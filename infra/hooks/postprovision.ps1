@@ -45,6 +45,11 @@ $values = [ordered]@{
     MAILBOX_TABLE_NAME                   = Get-Setting 'MAILBOX_TABLE_NAME' 'mailboxes'
     CONSENT_TABLE_NAME                   = Get-Setting 'CONSENT_TABLE_NAME' 'consentflows'
     LEASE_CONTAINER_NAME                 = Get-Setting 'LEASE_CONTAINER_NAME' 'mailbox-leases'
+    # The GLPI tokens are not written: a local run brings its own (they are Key Vault references in Azure).
+    GLPI_URL                             = Get-Setting 'GLPI_URL'
+    GLPI_STATE_TABLE_NAME                = Get-Setting 'GLPI_STATE_TABLE_NAME' 'glpitickets'
+    GLPI_MAILBOX_OPTIONS                 = Get-Setting 'GLPI_MAILBOX_OPTIONS' '{}'
+    'AzureWebJobs.glpi_tickets.Disabled' = $(if (Get-Setting 'GLPI_URL') { 'false' } else { 'true' })
 }
 
 $target = Join-Path $repoRoot 'local.settings.json'

@@ -65,6 +65,11 @@ values = {
     "MAILBOX_TABLE_NAME": value("MAILBOX_TABLE_NAME", "mailboxes"),
     "CONSENT_TABLE_NAME": value("CONSENT_TABLE_NAME", "consentflows"),
     "LEASE_CONTAINER_NAME": value("LEASE_CONTAINER_NAME", "mailbox-leases"),
+    # The GLPI tokens are not written: a local run brings its own (they are Key Vault references in Azure).
+    "GLPI_URL": value("GLPI_URL"),
+    "GLPI_STATE_TABLE_NAME": value("GLPI_STATE_TABLE_NAME", "glpitickets"),
+    "GLPI_MAILBOX_OPTIONS": value("GLPI_MAILBOX_OPTIONS", "{}"),
+    "AzureWebJobs.glpi_tickets.Disabled": "false" if value("GLPI_URL") else "true",
 }
 
 target = root / "local.settings.json"

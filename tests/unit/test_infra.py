@@ -260,7 +260,7 @@ def check_secrets_only_as_key_vault_references(trees: Trees) -> None:
     secret_like = [
         name
         for name in entries
-        if re.search(r"SECRET|PASSWORD|ACCOUNT_?KEY", name, re.IGNORECASE) and name not in SECRET_NAME_SETTINGS
+        if re.search(r"SECRET|PASSWORD|ACCOUNT_?KEY|TOKEN", name, re.IGNORECASE) and name not in SECRET_NAME_SETTINGS
     ]
     assert "ENTRA_CLIENT_SECRET" in secret_like, "secret mode must still be possible"
     for name in secret_like:
@@ -558,7 +558,8 @@ MUTATIONS = [
         "AzureWebJobsStorage__credential: 'x'",
     ),
     ("storage settings", API, "  IMAP_SCOPE: imapScope\n", "  IMAP_SCOPE: imapScope\n  TLS_CA_BUNDLE: 'ca.pem'\n"),
-    ("secrets", API, "'@Microsoft.KeyVault(VaultName=", "'plain-"),
+    ("secrets", API, "ENTRA_CLIENT_SECRET: '@Microsoft.KeyVault(VaultName=", "ENTRA_CLIENT_SECRET: 'plain-"),
+    ("secrets", API, "GLPI_USER_TOKEN: '@Microsoft.KeyVault(VaultName=", "GLPI_USER_TOKEN: 'plain-"),
     (
         "secrets",
         MAIN,
@@ -709,7 +710,8 @@ READERS = {"_text", "_required", "_integer"}
 RUNTIME_SETTINGS = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsFeatureFlags"}
 RUNTIME_PREFIX = "APPLICATIONINSIGHTS_"
 # In SETTING_NAMES because the Functions host reads it (identity-based AzureWebJobsStorage); the app code does not.
-READ_BY_THE_HOST_ONLY = {"AzureWebJobsStorage__credential"}
+# The per-function switch of the GLPI consumer is read by the Functions host as well.
+READ_BY_THE_HOST_ONLY = {"AzureWebJobsStorage__credential", "AzureWebJobs.glpi_tickets.Disabled"}
 NO_DEFAULT = object()
 
 
@@ -944,6 +946,7 @@ def test_postprovision_writes_local_settings_for_the_cloud_resources(tmp_path: P
     assert "ENTRA_CLIENT_SECRET" not in values
     # The secret and its Key Vault name belong to the deployed app in secret mode; a local run brings its own.
     names_the_app_reads = set(SETTING_NAMES) - NOT_IN_AZURE - {"AZURE_CLIENT_ID", "ENTRA_CLIENT_SECRET"}
+    names_the_app_reads -= {"GLPI_APP_TOKEN", "GLPI_USER_TOKEN"}  # Key Vault references; a local run brings its own
     names_the_app_reads -= SECRET_NAME_SETTINGS
     names_the_app_reads -= {"AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId"}
     assert not set(LOCAL_ONLY_SETTINGS) & set(values), "the developer's own login reaches Key Vault, not a secret"

@@ -81,3 +81,16 @@ def test_token_caches_never_show_in_a_repr() -> None:
     cache = '{"RefreshToken": {"x": {"secret": "1.AbCdEf-refresh"}}}'
     assert "1.AbCdEf" not in repr(StoredCache(cache, "v1"))
     assert "1.AbCdEf" not in repr(_Warm(cache, "v1", "a@contoso.com"))
+
+
+def test_glpi_is_off_without_a_url_and_checked_with_one() -> None:
+    assert load_settings(BASE).glpi is None
+    with pytest.raises(ConfigurationError, match=r"GLPI_URL.*https://"):
+        load_settings({**BASE, "GLPI_URL": "http://glpi.example/apirest.php", "GLPI_USER_TOKEN": "u"})
+    with pytest.raises(ConfigurationError, match="GLPI_USER_TOKEN"):
+        load_settings({**BASE, "GLPI_URL": "https://glpi.example/apirest.php"})
+    env = {"GLPI_URL": "https://glpi.example/apirest.php/", "GLPI_USER_TOKEN": "user-tok", "GLPI_APP_TOKEN": "app"}
+    glpi = load_settings({**BASE, **env}).glpi
+    assert glpi is not None and glpi.url == "https://glpi.example/apirest.php"
+    assert (glpi.state_table, glpi.mailbox_options) == ("glpitickets", "{}")
+    assert "user-tok" not in repr(glpi) and "'app'" not in repr(glpi)
