@@ -80,19 +80,24 @@ class Part:
 def _identity(folder: Path) -> dict[str, str]:
     """Tenant, client and the test user's password: made once, then kept so that stored settings stay valid."""
     path = folder / "identity.json"
-    if path.exists():
-        data: dict[str, str] = json.loads(path.read_text())
-        return data
-    data = {
-        "tenant_id": str(uuid.uuid4()),
-        "client_id": str(uuid.uuid4()),
-        "client_secret": secrets.token_urlsafe(32),
-        "user_password": secrets.token_urlsafe(12),
-        "function_key": secrets.token_urlsafe(24),
-        "master_key": secrets.token_urlsafe(24),
+    data: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    made = {
+        "tenant_id": lambda: str(uuid.uuid4()),
+        "client_id": lambda: str(uuid.uuid4()),
+        "client_secret": lambda: secrets.token_urlsafe(32),
+        "user_password": lambda: secrets.token_urlsafe(12),
+        "function_key": lambda: secrets.token_urlsafe(24),
+        "master_key": lambda: secrets.token_urlsafe(24),
+        # The function app's user-assigned managed identity, and the platform's secret for its token endpoint.
+        "managed_identity_client_id": lambda: str(uuid.uuid4()),
+        "managed_identity_principal_id": lambda: str(uuid.uuid4()),
+        "identity_header": lambda: secrets.token_urlsafe(24),
     }
-    path.write_text(json.dumps(data, indent=2))
-    path.chmod(0o600)
+    missing = {name: make() for name, make in made.items() if name not in data}
+    if missing:  # a run folder from before a field existed keeps its other values
+        data.update(missing)
+        path.write_text(json.dumps(data, indent=2))
+        path.chmod(0o600)
     return data
 
 
@@ -124,6 +129,8 @@ def describe() -> dict[str, Any]:
         "signing_kid": kid,
         "entra_origin": entra_origin,
         "issuer": f"{entra_origin}/{ident['tenant_id']}/v2.0",
+        # App Service's managed-identity endpoint (IDENTITY_ENDPOINT), served by the Entra stand-in.
+        "identity_endpoint": f"{entra_origin}/msi/token",
         "key_vault_uri": f"https://localhost:{ports.keyvault}",
         "imap_host": "localhost",
         "imap_port": ports.imaps,
@@ -242,12 +249,26 @@ def _parts(info: dict[str, Any]) -> list[Part]:
                     "signing_kid": info["signing_kid"],
                     "tenant_id": info["tenant_id"],
                     "user_password": info["user_password"],
-                    "access_token_ttl_seconds": 3600,
+                    "identity_header": info["identity_header"],
+                    "managed_identities": [
+                        {
+                            "client_id": info["managed_identity_client_id"],
+                            "principal_id": info["managed_identity_principal_id"],
+                        }
+                    ],
                     "clients": [
                         {
                             "client_id": info["client_id"],
                             "client_secret": info["client_secret"],
                             "redirect_uris": [f"http://localhost:{ports.host}/api/auth/callback"],
+                            # The app registration trusts the function app's managed identity (federated mode).
+                            "federated_credentials": [
+                                {
+                                    "issuer": info["issuer"],
+                                    "subject": info["managed_identity_principal_id"],
+                                    "audiences": ["api://AzureADTokenExchange"],
+                                }
+                            ],
                         }
                     ],
                 },

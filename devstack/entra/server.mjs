@@ -3,7 +3,9 @@
 // oidc-provider (a certified OpenID Connect server) does the protocol work; this file dresses it in Entra's
 // shape so that MSAL and azure-identity talk to it unchanged: tenant-scoped v2.0 paths, Entra claims
 // (oid, tid, preferred_username, scp), JWT access tokens for the Exchange IMAP and Key Vault resources,
-// loopback redirect URIs that match on any port, refresh-token rotation, and AADSTS-shaped errors.
+// loopback redirect URIs that match on any port, refresh-token rotation that does not revoke the redeemed token
+// (a strict mode does), access tokens of a random 60 to 90 minutes, AADSTS-shaped errors with suberror and
+// claims, and a managed-identity endpoint whose tokens are accepted as federated client assertions.
 // A loopback control API under /_control/ injects faults, revokes accounts and changes token lifetimes.
 //
 //   node devstack/entra/server.mjs --config <path to JSON>
@@ -12,7 +14,8 @@
 // every user, consent and token, so a restarted stand-in behaves like a tenant whose grants were all revoked.
 
 import {
-  createHash, createPrivateKey, randomBytes, randomUUID, timingSafeEqual,
+  createHash, createPrivateKey, createPublicKey, createSign, createVerify, randomBytes, randomInt, randomUUID,
+  timingSafeEqual,
 } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createServer } from 'node:https';
@@ -46,7 +49,10 @@ const PATHS = {
   revocation: `/${TENANT}/oauth2/v2.0/revoke`,
   userinfo: '/oidc/userinfo',
 };
-const DEFAULT_TTL_SECONDS = config.access_token_ttl_seconds ?? 3600;
+// Entra gives each access token a random lifetime between 60 and 90 minutes (75 on average) so that a fleet does
+// not renew all at once; a fixed lifetime (config or control API) replaces it for tests that need one.
+const DEFAULT_TTL_SECONDS = config.access_token_ttl_seconds ?? null;
+const RANDOM_TTL_RANGE = [60 * 60, 90 * 60];
 // Entra refresh tokens die after 90 days without use; each rotation starts a new 90 days.
 const REFRESH_TOKEN_LIFETIME_SECONDS = 90 * 24 * 3600;
 // Entra authorization codes are valid for about ten minutes.
@@ -80,6 +86,8 @@ const AADSTS_MESSAGES = {
   50000: 'There was an error issuing a token or an issue with our sign-in service.',
   50076: 'Due to a configuration change made by your administrator, or because you moved to a new location, '
     + 'you must use multi-factor authentication to access the resource.',
+  50079: 'Due to a configuration change made by your administrator, or because you moved to a new location, '
+    + 'you must enroll in multi-factor authentication to access the resource.',
   50126: 'Error validating credentials due to invalid username or password.',
   50173: 'The provided grant has expired due to it being revoked, a fresh auth token is needed. '
     + 'The user might have changed or reset their password.',
@@ -92,10 +100,16 @@ const AADSTS_MESSAGES = {
   70003: 'The app requested an unsupported grant type.',
   70008: 'The provided authorization code or refresh token has expired due to inactivity.',
   70011: "The provided value for the input parameter 'scope' is not valid.",
+  70021: 'No matching federated identity record found for presented assertion.',
   70043: 'The refresh token has expired or is invalid due to sign-in frequency checks by conditional access.',
   500011: 'The resource principal was not found in the tenant.',
   700016: 'Application was not found in the directory.',
+  700024: 'Client assertion is not within its valid time range.',
+  700027: 'Client assertion failed signature validation.',
   700082: 'The refresh token has expired due to inactivity. The token was inactive for 90.00:00:00.',
+  700211: 'No matching federated identity record found for presented assertion issuer.',
+  700212: 'No matching federated identity record found for presented assertion audience.',
+  700213: 'No matching federated identity record found for presented assertion subject.',
   7000215: 'Invalid client secret provided. Ensure the secret being sent in the request is the client secret '
     + 'value, not the client secret ID.',
   7000222: 'The provided client secret keys for the app are expired.',
@@ -117,11 +131,34 @@ const DEFAULT_AADSTS = {
   temporarily_unavailable: 50000,
 };
 
+// Entra adds a suberror (which MSAL reads to tell a user-fixable problem from a dead token) and, for Conditional
+// Access, a claims challenge naming the policies the next sign-in must satisfy.
+const SUBERRORS = {
+  50076: 'basic_action',
+  50079: 'basic_action',
+  53003: 'message_only',
+  50173: 'bad_token',
+  70043: 'bad_token',
+  700082: 'bad_token',
+};
+const CLAIMS_CHALLENGE_CODES = new Set([50076, 50079, 53003]);
+// The named ways an account's refresh tokens die, with the code a later redemption gets.
+const REVOCATION_REASONS = {
+  password_reset: 50173,
+  revoke_sessions: 50173,
+  sign_in_frequency: 70043,
+  inactivity: 700082,
+};
+
 // ---------------------------------------------------------------------------------------------------------
 // Mutable state, all reachable from the control API.
 
 const state = {
   accessTokenTtl: DEFAULT_TTL_SECONDS,
+  // 'entra': a redeemed refresh token stays valid (until its own 90 days pass or the account is revoked);
+  // 'strict': it dies at once, which the no-loss tests use to prove every rotated token is kept.
+  rotation: 'entra',
+  strictAccounts: new Set(), // emails whose refresh tokens rotate strictly whatever the default
   faults: [],
   stats: newStats(),
   users: new Map(), // oid -> { email, name }
@@ -132,7 +169,14 @@ const state = {
 
 function newStats() {
   return {
-    token_requests: {}, authorize_requests: 0, faults_injected: 0, delays_injected: 0, token_errors: {},
+    token_requests: {},
+    authorize_requests: 0,
+    faults_injected: 0,
+    delays_injected: 0,
+    token_errors: {},
+    msi_requests: 0,
+    assertions_accepted: 0,
+    assertions_refused: 0,
   };
 }
 
@@ -156,11 +200,22 @@ function emailOf(oid) {
   return state.users.get(oid)?.email;
 }
 
+function accessTokenTtl() {
+  if (state.accessTokenTtl !== null) return state.accessTokenTtl;
+  const [low, high] = RANDOM_TTL_RANGE;
+  return low + randomInt(high - low + 1);
+}
+
+function rotatesStrictly(oid) {
+  return state.rotation === 'strict' || state.strictAccounts.has(emailOf(oid));
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Storage. The bundled memory adapter is an LRU of 1,000 entries, which a long demo or a benchmark would
-// silently evict; this one keeps everything until it expires. A rotated refresh token is deleted rather than
-// flagged: oidc-provider treats reuse of a flagged token as theft and revokes the whole grant, whereas Entra
-// only refuses the old token.
+// silently evict; this one keeps everything until it expires. Entra does not revoke a redeemed refresh token:
+// by default consume() leaves it as it is, so it stays usable until its own expiry or a revocation. In strict mode
+// it is deleted rather than flagged: oidc-provider treats reuse of a flagged token as theft and revokes the whole
+// grant, whereas the strict mode only refuses the old token.
 
 const store = new Map(); // `${model}:${id}` -> { payload, expiresAt }
 const sessionsByUid = new Map();
@@ -203,6 +258,7 @@ class Adapter {
     const entry = store.get(this.key(id));
     if (!entry) return;
     if (this.model === 'RefreshToken') {
+      if (!rotatesStrictly(entry.payload.accountId)) return;
       state.retired.set(id, entry.payload.accountId);
       store.delete(this.key(id));
       return;
@@ -293,13 +349,18 @@ function entraTimestamp(date = new Date()) {
   return `${date.toISOString().slice(0, 19).replace('T', ' ')}Z`;
 }
 
-function entraError(ctx, error, code, message) {
+function claimsChallenge() {
+  // The policy ids are opaque to the app; MSAL passes the string back on the next interactive sign-in.
+  return JSON.stringify({ access_token: { capolids: { essential: true, values: [randomUUID()] } } });
+}
+
+function entraError(ctx, error, code, message, extra = {}) {
   const timestamp = entraTimestamp();
   const traceId = randomUUID();
   // Entra echoes the client's request id as the correlation id; MSAL sends one with every request.
   const correlationId = ctx.get('client-request-id') || randomUUID();
   const text = message || AADSTS_MESSAGES[code] || error;
-  return {
+  const body = {
     error,
     error_description: `AADSTS${code}: ${text}\r\nTrace ID: ${traceId}\r\nCorrelation ID: ${correlationId}`
       + `\r\nTimestamp: ${timestamp}`,
@@ -309,13 +370,18 @@ function entraError(ctx, error, code, message) {
     correlation_id: correlationId,
     error_uri: `https://login.microsoftonline.com/error?code=${code}`,
   };
+  const suberror = extra.suberror ?? SUBERRORS[code];
+  if (suberror) body.suberror = suberror;
+  const claims = extra.claims ?? (CLAIMS_CHALLENGE_CODES.has(code) ? claimsChallenge() : undefined);
+  if (claims) body.claims = claims;
+  return body;
 }
 
-function sendEntraError(ctx, status, error, code, message) {
+function sendEntraError(ctx, status, error, code, message, extra = {}) {
   state.stats.token_errors[code] = (state.stats.token_errors[code] ?? 0) + 1;
   ctx.status = status;
   ctx.set('cache-control', 'no-store');
-  ctx.body = entraError(ctx, error, code, message);
+  ctx.body = entraError(ctx, error, code, message, extra);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -413,8 +479,8 @@ const provider = new Provider(ISSUER, {
   pkce: { required: () => true },
   rotateRefreshToken: true,
   ttl: {
-    AccessToken: () => state.accessTokenTtl,
-    ClientCredentials: () => state.accessTokenTtl,
+    AccessToken: () => accessTokenTtl(),
+    ClientCredentials: () => accessTokenTtl(),
     AuthorizationCode: AUTHORIZATION_CODE_LIFETIME_SECONDS,
     IdToken: 3600,
     Interaction: 3600,
@@ -459,7 +525,7 @@ const provider = new Provider(ISSUER, {
           scope: resource.scopes.join(' '),
           audience: resource.audience,
           accessTokenFormat: 'jwt',
-          accessTokenTTL: state.accessTokenTtl,
+          accessTokenTTL: accessTokenTtl(),
           jwt: { sign: { alg: 'RS256' } },
         };
       },
@@ -588,8 +654,22 @@ function validateFault(body) {
     delay_ms: body.delay_ms ?? 0,
     retry_after: body.retry_after,
     description: body.description,
+    suberror: body.suberror,
+    claims: body.claims,
   };
-  if (!['token', 'authorize'].includes(fault.endpoint)) return 'endpoint must be "token" or "authorize"';
+  if (fault.suberror !== undefined && typeof fault.suberror !== 'string') return 'suberror must be a string';
+  if (fault.claims !== undefined && typeof fault.claims !== 'string') return 'claims must be a string (JSON)';
+  if (!['token', 'authorize', 'msi'].includes(fault.endpoint)) {
+    return 'endpoint must be "token", "authorize" or "msi"';
+  }
+  if (fault.endpoint === 'msi') {
+    // The managed-identity endpoint answers in its own shape: a status and a message, no OAuth error.
+    if (!(Number.isInteger(fault.status) && fault.status >= 400 && fault.status <= 599)) {
+      return 'an msi fault needs an HTTP error status';
+    }
+    if (!Number.isInteger(fault.count) || fault.count < 1) return 'count must be a positive integer';
+    return fault;
+  }
   if (fault.error !== undefined && typeof fault.error !== 'string') return 'error must be a string';
   if (!fault.error && !(fault.endpoint === 'token' && fault.delay_ms > 0)) {
     return 'error is required unless the fault is a delay of the token endpoint';
@@ -677,7 +757,12 @@ provider.use(async (ctx, next) => {
         ctx.body = { error: 'account (an email address) is required' };
         return undefined;
       }
-      const code = body.aadsts ?? 50173;
+      if (body.reason !== undefined && !(body.reason in REVOCATION_REASONS)) {
+        ctx.status = 400;
+        ctx.body = { error: `reason must be one of ${Object.keys(REVOCATION_REASONS).join(', ')}` };
+        return undefined;
+      }
+      const code = body.aadsts ?? REVOCATION_REASONS[body.reason ?? 'password_reset'];
       if (!Number.isInteger(code)) {
         ctx.status = 400;
         ctx.body = { error: 'aadsts must be an integer' };
@@ -690,14 +775,41 @@ provider.use(async (ctx, next) => {
       const body = await readJson(ctx);
       const ttl = body.access_token_ttl_seconds;
       if (ttl !== undefined) {
-        if (!Number.isInteger(ttl) || ttl < 1) {
+        // null restores Entra's random 60 to 90 minutes.
+        if (ttl !== null && (!Number.isInteger(ttl) || ttl < 1)) {
           ctx.status = 400;
-          ctx.body = { error: 'access_token_ttl_seconds must be a positive integer' };
+          ctx.body = { error: 'access_token_ttl_seconds must be a positive integer or null' };
           return undefined;
         }
         state.accessTokenTtl = ttl;
       }
-      ctx.body = { access_token_ttl_seconds: state.accessTokenTtl };
+      const { rotation } = body;
+      if (rotation !== undefined) {
+        if (!['entra', 'strict'].includes(rotation)) {
+          ctx.status = 400;
+          ctx.body = { error: 'rotation must be "entra" or "strict"' };
+          return undefined;
+        }
+        state.rotation = rotation;
+      }
+      for (const [field, add] of [['strict_accounts', true], ['entra_accounts', false]]) {
+        const accounts = body[field];
+        if (accounts === undefined) continue;
+        if (!Array.isArray(accounts) || !accounts.every((a) => typeof a === 'string' && a.includes('@'))) {
+          ctx.status = 400;
+          ctx.body = { error: `${field} must be a list of email addresses` };
+          return undefined;
+        }
+        for (const account of accounts) {
+          if (add) state.strictAccounts.add(account.toLowerCase());
+          else state.strictAccounts.delete(account.toLowerCase());
+        }
+      }
+      ctx.body = {
+        access_token_ttl_seconds: state.accessTokenTtl,
+        rotation: state.rotation,
+        strict_accounts: [...state.strictAccounts],
+      };
       return undefined;
     }
     case 'GET /_control/stats':
@@ -708,6 +820,8 @@ provider.use(async (ctx, next) => {
       state.faults = [];
       state.stats = newStats();
       state.accessTokenTtl = DEFAULT_TTL_SECONDS;
+      state.rotation = 'entra';
+      state.strictAccounts.clear();
       state.consents.clear();
       ctx.status = 204;
       return undefined;
@@ -898,7 +1012,7 @@ provider.use(async (ctx, next) => {
   const fault = takeFault('authorize', { account });
   if (!fault) return next();
   state.stats.faults_injected += 1;
-  const body = entraError(ctx, fault.error, fault.aadsts, fault.description);
+  const body = entraError(ctx, fault.error, fault.aadsts, fault.description, fault);
   const fields = { error: body.error, error_description: body.error_description, error_uri: body.error_uri };
   if (params.state) fields.state = params.state;
   ctx.set('cache-control', 'no-store');
@@ -910,6 +1024,132 @@ provider.use(async (ctx, next) => {
   const target = new URL(params.redirect_uri);
   for (const [name, value] of Object.entries(fields)) target.searchParams.set(name, value);
   ctx.redirect(target.href);
+  return undefined;
+});
+
+// ---------------------------------------------------------------------------------------------------------
+// Managed identities and federated credentials. A user-assigned managed identity gets its tokens from the App
+// Service identity endpoint (IDENTITY_ENDPOINT with the X-IDENTITY-HEADER secret, api-version 2019-08-01); its
+// token for api://AzureADTokenExchange is the client assertion of an app registration that trusts it through a
+// federated identity credential (issuer, subject = the identity's principal id, audience). Entra checks the
+// assertion against the app's federated credentials: no issuer match is AADSTS700211, no audience match
+// AADSTS700212, no subject match AADSTS700213; then the signature and the time range.
+
+const JWT_BEARER = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
+const MSI_PATH = '/msi/token';
+const MSI_TOKEN_LIFETIME_SECONDS = 24 * 3600; // managed-identity tokens are cached by the platform for about a day
+const signingPrivateKey = createPrivateKey(readFileSync(config.signing_key));
+const signingPublicKey = createPublicKey(signingPrivateKey);
+const managedIdentities = new Map((config.managed_identities ?? []).map((mi) => [mi.client_id, mi]));
+const federatedCredentials = new Map(config.clients.map((c) => [c.client_id, c.federated_credentials ?? []]));
+const clientSecrets = new Map(config.clients.map((c) => [c.client_id, c.client_secret]));
+
+function signJwt(payload) {
+  const header = { alg: 'RS256', typ: 'JWT', kid: config.signing_kid };
+  const encode = (part) => Buffer.from(JSON.stringify(part)).toString('base64url');
+  const input = `${encode(header)}.${encode(payload)}`;
+  const signature = createSign('RSA-SHA256').update(input).sign(signingPrivateKey).toString('base64url');
+  return `${input}.${signature}`;
+}
+
+function verifiedJwt(jwt) {
+  const parts = String(jwt).split('.');
+  if (parts.length !== 3) return undefined;
+  let payload;
+  try {
+    payload = JSON.parse(Buffer.from(parts[1], 'base64url').toString('utf8'));
+  } catch {
+    return undefined;
+  }
+  const valid = createVerify('RSA-SHA256').update(`${parts[0]}.${parts[1]}`)
+    .verify(signingPublicKey, Buffer.from(parts[2], 'base64url'));
+  return { payload, valid };
+}
+
+function clientAssertionRefusal(params) {
+  const clientId = params.get('client_id') ?? '';
+  const parsed = verifiedJwt(params.get('client_assertion') ?? '');
+  if (!parsed || typeof parsed.payload !== 'object' || parsed.payload === null) {
+    return { code: 700027, error: 'invalid_client', message: 'Client assertion is not a valid JWT.' };
+  }
+  const { payload, valid } = parsed;
+  const audiences = Array.isArray(payload.aud) ? payload.aud : [payload.aud];
+  const trusted = federatedCredentials.get(clientId) ?? [];
+  const detail = `Assertion Issuer: '${payload.iss}'. Assertion Subject: '${payload.sub}'. `
+    + `Assertion Audience: '${audiences.join(',')}'.`;
+  const byIssuer = trusted.filter((fic) => fic.issuer === payload.iss);
+  if (byIssuer.length === 0) {
+    return { code: 700211, error: 'invalid_request', message: `${AADSTS_MESSAGES[700211]} ${detail}` };
+  }
+  const byAudience = byIssuer.filter((fic) => fic.audiences.some((a) => audiences.includes(a)));
+  if (byAudience.length === 0) {
+    return { code: 700212, error: 'invalid_request', message: `${AADSTS_MESSAGES[700212]} ${detail}` };
+  }
+  if (!byAudience.some((fic) => fic.subject === payload.sub)) {
+    return { code: 700213, error: 'invalid_request', message: `${AADSTS_MESSAGES[700213]} ${detail}` };
+  }
+  if (!valid) return { code: 700027, error: 'invalid_client' };
+  const now = Math.floor(Date.now() / 1000);
+  if (!(Number.isInteger(payload.exp) && payload.exp > now) || (Number.isInteger(payload.nbf) && payload.nbf > now + 300)) {
+    return { code: 700024, error: 'invalid_client' };
+  }
+  // oidc-provider knows one authentication method per client: an assertion that passed Entra's checks stands
+  // for the client's own credential from here on.
+  params.delete('client_assertion');
+  params.delete('client_assertion_type');
+  params.set('client_secret', clientSecrets.get(clientId) ?? '');
+  return undefined;
+}
+
+function msiError(ctx, status, message) {
+  ctx.status = status;
+  ctx.set('cache-control', 'no-store');
+  ctx.body = { statusCode: status, message, correlationId: randomUUID() };
+}
+
+provider.use(async (ctx, next) => {
+  if (ctx.path !== MSI_PATH) return next();
+  state.stats.msi_requests += 1;
+  const expected = Buffer.from(String(config.identity_header ?? ''));
+  const given = Buffer.from(ctx.get('x-identity-header'));
+  if (ctx.method !== 'GET') return msiError(ctx, 405, 'Only GET is supported.');
+  if (!expected.length || given.length !== expected.length || !timingSafeEqual(given, expected)) {
+    return msiError(ctx, 401, 'The X-IDENTITY-HEADER header is missing or wrong.');
+  }
+  const fault = takeFault('msi', {});
+  if (fault) {
+    state.stats.faults_injected += 1;
+    if (fault.retry_after !== undefined) ctx.set('retry-after', String(fault.retry_after));
+    return msiError(ctx, fault.status, fault.description ?? 'Injected managed identity failure.');
+  }
+  const resource = String(ctx.query.resource ?? '');
+  if (!resource) return msiError(ctx, 400, 'The resource parameter is required.');
+  const identity = managedIdentities.get(String(ctx.query.client_id ?? ''));
+  if (!identity) {
+    return msiError(ctx, 400, 'No User Assigned or Delegated Managed Identity found for specified ClientId/ResourceId/PrincipalId.');
+  }
+  const now = Math.floor(Date.now() / 1000);
+  const token = signJwt({
+    aud: resource,
+    iss: ISSUER,
+    iat: now,
+    nbf: now,
+    exp: now + MSI_TOKEN_LIFETIME_SECONDS,
+    sub: identity.principal_id,
+    oid: identity.principal_id,
+    tid: TENANT,
+    appid: identity.client_id,
+    azp: identity.client_id,
+    idtyp: 'app',
+  });
+  ctx.set('cache-control', 'no-store');
+  ctx.body = {
+    access_token: token,
+    expires_on: String(now + MSI_TOKEN_LIFETIME_SECONDS),
+    resource,
+    token_type: 'Bearer',
+    client_id: identity.client_id,
+  };
   return undefined;
 });
 
@@ -957,6 +1197,16 @@ provider.use(async (ctx, next) => {
   if (ctx.method !== 'POST' || ![PATHS.token, PATHS.revocation].includes(ctx.path)) return next();
   const params = new URLSearchParams(await readBody(ctx.req));
   basicToPost(ctx, params);
+  if (ctx.path === PATHS.token && params.get('client_assertion_type') === JWT_BEARER) {
+    const refused = clientAssertionRefusal(params);
+    if (refused) {
+      state.stats.assertions_refused += 1;
+      const error = refused.error ?? 'invalid_client';
+      sendEntraError(ctx, error === 'invalid_client' ? 401 : 400, error, refused.code, refused.message);
+      return undefined;
+    }
+    state.stats.assertions_accepted += 1;
+  }
   // oidc-provider reads a body that an earlier middleware consumed from req.body (and says so once on stderr:
   // "already parsed request body detected", expected here).
   ctx.req.body = params.toString();
@@ -974,7 +1224,7 @@ provider.use(async (ctx, next) => {
     if (fault.error) {
       // MSAL honours Retry-After: it answers the same request from its own cache until the time is up.
       if (fault.retry_after !== undefined) ctx.set('retry-after', String(fault.retry_after));
-      sendEntraError(ctx, fault.status, fault.error, fault.aadsts, fault.description);
+      sendEntraError(ctx, fault.status, fault.error, fault.aadsts, fault.description, fault);
       return undefined;
     }
   }

@@ -156,11 +156,12 @@ def test_a_secret_deleted_behind_the_apps_back_asks_for_re_consent_and_the_other
 
 def test_a_rotated_refresh_token_survives_a_failed_key_vault_write(
     services: Any, settings: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any, vault: Vault,
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, entra_control: Any,
 ) -> None:  # fmt: skip
     monkeypatch.setattr(tokens_module, "SAVE_ATTEMPTS", 1)  # one save (four SDK attempts) per run
     address = new_address()
     consent(address)
+    entra_control("settings", {"strict_accounts": [address]})
     before = expire_access_tokens(services, address)  # the next run must renew, and the stand-in rotates
     old_cache = services.tokens._store.load(address).serialized
     saved_at = services.registry.get(address).token_saved_at

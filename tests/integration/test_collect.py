@@ -147,6 +147,8 @@ def test_a_rotated_refresh_token_is_stored_and_the_old_one_is_not_needed(
         consent(address)
     finally:
         entra_control("settings", {"access_token_ttl_seconds": 3600})
+    # Strict rotation: the refresh token stored before dies once redeemed, so only a stored rotation keeps it going.
+    entra_control("settings", {"strict_accounts": [address]})
     store = services.tokens._store
     before = store.load(address)
     deliver(address, simple_message("rotating"))

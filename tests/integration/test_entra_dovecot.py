@@ -311,8 +311,10 @@ def test_dovecot_refuses_foreign_expired_and_tampered_tokens(parts: Parts) -> No
     assert time.monotonic() - started < 2
 
 
-def test_refresh_rotates_and_the_old_refresh_token_dies(parts: Parts) -> None:
-    cache, _ = consent(parts, address())
+def test_refresh_rotates_and_in_strict_mode_the_old_refresh_token_dies(parts: Parts) -> None:
+    user = address()
+    cache, _ = consent(parts, user)
+    control(parts, "settings", {"strict_accounts": [user]})
     [old] = refresh_tokens(cache)
 
     renewed = refresh(parts, cache)
