@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import Enum
 from typing import Any
 
 import msal
@@ -54,19 +55,27 @@ AUTHORIZE_ERRORS: Mapping[int, str] = {
 }
 
 
+class ConsentFailure(Enum):
+    """What kind of problem stopped a consent; the HTTP layer chooses the status for each."""
+
+    INVALID = "invalid"  # the request or the sign-in response cannot be used: start over
+    REFUSED = "refused"  # the user, the tenant or this app refused the account: act on the account or consent
+    PROVIDER = "provider"  # Entra ID refused the app's own configuration: fix the app registration
+
+
 class ConsentProblem(Exception):
-    """A consent that cannot go on. ``status`` is the HTTP status; ``title``/``detail``/``next_step`` are safe to
-    show on a page (they never hold a token, code or secret)."""
+    """A consent that cannot go on. ``kind`` says whose problem it is; ``title``/``detail``/``next_step`` are safe
+    to show on a page (they never hold a token, code or secret)."""
 
     def __init__(
         self,
-        status: int,
+        kind: ConsentFailure,
         title: str,
         detail: str,
         next_step: str = "Open the mailbox's authorize link again to start over.",
     ) -> None:
         super().__init__(f"{title}: {detail}")
-        self.status = status
+        self.kind = kind
         self.title = title
         self.detail = detail
         self.next_step = next_step
@@ -114,7 +123,7 @@ class ConsentService:
         try:
             chosen = MailboxOptions.from_mapping(options or {}, existing.options if existing else None)
         except ValueError as e:
-            raise ConsentProblem(400, "Invalid mailbox option", str(e)) from None
+            raise ConsentProblem(ConsentFailure.INVALID, "Invalid mailbox option", str(e)) from None
         app = confidential_app(self._settings)
         try:
             flow = app.initiate_auth_code_flow(
@@ -150,9 +159,13 @@ class ConsentService:
         """
         state = form.get("state", "")
         if not state:
-            raise ConsentProblem(400, "Missing state", "The callback was opened without a sign-in response.")
+            raise ConsentProblem(
+                ConsentFailure.INVALID, "Missing state", "The callback was opened without a sign-in response."
+            )
         if not _STATE.match(state):
-            raise ConsentProblem(400, "Invalid state", "The sign-in response does not belong to this app.")
+            raise ConsentProblem(
+                ConsentFailure.INVALID, "Invalid state", "The sign-in response does not belong to this app."
+            )
         entity = self._take_flow(state)
         address, signer = str(entity["address"]), str(entity["signer"])
         if "error" in form:
@@ -164,7 +177,9 @@ class ConsentService:
             result = app.acquire_token_by_auth_code_flow(flow, dict(form), scopes=[self._settings.imap_scope])
         except ValueError:
             # MSAL raises on a state mismatch: treat it as forged.
-            raise ConsentProblem(400, "Invalid sign-in response", "The response does not match the flow.") from None
+            raise ConsentProblem(
+                ConsentFailure.INVALID, "Invalid sign-in response", "The response does not match the flow."
+            ) from None
         except UNREACHABLE as e:
             raise TransientError(f"Entra ID unreachable while redeeming the code: {type(e).__name__}") from e
         if "error" in result:
@@ -174,7 +189,7 @@ class ConsentService:
         if signed_in != signer:
             logger.warning("consent refused mailbox=%s signer=%s signed_in=%s", address, signer, signed_in)
             raise ConsentProblem(
-                403,
+                ConsentFailure.REFUSED,
                 "Wrong account",
                 f"You signed in as {signed_in or 'an unknown account'}, but this authorization is for {signer}. "
                 "Nothing was stored.",
@@ -223,7 +238,10 @@ class ConsentService:
             return normalize_address(text, allowed_domains=self._settings.allowed_domains)
         except InvalidMailboxError as e:
             raise ConsentProblem(
-                400, f"Invalid {what} address", f"The {what} address is refused: {e}.", "Check the address."
+                ConsentFailure.INVALID,
+                f"Invalid {what} address",
+                f"The {what} address is refused: {e}.",
+                "Check the address.",
             ) from None
 
     def _take_flow(self, state: str) -> Mapping[str, Any]:
@@ -234,14 +252,16 @@ class ConsentService:
             )
         except (ResourceNotFoundError, ResourceModifiedError):
             raise ConsentProblem(
-                400,
+                ConsentFailure.INVALID,
                 "Unknown or already used sign-in",
                 "This sign-in response is not expected: it was already used, it expired, or it was not started here.",
             ) from None
         except AzureError as e:
             raise TransientError(f"cannot read the consent flow (Table storage): {type(e).__name__}") from e
         if entity["expires_at"] < utcnow():
-            raise ConsentProblem(400, "Sign-in expired", "The sign-in took too long and the flow has expired.")
+            raise ConsentProblem(
+                ConsentFailure.INVALID, "Sign-in expired", "The sign-in took too long and the flow has expired."
+            )
         return entity
 
     def _authorize_error(self, form: Mapping[str, str], address: str) -> ConsentProblem:
@@ -251,9 +271,10 @@ class ConsentService:
         code_text = ", ".join(f"AADSTS{c}" for c in codes)
         logger.warning("consent failed at sign-in mailbox=%s error=%s codes=%s", address, error, code_text or "-")
         detail = explained or f"Entra ID ended the sign-in with {error or 'an error'}."
-        status = 403 if error in ("access_denied", "consent_required", "unauthorized_client") else 400
+        refused = error in ("access_denied", "consent_required", "unauthorized_client")
+        kind = ConsentFailure.REFUSED if refused else ConsentFailure.INVALID
         title = "Consent declined" if 65004 in codes else "Sign-in did not complete"
-        return ConsentProblem(status, title, f"{detail} ({code_text or error})")
+        return ConsentProblem(kind, title, f"{detail} ({code_text or error})")
 
     def _redeem_error(self, result: Mapping[str, Any], address: str) -> ConsentProblem | CollectorError:
         error = error_from_result(result, mailbox=address)
@@ -264,7 +285,7 @@ class ConsentService:
         reason = next((RECONSENT_CODES[c] for c in codes if c in RECONSENT_CODES), None)
         detail = error.remedy if isinstance(error, ConfigurationError) else (reason or "the sign-in code was refused")
         return ConsentProblem(
-            502 if isinstance(error, ConfigurationError) else 400,
+            ConsentFailure.PROVIDER if isinstance(error, ConfigurationError) else ConsentFailure.INVALID,
             "Sign-in could not be completed",
             f"Entra ID refused to redeem the sign-in ({result.get('error')}, "
             f"{', '.join(f'AADSTS{c}' for c in codes) or 'no AADSTS code'}): {detail}.",

@@ -12,7 +12,7 @@ import pytest
 import requests
 from azure.data.tables import TableClient
 
-from collectors.consent import FLOW_PARTITION, ConsentProblem, ConsentService
+from collectors.consent import FLOW_PARTITION, ConsentFailure, ConsentProblem, ConsentService
 from shared import azure_clients, redaction
 from shared.errors import TransientError
 from shared.mailboxes import mailbox_key
@@ -73,7 +73,7 @@ def test_a_reused_state_is_refused_and_stores_nothing_more(services: Any, signed
     services.consent.complete(fields)
     with pytest.raises(ConsentProblem) as problem:
         services.consent.complete(fields)
-    assert problem.value.status == 400 and "already used" in problem.value.detail
+    assert problem.value.kind is ConsentFailure.INVALID and "already used" in problem.value.detail
 
 
 def test_a_double_submit_completes_once(services: Any, signed_in: Any, new_address: Any) -> None:
@@ -81,15 +81,15 @@ def test_a_double_submit_completes_once(services: Any, signed_in: Any, new_addre
     fields = signed_in(address)
     with ThreadPoolExecutor(4) as pool:
         outcomes = list(pool.map(lambda _: _outcome(services, fields), range(4)))
-    assert sorted(outcomes) == [200, 400, 400, 400]
+    assert sorted(outcomes) == ["invalid", "invalid", "invalid", "stored"]
 
 
-def _outcome(services: Any, fields: dict[str, str]) -> int:
+def _outcome(services: Any, fields: dict[str, str]) -> str:
     try:
         services.consent.complete(fields)
-        return 200
+        return "stored"
     except ConsentProblem as e:
-        return e.status
+        return e.kind.value
 
 
 @pytest.mark.parametrize(
@@ -104,7 +104,7 @@ def _outcome(services: Any, fields: dict[str, str]) -> int:
 def test_missing_forged_and_unknown_state(services: Any, fields: dict[str, str], title: str) -> None:
     with pytest.raises(ConsentProblem) as problem:
         services.consent.complete(fields)
-    assert (problem.value.status, problem.value.title) == (400, title)
+    assert (problem.value.kind, problem.value.title) == (ConsentFailure.INVALID, title)
 
 
 def test_an_expired_flow_is_refused(services: Any, signed_in: Any, new_address: Any) -> None:
@@ -125,7 +125,8 @@ def test_signing_in_as_another_account_stores_nothing(services: Any, signed_in: 
     fields = signed_in(address, login=other)
     with pytest.raises(ConsentProblem) as problem:
         services.consent.complete(fields)
-    assert problem.value.status == 403 and other in problem.value.detail and address in problem.value.next_step
+    assert problem.value.kind is ConsentFailure.REFUSED
+    assert other in problem.value.detail and address in problem.value.next_step
     assert nothing_stored(services, address)
 
 
@@ -185,7 +186,7 @@ def test_a_code_that_fails_to_redeem_stores_nothing(
     )
     with pytest.raises(ConsentProblem) as problem:
         services.consent.complete(fields)
-    assert problem.value.status == 400 and "AADSTS70008" in problem.value.detail
+    assert problem.value.kind is ConsentFailure.INVALID and "AADSTS70008" in problem.value.detail
     assert nothing_stored(services, address)
 
 
@@ -248,7 +249,7 @@ def test_revoke_deletes_the_secret_and_the_row_and_a_new_consent_works(
 def test_bad_addresses_are_refused_before_anything_starts(services: Any, redirect_uri: str, address: str) -> None:
     with pytest.raises(ConsentProblem) as problem:
         services.consent.start(address, redirect_uri=redirect_uri)
-    assert problem.value.status == 400
+    assert problem.value.kind is ConsentFailure.INVALID
 
 
 def test_domains_outside_the_allowed_list_are_refused(app_env: dict[str, str], redirect_uri: str) -> None:

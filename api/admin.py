@@ -1,0 +1,65 @@
+"""Admin routes: list, read, change and revoke registered mailboxes (JSON, function key)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import azure.functions as func
+
+from api.pages import json_answer
+from api.statuses import bad_request, not_found, service_failure
+from collectors.services import get_services
+from shared.errors import CollectorError
+from shared.mailboxes import InvalidMailboxError, normalize_address
+from shared.registry import MailboxOptions
+
+MAX_JSON_BYTES = 8 * 1024
+
+blueprint = func.Blueprint()  # type: ignore[no-untyped-call]  # the library leaves its __init__ untyped
+
+
+@blueprint.route(route="mailboxes", methods=["GET"])
+def list_mailboxes(req: func.HttpRequest) -> func.HttpResponse:
+    """Every registered mailbox with its status, checkpoint and last outcome (JSON)."""
+    try:
+        return json_answer(200, [m.to_public() for m in get_services().registry.list()])
+    except CollectorError as e:
+        return service_failure(e)
+
+
+def _options_patch(body: bytes) -> dict[str, Any]:
+    """The PATCH body as a JSON object; raises ValueError saying what is wrong with it."""
+    try:
+        changes = json.loads(body or b"{}")
+    except RecursionError:  # a few KB of "[[[[" nest deeper than the parser's recursion limit
+        raise ValueError("the body nests too deeply") from None
+    if not isinstance(changes, dict):
+        raise ValueError("the body must be a JSON object")
+    return changes
+
+
+@blueprint.route(route="mailboxes/{address}", methods=["GET", "PATCH", "DELETE"])
+def mailbox(req: func.HttpRequest) -> func.HttpResponse:
+    """GET: status. PATCH: options as JSON (folder, after_action, move_to, max_messages, max_bytes). DELETE: revoke."""
+    try:
+        address = normalize_address(req.route_params.get("address", ""))
+        services = get_services()
+        if req.method == "DELETE":
+            existed = services.consent.revoke(address)
+            return json_answer(200 if existed else 404, {"mailbox": address, "revoked": existed})
+        current = services.registry.find(address)
+        if current is None:
+            return not_found(address)
+        if req.method == "GET":
+            return json_answer(200, current.to_public())
+        body = req.get_body()
+        if len(body) > MAX_JSON_BYTES:
+            return json_answer(413, {"error": "too_large"})
+        options = MailboxOptions.from_mapping(_options_patch(body), current.options)
+        services.registry.set_options(address, options)
+        return json_answer(200, services.registry.get(address).to_public())
+    except (InvalidMailboxError, ValueError) as e:
+        return bad_request(str(e))
+    except CollectorError as e:
+        return service_failure(e)
