@@ -313,7 +313,7 @@ def test_function_level_needs_a_key(served: Served, host_logs: pytest.LogCapture
     assert seen["function"] == "secret"
     assert str(uuid.UUID(seen["invocation"])) == seen["invocation"]
     assert seen["invocation"] != by_query.json()["invocation"]
-    lines = [r.getMessage() for r in host_logs.records if r.name == HOST_LOGGER]
+    lines = [r.getMessage() for r in host_logs.records if r.name.startswith(HOST_LOGGER)]
     assert any(f"invocation_id={seen['invocation']}" in line and "status=200" in line for line in lines)
     assert any("function=secret status=401" in line for line in lines)
     assert served.function_key not in host_logs.text
