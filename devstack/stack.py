@@ -81,7 +81,7 @@ def _identity(folder: Path) -> dict[str, str]:
     """Tenant, client and the test user's password: made once, then kept so that stored settings stay valid."""
     path = folder / "identity.json"
     data: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-    made = {
+    made: dict[str, Callable[[], str]] = {
         "tenant_id": lambda: str(uuid.uuid4()),
         "client_id": lambda: str(uuid.uuid4()),
         "client_secret": lambda: secrets.token_urlsafe(32),
