@@ -7,12 +7,12 @@ from typing import Any
 
 import azure.functions as func
 
+from api.identity import acting_admin
 from api.pages import json_answer
 from api.statuses import bad_request, not_found, service_failure
 from collectors.services import get_services
 from shared.errors import CollectorError
 from shared.mailboxes import InvalidMailboxError, normalize_address
-from shared.registry import MailboxOptions
 
 MAX_JSON_BYTES = 8 * 1024
 
@@ -46,7 +46,7 @@ def mailbox(req: func.HttpRequest) -> func.HttpResponse:
         address = normalize_address(req.route_params.get("address", ""))
         services = get_services()
         if req.method == "DELETE":
-            existed = services.consent.revoke(address)
+            existed = services.consent.revoke(address, admin=acting_admin(req))
             return json_answer(200 if existed else 404, {"mailbox": address, "revoked": existed})
         current = services.registry.find(address)
         if current is None:
@@ -56,9 +56,10 @@ def mailbox(req: func.HttpRequest) -> func.HttpResponse:
         body = req.get_body()
         if len(body) > MAX_JSON_BYTES:
             return json_answer(413, {"error": "too_large"})
-        options = MailboxOptions.from_mapping(_options_patch(body), current.options)
-        services.registry.set_options(address, options)
-        return json_answer(200, services.registry.get(address).to_public())
+        changed = services.consent.change_options(address, _options_patch(body), admin=acting_admin(req))
+        return json_answer(200, changed.to_public())
+    except KeyError:  # revoked between the read and the change
+        return not_found(req.route_params.get("address", ""))
     except (InvalidMailboxError, ValueError) as e:
         return bad_request(str(e))
     except CollectorError as e:

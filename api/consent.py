@@ -6,6 +6,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import azure.functions as func
 
+from api.identity import acting_admin
 from api.pages import page, redirect
 from api.statuses import consent_failure
 from collectors.services import get_services
@@ -24,11 +25,6 @@ def _redirect_uri(req: func.HttpRequest) -> str:
     return f"{parts.scheme}://{parts.netloc}/api/{CALLBACK_ROUTE}"
 
 
-def _admin_name(req: func.HttpRequest) -> str:
-    # Set by App Service authentication when it fronts the app; absent with a function key.
-    return req.headers.get("x-ms-client-principal-name", "") or "function-key"
-
-
 @blueprint.route(route="mailboxes/{address}/authorize", methods=["GET"])
 def authorize_mailbox(req: func.HttpRequest) -> func.HttpResponse:
     """Start the consent flow for a mailbox and redirect the browser to Entra ID."""
@@ -41,7 +37,7 @@ def authorize_mailbox(req: func.HttpRequest) -> func.HttpResponse:
             redirect_uri=_redirect_uri(req),
             delegate=delegate,
             options=params,
-            admin=_admin_name(req),
+            admin=acting_admin(req),
         )
     except Exception as e:
         return consent_failure(e)

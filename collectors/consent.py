@@ -3,7 +3,11 @@ as the mailbox (or as a delegate of a shared mailbox), and the mailbox's token c
 
 Guarantees:
 - MSAL owns PKCE, state and nonce; the flow is kept server-side keyed by ``state``, lives FLOW_TTL, and is used
-  once (deleted with an ETag condition before the code is redeemed, so a double submit loses the race cleanly);
+  once: it is marked taken by an ETag-conditioned update before the code is redeemed (a conditional delete would
+  not do: azure-data-tables returns silently when the row is already gone), so of concurrent callbacks with the
+  same state exactly one redeems the code;
+- expired flows are deleted as new ones start, and a mailbox has at most MAX_OPEN_FLOWS open at a time;
+- whatever the callback is sent, a bad field is a ConsentProblem (a 400 page), never an unexpected error;
 - nothing is stored unless the signed-in account is the mailbox or the delegate named at the start;
 - the secret is written before the registry row, so a row never points to a missing secret;
 - no token, code, verifier or secret appears in a page or a log line.
@@ -11,22 +15,25 @@ Guarantees:
 
 from __future__ import annotations
 
+import binascii
+import itertools
 import json
 import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
 import msal
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableClient
+from azure.data.tables import TableClient, UpdateMode
 
 from collectors.entra import RECONSENT_CODES, UNREACHABLE, aadsts_codes, confidential_app, error_from_result
 from collectors.tokens import TokenService
+from shared import audit
 from shared.errors import CollectorError, ConfigurationError, TransientError
 from shared.mailboxes import InvalidMailboxError, normalize_address
 from shared.registry import ACTIVE, Mailbox, MailboxOptions, MailboxRegistry, utcnow
@@ -37,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 FLOW_TTL = timedelta(minutes=15)  # long enough to sign in with MFA, short enough that a leaked link goes stale
 FLOW_PARTITION = "flow"
+MAX_OPEN_FLOWS = 5  # per mailbox: an admin retrying a sign-in needs a few; the oldest gives way to a new one
+PURGE_BATCH = 100  # expired flows deleted per new flow: the table shrinks faster than a busy admin fills it
 _STATE = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
 
 # What an admin sees for the errors Entra sends back to the callback.
@@ -135,6 +144,8 @@ class ConsentService:
         except ValueError as e:
             raise ConfigurationError(f"cannot start the authorization flow: {e}") from e
         now = utcnow()
+        self._purge_expired(now)
+        self._cap_open_flows(address, now)
         entity = {
             "PartitionKey": FLOW_PARTITION,
             "RowKey": flow["state"],
@@ -175,19 +186,29 @@ class ConsentService:
         app = confidential_app(self._settings, cache)
         try:
             result = app.acquire_token_by_auth_code_flow(flow, dict(form), scopes=[self._settings.imap_scope])
-        except ValueError:
-            # MSAL raises on a state mismatch: treat it as forged.
-            raise ConsentProblem(
-                ConsentFailure.INVALID, "Invalid sign-in response", "The response does not match the flow."
-            ) from None
         except UNREACHABLE as e:
             raise TransientError(f"Entra ID unreachable while redeeming the code: {type(e).__name__}") from e
+        except Exception as e:
+            # Whatever MSAL raises here comes from the posted fields checked against the flow: a state mismatch
+            # (ValueError), an id token whose nonce is not this flow's (RuntimeError), a client_info that is not
+            # base64 JSON of an object (binascii, JSON or Type errors). The message may quote the nonce: not logged.
+            logger.warning(
+                "consent callback refused mailbox=%s reason=%s error=%s",
+                address,
+                _msal_reason(e, form),
+                type(e).__name__,
+            )
+            raise ConsentProblem(
+                ConsentFailure.INVALID,
+                "Invalid sign-in response",
+                "The response does not match the sign-in. Nothing was stored.",
+            ) from None
         if "error" in result:
             raise self._redeem_error(result, address)
         claims: Mapping[str, Any] = result.get("id_token_claims") or {}
         signed_in = str(claims.get("preferred_username") or claims.get("upn") or claims.get("email") or "").lower()
         if signed_in != signer:
-            logger.warning("consent refused mailbox=%s signer=%s signed_in=%s", address, signer, signed_in)
+            logger.warning("consent refused mailbox=%s signer=%s signed_in=%r", address, signer, signed_in)
             raise ConsentProblem(
                 ConsentFailure.REFUSED,
                 "Wrong account",
@@ -218,18 +239,45 @@ class ConsentService:
         if self._tokens is not None:
             self._tokens.forget(address)
         logger.info("consent stored mailbox=%s signed_in=%s reconsent=%s", address, signed_in, previous is not None)
+        audit.record(
+            "consent",
+            mailbox=address,
+            who=str(entity.get("admin") or audit.FUNCTION_KEY),
+            before={"status": previous.status, "signed_in_as": previous.signed_in_as} if previous else {},
+            after={"status": ACTIVE, "signed_in_as": signed_in},
+        )
         return ConsentResult(address, signed_in, reconsent=previous is not None)
 
-    def revoke(self, address_text: str) -> bool:
+    def change_options(self, address: str, changes: Mapping[str, Any], *, admin: str) -> Mailbox:
+        """Apply an admin's option changes to a registered mailbox and audit them. Returns the updated row.
+
+        Raises KeyError when the mailbox is not registered, ValueError (in plain words) for a bad option.
+        """
+        current = self._registry.get(address)
+        options = MailboxOptions.from_mapping(changes, current.options)
+        self._registry.set_options(address, options)
+        before, after = audit.changes(current.options.__dict__, options.__dict__)
+        if after:
+            audit.record("options", mailbox=address, who=admin, before=before, after=after)
+        return self._registry.get(address)
+
+    def revoke(self, address_text: str, *, admin: str = audit.FUNCTION_KEY) -> bool:
         """Delete the mailbox's registry row, then its secret. Returns False when it was not registered."""
         address = self._address(address_text, "mailbox")
-        existed = self._registry.find(address) is not None
+        previous = self._registry.find(address)
         self._registry.delete(address)
         self._store.delete(address)
         if self._tokens is not None:
             self._tokens.forget(address)
-        logger.info("mailbox revoked mailbox=%s existed=%s", address, existed)
-        return existed
+        logger.info("mailbox revoked mailbox=%s existed=%s", address, previous is not None)
+        audit.record(
+            "revoke",
+            mailbox=address,
+            who=admin,
+            before={"status": previous.status, "signed_in_as": previous.signed_in_as} if previous else {},
+            after={"status": "revoked"},
+        )
+        return previous is not None
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
@@ -245,24 +293,72 @@ class ConsentService:
             ) from None
 
     def _take_flow(self, state: str) -> Mapping[str, Any]:
+        used = ConsentProblem(
+            ConsentFailure.INVALID,
+            "Unknown or already used sign-in",
+            "This sign-in response is not expected: it was already used, it expired, or it was not started here.",
+        )
         try:
             entity = self._flows.get_entity(FLOW_PARTITION, state)
-            self._flows.delete_entity(
-                FLOW_PARTITION, state, etag=entity.metadata["etag"], match_condition=MatchConditions.IfNotModified
+            if entity.get("taken"):
+                raise used
+            # The one request whose conditional update succeeds owns the flow: Table storage answers 412 to every
+            # other request that read the same ETag, and 404 once the row is deleted.
+            self._flows.update_entity(
+                {"PartitionKey": FLOW_PARTITION, "RowKey": state, "taken": True},
+                mode=UpdateMode.MERGE,
+                etag=entity.metadata["etag"],
+                match_condition=MatchConditions.IfNotModified,
             )
         except (ResourceNotFoundError, ResourceModifiedError):
-            raise ConsentProblem(
-                ConsentFailure.INVALID,
-                "Unknown or already used sign-in",
-                "This sign-in response is not expected: it was already used, it expired, or it was not started here.",
-            ) from None
+            raise used from None
         except AzureError as e:
             raise TransientError(f"cannot read the consent flow (Table storage): {type(e).__name__}") from e
+        try:
+            self._flows.delete_entity(FLOW_PARTITION, state)
+        except AzureError as e:  # the row is marked taken: a later purge removes it
+            logger.warning("consent flow not deleted error=%s", type(e).__name__)
         if entity["expires_at"] < utcnow():
             raise ConsentProblem(
                 ConsentFailure.INVALID, "Sign-in expired", "The sign-in took too long and the flow has expired."
             )
         return entity
+
+    def _purge_expired(self, now: datetime) -> None:
+        """Delete up to PURGE_BATCH expired flows. Best effort: a failure leaves them for the next start."""
+        try:
+            expired = self._flows.query_entities(
+                "PartitionKey eq @p and expires_at lt @now",
+                parameters={"p": FLOW_PARTITION, "now": now},
+                select=["PartitionKey", "RowKey"],
+                results_per_page=PURGE_BATCH,
+            )
+            count = 0
+            for entity in itertools.islice(expired, PURGE_BATCH):
+                self._flows.delete_entity(FLOW_PARTITION, entity["RowKey"])
+                count += 1
+        except AzureError as e:
+            logger.warning("expired consent flows not purged error=%s", type(e).__name__)
+            return
+        if count:
+            logger.info("consent flows purged expired=%d", count)
+
+    def _cap_open_flows(self, address: str, now: datetime) -> None:
+        """Make room for one more open flow of ``address``: the oldest beyond MAX_OPEN_FLOWS - 1 are cancelled."""
+        try:
+            open_flows = sorted(
+                self._flows.query_entities(
+                    "PartitionKey eq @p and address eq @a and expires_at ge @now",
+                    parameters={"p": FLOW_PARTITION, "a": address, "now": now},
+                    select=["RowKey", "expires_at"],
+                ),
+                key=lambda e: e["expires_at"],
+            )
+            for entity in open_flows[: max(0, len(open_flows) - (MAX_OPEN_FLOWS - 1))]:
+                self._flows.delete_entity(FLOW_PARTITION, entity["RowKey"])
+                logger.info("consent flow cancelled mailbox=%s reason=too_many_open_flows", address)
+        except AzureError as e:
+            raise TransientError(f"cannot count the open consent flows (Table storage): {type(e).__name__}") from e
 
     def _authorize_error(self, form: Mapping[str, str], address: str) -> ConsentProblem:
         error = form.get("error", "")[:64]
@@ -290,3 +386,15 @@ class ConsentService:
             f"Entra ID refused to redeem the sign-in ({result.get('error')}, "
             f"{', '.join(f'AADSTS{c}' for c in codes) or 'no AADSTS code'}): {detail}.",
         )
+
+
+def _msal_reason(error: Exception, form: Mapping[str, str]) -> str:
+    """A short, secret-free name for why MSAL refused the posted fields (the log's ``reason=``)."""
+    text = str(error).lower()
+    if "nonce" in text:
+        return "nonce_mismatch"
+    if "state" in text and isinstance(error, ValueError) and not isinstance(error, json.JSONDecodeError):
+        return "state_mismatch"
+    if form.get("client_info") and isinstance(error, binascii.Error | UnicodeError | ValueError | TypeError | KeyError):
+        return "malformed_client_info"
+    return "invalid_response"

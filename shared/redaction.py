@@ -28,6 +28,16 @@ _PATTERNS: tuple[re.Pattern[str], ...] = (
 )
 
 
+# What a log line must never carry raw: C0 and C1 controls (a CR or LF forges a second line), and the invisible
+# format characters (bidi overrides and isolates, zero-width characters) that make a line read as something else.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def escape_controls(text: str) -> str:
+    """Return ``text`` with control and bidi characters written as escapes (``\\n``, ``\\u202e``)."""
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def redact(text: str) -> str:
     """Return ``text`` with every secret-looking value replaced by ``[redacted]``."""
     for pattern in _PATTERNS:
@@ -43,7 +53,8 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a broken format string must not hide the record
             message = f"{record.msg!r} {record.args!r}"
-        record.msg = redact(message)
+        # Values in a message come from outside (addresses, names from id tokens, folder names): escaped here.
+        record.msg = escape_controls(redact(message))
         record.args = None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)

@@ -6,10 +6,13 @@ should not be), and storage (no registry row, no Key Vault secret, no consent fl
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +22,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import pytest
 import requests
 
-from collectors.consent import FLOW_PARTITION
+from collectors.consent import FLOW_PARTITION, MAX_OPEN_FLOWS
 from devstack.stack import isolated_settings
 from shared import azure_clients
 from shared.mailboxes import mailbox_key
@@ -289,6 +292,156 @@ def test_another_mailboxs_code_with_this_mailboxs_state_is_refused(site: Site) -
     assert attacker_fields["code"] not in response.text
     assert not site.stored(victim) and site.flows_of(victim) == 0
     assert not site.stored(attacker)
+
+
+def test_eight_concurrent_callbacks_with_one_state_redeem_the_code_once(site: Site) -> None:
+    # azure-data-tables' delete_entity returns silently on a 404, even with an ETag condition: a conditional delete
+    # alone let every racer redeem the code, and only the identity provider's single-use code stopped the others.
+    address = new_address()
+    fields = site.sign_in(address)
+    stats = f"{site.stack['entra_origin']}/_control/stats"
+    redeemed_before = site.entra.get(stats).json()["token_requests"].get("authorization_code", 0)
+    barrier = threading.Barrier(8)
+
+    def post(_: int) -> requests.Response:
+        session = NoRedirects()
+        session.trust_env = False
+        barrier.wait()
+        return session.post(site.app.callback, data=fields, headers={"Content-Type": FORM})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(post, range(8)))
+    assert sorted(a.status_code for a in answers) == [200] + [400] * 7
+    assert {title_of(a) for a in answers if a.status_code == 400} == {"Unknown or already used sign-in"}
+    assert site.entra.get(stats).json()["token_requests"].get("authorization_code", 0) - redeemed_before == 1
+    assert site.secret_versions(address) == 1 and site.flows_of(address) == 0
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("client_info", "reason"),
+    [
+        ("!!!not-base64!!!", "malformed_client_info"),
+        (_b64("not json"), "malformed_client_info"),
+        (_b64('["uid", "utid"]'), "malformed_client_info"),
+        (_b64('{"uid": "a"'), "malformed_client_info"),
+        (base64.b64encode(b"\xff\xfe{}").decode(), "malformed_client_info"),
+    ],
+    ids=["not-base64", "not-json", "a-list", "cut-json", "not-utf8"],
+)
+def test_a_malformed_client_info_is_a_400_page_that_stores_nothing(site: Site, client_info: str, reason: str) -> None:
+    address = new_address()
+    fields = {**site.sign_in(address), "client_info": client_info}
+    response = site.callback(fields)
+    assert_app_page(response, 400)
+    assert title_of(response) == "Invalid sign-in response"
+    assert not site.stored(address) and site.flows_of(address) == 0
+    assert f"consent callback refused mailbox={address} reason={reason}" in Path(site.app.log).read_text()
+
+
+def test_an_id_token_with_another_nonce_is_a_400_page_that_stores_nothing(site: Site) -> None:
+    address = new_address()
+    fields = site.sign_in(address)
+    flows = azure_clients.table(site.services.settings, site.services.settings.consent_table)
+    entity = flows.get_entity(FLOW_PARTITION, fields["state"])
+    flow = json.loads(entity["flow"])
+    flow["nonce"] = "another-nonce-" + uuid.uuid4().hex  # as if the code had been issued to another sign-in
+    entity["flow"] = json.dumps(flow)
+    flows.update_entity(entity)
+    response = site.callback(fields)
+    assert_app_page(response, 400)
+    assert title_of(response) == "Invalid sign-in response"
+    assert not site.stored(address) and site.flows_of(address) == 0
+    log = Path(site.app.log).read_text()
+    assert f"consent callback refused mailbox={address} reason=nonce_mismatch" in log
+    assert flow["nonce"] not in log
+
+
+def test_an_error_posted_with_control_and_bidi_characters_is_logged_escaped(site: Site) -> None:
+    address = new_address()
+    started = site.authorize(address)
+    state = parse_qs(urlsplit(started.headers["Location"]).query)["state"][0]
+    forged = "access_denied\u202e\r\n2026-01-01 INFO consent stored mailbox=victim@example.test"
+    response = site.callback({"state": state, "error": forged, "error_description": "AADSTS65004"})
+    assert_app_page(response, 400)
+    log = Path(site.app.log).read_text()
+    assert not any(line.startswith("2026-01-01") for line in log.splitlines())  # no forged line
+    assert "\u202e" not in log and "\\u202e" in log
+
+
+# --- consent flows: expiry, clean-up, a cap per mailbox --------------------------------------------------------
+
+
+def test_expired_flows_are_deleted_when_a_new_flow_starts(site: Site) -> None:
+    stale = new_address()
+    assert site.authorize(stale).status_code == 302
+    flows = azure_clients.table(site.services.settings, site.services.settings.consent_table)
+    (entity,) = flows.query_entities("address eq @a", parameters={"a": stale})
+    entity["expires_at"] = utcnow() - timedelta(minutes=1)
+    flows.update_entity(entity)
+    assert site.authorize(new_address()).status_code == 302
+    assert site.flows_of(stale) == 0
+
+
+def test_open_flows_per_mailbox_are_capped_and_the_newest_still_signs_in(site: Site) -> None:
+    address = new_address()
+    for _ in range(MAX_OPEN_FLOWS + 3):
+        assert site.authorize(address).status_code == 302
+    assert site.flows_of(address) == MAX_OPEN_FLOWS
+    response = site.callback(site.sign_in(address))
+    assert_app_page(response, 200)
+    assert site.flows_of(address) == MAX_OPEN_FLOWS - 1
+
+
+# --- who acted: consented_by and the audit lines ----------------------------------------------------------------
+
+
+def test_a_client_sent_principal_header_is_not_trusted_without_app_service_authentication(site: Site) -> None:
+    address = new_address()
+    forged = {"X-MS-CLIENT-PRINCIPAL-NAME": "ceo@example.test", "X-MS-CLIENT-PRINCIPAL-ID": str(uuid.uuid4())}
+    started = site.http.get(site.url(f"/api/mailboxes/{quote(address)}/authorize", key=site.app.key), headers=forged)
+    assert started.status_code == 302
+    fields = sign_in(
+        started.headers["Location"],
+        login=address,
+        password=site.stack["user_password"],
+        redirect_uri=site.app.callback,
+        session=site.entra,
+    )
+    assert_app_page(site.callback(fields), 200)
+    assert site.services.registry.get(address).consented_by == "function key"
+    changed = site.http.patch(
+        site.url(f"/api/mailboxes/{quote(address)}", key=site.app.key),
+        data=b'{"max_messages": 7}',
+        headers={"Content-Type": "application/json", **forged},
+    )
+    assert changed.status_code == 200
+    log = Path(site.app.log).read_text()
+    assert f'audit action=options mailbox={address} who="function key"' in log
+    assert "ceo@example.test" not in log
+
+
+def test_option_changes_and_revokes_are_audited_with_before_and_after(site: Site) -> None:
+    address = new_address()
+    assert_app_page(site.callback(site.sign_in(address)), 200)
+    assert patch(site, b'{"after_action": "move", "move_to": "Done", "max_messages": 25}', address).status_code == 200
+    assert patch(site, b'{"max_messages": 25}', address).status_code == 200  # no change, no line
+    gone = site.http.delete(site.url(f"/api/mailboxes/{quote(address)}", key=site.app.key))
+    assert gone.status_code == 200
+    lines = [line for line in Path(site.app.log).read_text().splitlines() if f"mailbox={address} " in line]
+    audit = [line.split(" audit ", 1)[1] for line in lines if " audit " in line]
+    assert audit == [
+        f'action=consent mailbox={address} who="function key" before={{}} '
+        f'after={{"signed_in_as": "{address}", "status": "active"}}',
+        f'action=options mailbox={address} who="function key" '
+        'before={"after_action": "seen", "max_messages": 500, "move_to": ""} '
+        'after={"after_action": "move", "max_messages": 25, "move_to": "Done"}',
+        f'action=revoke mailbox={address} who="function key" '
+        f'before={{"signed_in_as": "{address}", "status": "active"}} after={{"status": "revoked"}}',
+    ]
 
 
 # --- bodies -------------------------------------------------------------------------------------------------------

@@ -260,6 +260,10 @@ def test_domains_outside_the_allowed_list_are_refused(app_env: dict[str, str], r
     with pytest.raises(ConsentProblem) as problem:
         limited.consent.start("someone@example.test", redirect_uri=redirect_uri)
     assert "ALLOWED_MAIL_DOMAINS" in problem.value.detail
+    # A shared mailbox of the tenant, signed in as an account of another domain: refused before any flow exists.
+    with pytest.raises(ConsentProblem) as problem:
+        limited.consent.start("helpdesk@contoso.com", redirect_uri=redirect_uri, delegate="someone@example.test")
+    assert problem.value.title == "Invalid delegate address" and "ALLOWED_MAIL_DOMAINS" in problem.value.detail
 
 
 def test_fifty_concurrent_consents_all_land(

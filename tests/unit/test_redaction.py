@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import logging
 
 import pytest
@@ -46,3 +47,16 @@ def test_filter_scrubs_args_and_tracebacks() -> None:
     RedactingFilter().filter(record)
     assert JWT not in record.getMessage()
     assert record.exc_text and JWT not in record.exc_text
+
+
+def test_control_and_bidi_characters_in_a_message_are_escaped(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("tests.escape")
+    handler = logging.StreamHandler(io.StringIO())
+    handler.addFilter(RedactingFilter())
+    logger.addHandler(handler)
+    try:
+        logger.warning("consent refused signed_in=%s", "eve\r\nINFO forged\u202etxt.exe\x00\u200b é")
+    finally:
+        logger.removeHandler(handler)
+    text = handler.stream.getvalue()  # type: ignore[attr-defined]
+    assert text == "consent refused signed_in=eve\\r\\nINFO forged\\u202etxt.exe\\x00\\u200b é\n"
