@@ -6,7 +6,8 @@
 // loopback redirect URIs that match on any port, refresh-token rotation that does not revoke the redeemed token
 // (a strict mode does), access tokens of a random 60 to 90 minutes, AADSTS-shaped errors with suberror and
 // claims, and a managed-identity endpoint whose tokens are accepted as federated client assertions.
-// A loopback control API under /_control/ injects faults, revokes accounts and changes token lifetimes.
+// A loopback control API under /_control/ injects faults, revokes accounts and changes token lifetimes (for all
+// accounts, or for one account, which is what tests use so that they never change what other tests see).
 //
 //   node devstack/entra/server.mjs --config <path to JSON>
 //
@@ -159,6 +160,9 @@ const state = {
   // 'strict': it dies at once, which the no-loss tests use to prove every rotated token is kept.
   rotation: 'entra',
   strictAccounts: new Set(), // emails whose refresh tokens rotate strictly whatever the default
+  // email -> seconds: one account's access-token lifetime, so that a test shortens its own account's tokens
+  // without changing them for every other test that shares the stand-in
+  accountTtls: new Map(),
   faults: [],
   stats: newStats(),
   users: new Map(), // oid -> { email, name }
@@ -200,7 +204,9 @@ function emailOf(oid) {
   return state.users.get(oid)?.email;
 }
 
-function accessTokenTtl() {
+function accessTokenTtl(token) {
+  const own = token?.accountId ? state.accountTtls.get(emailOf(token.accountId)) : undefined;
+  if (own !== undefined) return own;
   if (state.accessTokenTtl !== null) return state.accessTokenTtl;
   const [low, high] = RANDOM_TTL_RANGE;
   return low + randomInt(high - low + 1);
@@ -479,7 +485,7 @@ const provider = new Provider(ISSUER, {
   pkce: { required: () => true },
   rotateRefreshToken: true,
   ttl: {
-    AccessToken: () => accessTokenTtl(),
+    AccessToken: (_ctx, token) => accessTokenTtl(token),
     ClientCredentials: () => accessTokenTtl(),
     AuthorizationCode: AUTHORIZATION_CODE_LIFETIME_SECONDS,
     IdToken: 3600,
@@ -783,6 +789,22 @@ provider.use(async (ctx, next) => {
         }
         state.accessTokenTtl = ttl;
       }
+      const byAccount = body.access_token_ttl_by_account;
+      if (byAccount !== undefined) {
+        // { "<email>": seconds } sets that account's lifetime; null gives it the stand-in's default again.
+        const entries = byAccount !== null && typeof byAccount === 'object' && !Array.isArray(byAccount)
+          ? Object.entries(byAccount) : null;
+        if (!entries || !entries.every(([account, seconds]) => account.includes('@')
+          && (seconds === null || (Number.isInteger(seconds) && seconds >= 1)))) {
+          ctx.status = 400;
+          ctx.body = { error: 'access_token_ttl_by_account must map email addresses to positive integers or null' };
+          return undefined;
+        }
+        for (const [account, seconds] of entries) {
+          if (seconds === null) state.accountTtls.delete(account.toLowerCase());
+          else state.accountTtls.set(account.toLowerCase(), seconds);
+        }
+      }
       const { rotation } = body;
       if (rotation !== undefined) {
         if (!['entra', 'strict'].includes(rotation)) {
@@ -807,6 +829,7 @@ provider.use(async (ctx, next) => {
       }
       ctx.body = {
         access_token_ttl_seconds: state.accessTokenTtl,
+        access_token_ttl_by_account: Object.fromEntries(state.accountTtls),
         rotation: state.rotation,
         strict_accounts: [...state.strictAccounts],
       };
@@ -822,6 +845,7 @@ provider.use(async (ctx, next) => {
       state.accessTokenTtl = DEFAULT_TTL_SECONDS;
       state.rotation = 'entra';
       state.strictAccounts.clear();
+      state.accountTtls.clear();
       state.consents.clear();
       ctx.status = 204;
       return undefined;

@@ -141,12 +141,11 @@ def test_a_rotated_refresh_token_is_stored_and_the_old_one_is_not_needed(
 
     from collectors.entra import confidential_app
 
-    entra_control("settings", {"access_token_ttl_seconds": 120})  # below the renewal margin: every run renews
-    try:
-        address = new_address()
-        consent(address)
-    finally:
-        entra_control("settings", {"access_token_ttl_seconds": 3600})
+    address = new_address()
+    # This account's tokens live below the renewal margin: every run renews (the other tests' accounts keep theirs).
+    entra_control("settings", {"access_token_ttl_by_account": {address: 120}})
+    consent(address)
+    entra_control("settings", {"access_token_ttl_by_account": {address: 3600}})
     # Strict rotation: the refresh token stored before dies once redeemed, so only a stored rotation keeps it going.
     entra_control("settings", {"strict_accounts": [address]})
     store = services.tokens._store
@@ -197,14 +196,12 @@ def test_a_warm_worker_does_not_touch_key_vault_while_tokens_are_fresh(
 def test_invalid_grant_marks_one_mailbox_and_the_others_are_collected(
     services: Any, consent: Any, new_address: Any, deliver: Any, entra_control: Any, queue_messages: Any
 ) -> None:
-    entra_control("settings", {"access_token_ttl_seconds": 120})
-    try:
-        good1, bad, good2 = new_address(), new_address(), new_address()
-        for address in (good1, bad, good2):
-            consent(address)
-            deliver(address, simple_message(f"for {address}"))
-    finally:
-        entra_control("settings", {"access_token_ttl_seconds": 3600})
+    good1, bad, good2 = new_address(), new_address(), new_address()
+    entra_control("settings", {"access_token_ttl_by_account": dict.fromkeys((good1, bad, good2), 120)})
+    for address in (good1, bad, good2):
+        consent(address)
+        deliver(address, simple_message(f"for {address}"))
+    entra_control("settings", {"access_token_ttl_by_account": dict.fromkeys((good1, bad, good2), 3600)})
     entra_control(
         "faults",
         {

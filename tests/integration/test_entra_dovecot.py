@@ -184,7 +184,6 @@ def control(parts: Parts, path: str, body: dict[str, Any] | None = None, method:
 def clean_faults(parts: Parts) -> Iterator[None]:
     yield
     control(parts, "faults", method="DELETE")
-    control(parts, "settings", {"access_token_ttl_seconds": 3600})
 
 
 def new_app(parts: Parts, cache: msal.SerializableTokenCache) -> msal.ConfidentialClientApplication:
@@ -298,12 +297,14 @@ def test_dovecot_refuses_foreign_expired_and_tampered_tokens(parts: Parts) -> No
     with pytest.raises(imaplib.IMAP4.error):
         imap_login(parts, bob, f"{header}.{body}.{signature}")
 
-    control(parts, "settings", {"access_token_ttl_seconds": 1})
-    _, short = consent(parts, alice)
+    carol = address()
+    control(parts, "settings", {"access_token_ttl_by_account": {carol: 1}})
+    _, short = consent(parts, carol)
     assert short["expires_in"] == 1
+    assert consent(parts, address())[1]["expires_in"] == 3600, "another account's lifetime changed too"
     time.sleep(2.5)
     with pytest.raises(imaplib.IMAP4.error):
-        imap_login(parts, alice, short["access_token"])
+        imap_login(parts, carol, short["access_token"])
 
     # No failure delay or per-IP penalty: the good token still gets in at once after three refusals.
     started = time.monotonic()
@@ -505,3 +506,14 @@ def test_the_office365_spelling_of_the_imap_scope_gives_the_same_mailbox_token(p
 
     assert claims(result["access_token"])["aud"] == "https://outlook.office.com"
     imap_login(parts, user, result["access_token"]).logout()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [[], "x", {"not-an-address": 5}, {"a@example.test": 0}, {"a@example.test": 1.5}, {"a@example.test": "60"}],
+)
+def test_a_per_account_lifetime_must_name_accounts_and_whole_seconds(parts: Parts, value: Any) -> None:
+    r = session(parts).post(
+        f"{parts.origin}/_control/settings", json={"access_token_ttl_by_account": value}, timeout=10
+    )
+    assert r.status_code == 400 and "access_token_ttl_by_account" in r.json()["error"]
