@@ -76,13 +76,17 @@ def test_a_connection_cut_in_the_middle_of_a_fetch_batch_loses_nothing(
     row = services.registry.get(address)
     assert (row.status, row.last_error_class, row.last_uid) == (ACTIVE, "transient", 0)
     assert "next run" in row.last_error
-    assert not any("\\Seen" in f for f in flags(stack, address).values()), "no after-action before the checkpoint"
+    before = flags(stack, address)
+    assert len(before) == len(sent), "the messages must still be listed in the folder"
+    assert not any("\\Seen" in f for f in before.values()), "no after-action before the checkpoint"
     assert stored_version(services, address) == version
 
     done = collect(services, address)
 
     assert (done.outcome, done.messages) == ("ok", 120)
-    assert all("\\Seen" in f for f in flags(stack, address).values())
+    after = flags(stack, address)
+    assert len(after) == len(sent)
+    assert all("\\Seen" in f for f in after.values())
     check_delivery(services, sent, queue_messages(), case="IMAP: connection cut in the middle of a FETCH batch")
 
 

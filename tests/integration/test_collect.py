@@ -60,7 +60,9 @@ def test_mail_reaches_the_queue_once_byte_exact_in_uid_order(
         assert envelope["sha256"] == hashlib.sha256(raw).hexdigest()
         assert envelope["mailbox"] == address
     config = Path(stack["dovecot_config"])
-    assert all("\\Seen" in flags for flags in dovecot.list_flags(config, address).values())
+    listed = dovecot.list_flags(config, address)
+    assert len(listed) == len(sent)
+    assert all("\\Seen" in flags for flags in listed.values())
 
     again = collect(services, address)
     assert (again.outcome, again.messages) == ("ok", 0)
@@ -127,7 +129,8 @@ def test_other_after_actions(
     config = Path(stack["dovecot_config"])
     uids = dovecot.list_uids(config, address)
     if action == "leave":
-        assert len(uids) == 2 and not any("\\Seen" in f for f in dovecot.list_flags(config, address).values())
+        listed = dovecot.list_flags(config, address)
+        assert len(uids) == len(listed) == 2 and not any("\\Seen" in f for f in listed.values())
     else:
         assert uids == []
     assert collect(services, address).messages == 0  # the checkpoint keeps "leave" from collecting twice

@@ -43,6 +43,7 @@ def test_batches_arrive_whole_and_in_order_with_after_actions_in_between(
 
     assert got == sent
     flags = dovecot.list_flags(Path(stack["dovecot_config"]), address)
+    assert len(flags) == len(sent)
     assert all("\\Seen" in f for f in flags.values())
 
 

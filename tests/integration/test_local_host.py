@@ -453,6 +453,7 @@ def test_timers_fire_on_schedule_and_never_overlap(
     ends = [e for e in runs if e["phase"] == "end"]
     # A tick that finds the previous run still going is skipped; the next run is marked past due.
     assert [e["past_due"] for e in starts[:2]] == [False, True]
+    assert ends, "no run of the overlapping timer ended"
     for finished, following in zip(ends, starts[1:], strict=False):
         assert following["at"] >= finished["at"]
     skipped = [r.getMessage() for r in host_logs.records if "tick skipped" in r.getMessage()]

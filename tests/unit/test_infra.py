@@ -264,6 +264,7 @@ def check_secrets_only_as_key_vault_references(trees: Trees) -> None:
     ]
     assert "ENTRA_CLIENT_SECRET" in secret_like, "secret mode must still be possible"
     for name in secret_like:
+        assert entries[name], f"{name} is listed without a value"
         for value in entries[name]:
             assert isinstance(value, str) and not is_ref(value), f"{name} must be a literal Key Vault reference"
             assert value.startswith("@Microsoft.KeyVault("), f"{name} is not a Key Vault reference: {value}"
@@ -839,6 +840,7 @@ def test_sample_and_bicep_defaults_are_the_code_defaults() -> None:
 
 def test_sample_holds_placeholders_not_secrets() -> None:
     values = sample_values()
+    assert {"ENTRA_CLIENT_ID", "MAIL_QUEUE_NAME"} <= set(values), "the sample's settings were not read"
     assert all(isinstance(value, str) for value in values.values()), "app settings are strings"
     for name, value in values.items():
         if re.search(r"SECRET|PASSWORD|KEY$", name, re.IGNORECASE) and name not in SECRET_NAME_SETTINGS:
