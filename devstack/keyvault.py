@@ -4,11 +4,20 @@ There is no installable Key Vault emulator, so this serves the secrets part of t
 the Bearer challenge, versions, tags, content types, attributes, paging, soft delete with purge and recover,
 and Key Vault's error bodies, closely enough that the unmodified ``SecretClient`` works against it.
 
+Where Key Vault is awkward, so is this: deletes and recoveries take a few seconds and answer 409
+``ObjectIsBeingDeleted`` / ``ObjectIsBeingRecovered`` meanwhile; a secret with more than 500 versions cannot be
+backed up; soft-deleted secrets are kept for the vault's retention (7 days for the deployed vault); with role
+assignments (``--rbac``) a caller without the Secrets Officer role gets 403 ``ForbiddenByRbac``, and a new
+assignment takes effect only after its propagation delay; more than the documented requests per 10 seconds are
+answered 429 with Retry-After. Sources: docs/fidelity.md.
+
 Test hooks live under ``/_control/`` (loopback only, no auth, JSON):
 ``POST /_control/faults`` queues injected failures (status, Retry-After, delay) for matching requests,
 ``DELETE /_control/faults`` clears them, ``GET /_control/stats`` counts served reads and writes,
 ``POST /_control/reset`` clears the counters (``{"secrets": true}``: and every secret, ``{"faults": true}``:
-and every fault), ``GET /_control/health`` answers 200.
+and every fault), ``GET /_control/health`` answers 200, ``GET /_control/secrets`` shows each secret's version count
+and state, ``POST /_control/roles`` assigns a role to a principal (object id) with an optional propagation delay,
+``POST /_control/settings`` changes the transition time and the throttling limits.
 
 Run: ``python -m devstack.keyvault --port 10444 --cert server.pem --key server.key [--state kv.json]``.
 """
@@ -54,7 +63,14 @@ MAX_TAGS = 15  # Key Vault refuses more tags per object
 MAX_CONTENT_TYPE_CHARS = 255
 MAX_PAGE_SIZE = 25  # Key Vault's default page size, and the largest maxresults it accepts
 MAX_BODY_BYTES = 256 * 1024  # a set request is a 25 KB value plus JSON; anything far larger is not a client of ours
-RECOVERABLE_DAYS = 90  # the soft-delete retention Azure applies by default
+RECOVERABLE_DAYS = 90  # the soft-delete retention Azure applies by default; the deployed vault sets 7
+TRANSITION_SECONDS = 2.0  # how long a delete or a recovery stays in progress (Key Vault: "a few seconds")
+MAX_BACKUP_VERSIONS = 500  # Key Vault cannot back up an object with more versions than this
+THROTTLE_WINDOW = 10.0  # seconds: Key Vault's limits are per 10 seconds per vault
+THROTTLE_LIMITS = {"writes": 300, "all": 4000}  # secret writes, and all transactions, per window
+SECRETS_OFFICER = "Key Vault Secrets Officer"
+SECRETS_USER = "Key Vault Secrets User"
+ROLES = (SECRETS_OFFICER, SECRETS_USER)
 RECOVERY_LEVEL = "Recoverable+Purgeable"
 CONNECTION_TIMEOUT = 30  # seconds: drops idle keep-alive connections and stalled TLS handshakes
 NOT_FOUND_HINT = (
@@ -75,15 +91,21 @@ Json = dict[str, Any]
 class VaultError(Exception):
     """An error answer in Key Vault's shape: ``{"error": {"code": ..., "message": ...}}``."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None, *, inner: str = ""
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.inner = inner
 
     def body(self) -> Json:
-        return {"error": {"code": self.code, "message": self.message}}
+        error: Json = {"code": self.code, "message": self.message}
+        if self.inner:
+            error["innererror"] = {"code": self.inner}
+        return {"error": error}
 
 
 def _bad(message: str) -> VaultError:
@@ -111,11 +133,21 @@ class SecretStore:
     caller answers, so a restart never forgets an acknowledged write.
     """
 
-    def __init__(self, state_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        state_path: Path | None = None,
+        *,
+        retention_days: int = RECOVERABLE_DAYS,
+        transition_seconds: float = TRANSITION_SECONDS,
+    ) -> None:
         self._lock = threading.Lock()
         self._state_path = state_path
         self._active: dict[str, Json] = {}
         self._deleted: dict[str, Json] = {}
+        self.retention_days = retention_days
+        self.transition_seconds = transition_seconds
+        # A delete or a recovery in progress: case-folded name -> ("deleting" | "recovering", monotonic end).
+        self._transitions: dict[str, tuple[str, float]] = {}
         if state_path is not None and state_path.exists():
             try:
                 state = json.loads(state_path.read_text(encoding="utf-8"))
@@ -139,6 +171,7 @@ class SecretStore:
         _apply_content_type_and_tags(version, body)
         key = name.lower()
         with self._lock:
+            self._refuse_in_transition(key, name)
             if key in self._deleted:
                 raise VaultError(
                     409,
@@ -147,6 +180,7 @@ class SecretStore:
                     "name cannot be reused; in this state, the secret can only be recovered or purged.",
                 )
             secret = self._active.setdefault(key, {"name": name, "versions": []})
+            secret["recoverableDays"] = self.retention_days
             secret["versions"].append(version)
             self._persist()
             return _bundle(vault, secret, version, with_value=True)
@@ -180,7 +214,7 @@ class SecretStore:
 
     def list_versions(self, vault: str, name: str) -> list[Json]:
         with self._lock:
-            secret = self._active.get(name.lower())
+            secret = self._active.get(name.lower()) if self._transition(name.lower()) is None else None
             # Key Vault answers an empty list, not 404, for versions of a name it does not hold.
             if secret is None:
                 return []
@@ -189,29 +223,64 @@ class SecretStore:
     def delete(self, vault: str, name: str) -> Json:
         key = name.lower()
         with self._lock:
+            self._refuse_in_transition(key, name)
             secret = self._active.pop(key, None)
             if secret is None:
                 raise _not_found(name)
             now = _now()
             secret["deletedDate"] = now
-            secret["scheduledPurgeDate"] = now + RECOVERABLE_DAYS * 86400
+            secret["scheduledPurgeDate"] = now + self.retention_days * 86400
             self._deleted[key] = secret
+            self._begin_transition(key, "deleting")
             self._persist()
             return _deleted_bundle(vault, secret)
+
+    def backup(self, name: str) -> Json:
+        """An opaque backup blob; Key Vault refuses a secret with more than 500 versions."""
+        with self._lock:
+            secret, _ = self._find(name, None)
+            if len(secret["versions"]) > MAX_BACKUP_VERSIONS:
+                raise _bad(
+                    f"Secret {secret['name']} has {len(secret['versions'])} versions; a secret with more than "
+                    f"{MAX_BACKUP_VERSIONS} versions cannot be backed up."
+                )
+            blob = json.dumps({"name": secret["name"], "versions": len(secret["versions"])}).encode()
+            return {"value": base64.urlsafe_b64encode(blob).decode().rstrip("=")}
+
+    def summary(self) -> dict[str, Json]:
+        """Per secret: versions, enabled versions, and its state (active, deleted, deleting, recovering)."""
+        with self._lock:
+            result: dict[str, Json] = {}
+            for state, secrets in (("active", self._active), ("deleted", self._deleted)):
+                for key, secret in secrets.items():
+                    versions = secret["versions"]
+                    transition = self._transition(key)
+                    result[key] = {
+                        "name": secret["name"],
+                        "versions": len(versions),
+                        "enabled": sum(1 for v in versions if v["attributes"].get("enabled", True)),
+                        "state": transition or state,
+                    }
+            return result
 
     # --- soft-deleted secrets
 
     def get_deleted(self, vault: str, name: str) -> Json:
         with self._lock:
-            secret = self._deleted.get(name.lower())
+            self._purge_expired()
+            # Until the delete has finished, the deleted secret is not there yet (the SDK's poller waits for it).
+            secret = self._deleted.get(name.lower()) if self._transition(name.lower()) is None else None
             if secret is None:
                 raise VaultError(404, "SecretNotFound", "Deleted Secret not found")
             return _deleted_bundle(vault, secret)
 
     def list_deleted(self, vault: str) -> list[Json]:
         with self._lock:
+            self._purge_expired()
             items = []
-            for _, secret in sorted(self._deleted.items()):
+            for key, secret in sorted(self._deleted.items()):
+                if self._transition(key) is not None:
+                    continue
                 item = _item(vault, secret, secret["versions"][-1], versioned=False)
                 item.update(_deletion_fields(vault, secret))
                 items.append(item)
@@ -219,6 +288,7 @@ class SecretStore:
 
     def purge(self, name: str) -> None:
         with self._lock:
+            self._refuse_in_transition(name.lower(), name)
             if self._deleted.pop(name.lower(), None) is None:
                 raise VaultError(404, "SecretNotFound", "Deleted Secret not found")
             self._persist()
@@ -226,12 +296,15 @@ class SecretStore:
     def recover(self, vault: str, name: str) -> Json:
         key = name.lower()
         with self._lock:
+            self._refuse_in_transition(key, name)
+            self._purge_expired()
             secret = self._deleted.pop(key, None)
             if secret is None:
                 raise VaultError(404, "SecretNotFound", "Deleted Secret not found")
-            secret.pop("deletedDate", None)
-            secret.pop("scheduledPurgeDate", None)
+            for field in ("deletedDate", "scheduledPurgeDate"):
+                secret.pop(field, None)
             self._active[key] = secret
+            self._begin_transition(key, "recovering")
             self._persist()
             return _bundle(vault, secret, secret["versions"][-1], with_value=False)
 
@@ -239,12 +312,43 @@ class SecretStore:
         with self._lock:
             self._active.clear()
             self._deleted.clear()
+            self._transitions.clear()
             self._persist()
 
     # --- internals (lock held)
 
+    def _transition(self, key: str) -> str | None:
+        """The delete or recovery in progress for ``key``, if any (a finished one is forgotten)."""
+        current = self._transitions.get(key)
+        if current is None:
+            return None
+        if time.monotonic() >= current[1]:
+            del self._transitions[key]
+            return None
+        return current[0]
+
+    def _begin_transition(self, key: str, kind: str) -> None:
+        if self.transition_seconds > 0:
+            self._transitions[key] = (kind, time.monotonic() + self.transition_seconds)
+
+    def _refuse_in_transition(self, key: str, name: str) -> None:
+        transition = self._transition(key)
+        if transition == "deleting":
+            raise VaultError(409, "ObjectIsBeingDeleted", f"Secret {name} is currently being deleted.")
+        if transition == "recovering":
+            raise VaultError(409, "ObjectIsBeingRecovered", f"Secret {name} is currently being recovered.")
+
+    def _purge_expired(self) -> None:
+        now = _now()
+        expired = [key for key, secret in self._deleted.items() if secret.get("scheduledPurgeDate", now + 1) <= now]
+        for key in expired:
+            del self._deleted[key]
+        if expired:
+            self._persist()
+
     def _find(self, name: str, version: str | None) -> tuple[Json, Json]:
-        secret = self._active.get(name.lower())
+        # While a recovery is in progress the secret is not readable yet (the SDK's poller waits for it).
+        secret = self._active.get(name.lower()) if self._transition(name.lower()) is None else None
         if secret is None:
             raise _not_found(name, version)
         if not version:
@@ -311,12 +415,13 @@ def _secret_id(vault: str, secret: Json, version: Json | None) -> str:
     return f"{base}/{version['version']}" if version is not None else base
 
 
-def _public_attributes(version: Json) -> Json:
-    return {**version["attributes"], "recoverableDays": RECOVERABLE_DAYS, "recoveryLevel": RECOVERY_LEVEL}
+def _public_attributes(secret: Json, version: Json) -> Json:
+    days = secret.get("recoverableDays", RECOVERABLE_DAYS)
+    return {**version["attributes"], "recoverableDays": days, "recoveryLevel": RECOVERY_LEVEL}
 
 
 def _bundle(vault: str, secret: Json, version: Json, *, with_value: bool) -> Json:
-    bundle: Json = {"id": _secret_id(vault, secret, version), "attributes": _public_attributes(version)}
+    bundle: Json = {"id": _secret_id(vault, secret, version), "attributes": _public_attributes(secret, version)}
     if with_value:
         bundle["value"] = version["value"]
     for field in ("contentType", "tags"):
@@ -328,7 +433,7 @@ def _bundle(vault: str, secret: Json, version: Json, *, with_value: bool) -> Jso
 def _item(vault: str, secret: Json, version: Json, *, versioned: bool) -> Json:
     item: Json = {
         "id": _secret_id(vault, secret, version if versioned else None),
-        "attributes": _public_attributes(version),
+        "attributes": _public_attributes(secret, version),
     }
     for field in ("contentType", "tags"):
         if field in version:
@@ -513,7 +618,76 @@ class Stats:
             }
 
 
+class Roles:
+    """Azure RBAC on the vault: principal object id -> role, each effective from a moment (propagation)."""
+
+    def __init__(self, assignments: dict[str, str] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._roles: dict[str, tuple[str, float]] = {
+            oid.lower(): (role, 0.0) for oid, role in (assignments or {}).items()
+        }
+
+    def assign(self, principal: str, role: str | None, delay_seconds: float = 0.0) -> None:
+        with self._lock:
+            if role is None:
+                self._roles.pop(principal.lower(), None)
+            else:
+                self._roles[principal.lower()] = (role, time.monotonic() + delay_seconds)
+
+    def role(self, principal: str | None) -> str | None:
+        with self._lock:
+            found = self._roles.get((principal or "").lower())
+            if found is None or time.monotonic() < found[1]:
+                return None
+            return found[0]
+
+    def snapshot(self) -> Json:
+        with self._lock:
+            now = time.monotonic()
+            return {
+                oid: {"role": role, "effective_in": max(0.0, round(at - now, 1))}
+                for oid, (role, at) in self._roles.items()
+            }
+
+
+class Throttle:
+    """Key Vault's per-vault limits over a sliding window; answers how long to wait when one is exceeded."""
+
+    def __init__(self, limits: dict[str, int] | None = None) -> None:
+        self._lock = threading.Lock()
+        self.limits = dict(limits or THROTTLE_LIMITS)
+        self._seen: dict[str, list[float]] = {"writes": [], "all": []}
+        self.throttled = 0
+
+    def admit(self, write: bool) -> float | None:
+        """None when the request may go on (and is counted); otherwise the seconds until it may."""
+        now = time.monotonic()
+        kinds = ("writes", "all") if write else ("all",)
+        with self._lock:
+            for kind in ("writes", "all"):
+                self._seen[kind] = [t for t in self._seen[kind] if now - t < THROTTLE_WINDOW]
+            for kind in kinds:
+                seen = self._seen[kind]
+                if len(seen) >= self.limits[kind]:
+                    self.throttled += 1
+                    return THROTTLE_WINDOW - (now - seen[0])
+            for kind in kinds:
+                self._seen[kind].append(now)
+            return None
+
+
 # ---------------------------------------------------------------------------------------------- the server
+
+
+def _claims(token: str) -> Json:
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return {}
+    return claims if isinstance(claims, dict) else {}
 
 
 def _audience_ok(token: str) -> bool:
@@ -554,12 +728,15 @@ class KeyVaultServer(ThreadingHTTPServer):
         tenant: str | None,
         authority_host: str,
         check_audience: bool,
+        roles: Roles | None = None,
     ) -> None:
         super().__init__(address, _Handler)
         self.ssl_context = ssl_context
         self.store = store
         self.faults = Faults()
         self.stats = Stats()
+        self.roles = roles  # None: no role checks (a vault in access-policy mode that trusts every caller)
+        self.throttle = Throttle()
         self.check_audience = check_audience
         # Without a tenant the challenge names none, and the client's credential keeps its own tenant.
         authorization = f"{authority_host.rstrip('/')}/{tenant or ''}"
@@ -654,6 +831,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not query.get("api-version", [""])[0]:
             raise _bad("The 'api-version' query parameter is missing.")
         handler, name, version = self._route(path)
+        write = self.command != "GET"
+        self._authorize(token.strip(), write, path)
+        wait = self.server.throttle.admit(write)
+        if wait is not None:
+            throttled = VaultError(429, "Throttled", FAULT_MESSAGES[429])
+            return self._send(429, throttled.body(), {"Retry-After": str(max(1, int(wait + 0.999)))})
 
         fault = self.server.faults.take(self.command, name)
         if fault is not None:
@@ -669,6 +852,29 @@ class _Handler(BaseHTTPRequestHandler):
         status, payload = handler(name, version, body, query)
         self.server.stats.served(self.command, name)
         return self._send(status, payload)
+
+    def _authorize(self, token: str, write: bool, path: str) -> None:
+        """Azure RBAC: reading needs Secrets User or Officer, anything else Secrets Officer."""
+        roles = self.server.roles
+        if roles is None:
+            return
+        claims = _claims(token)
+        principal = str(claims.get("oid") or "")
+        role = roles.role(principal)
+        allowed = role == SECRETS_OFFICER or (role == SECRETS_USER and not write)
+        if allowed:
+            return
+        action = "setSecret/action" if write else "getSecret/action"
+        raise VaultError(
+            403,
+            "Forbidden",
+            "Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or "
+            "role definitions were changed recently, please observe propagation time.\r\n"
+            f"Caller: appid={claims.get('appid', '')};oid={principal}\r\n"
+            f"Action: 'Microsoft.KeyVault/vaults/secrets/{action}'\r\nResource: '{path}'\r\n"
+            "Assignment: (not found)\r\nDecisionReason: 'DeniedWithNoValidRBAC'",
+            inner="ForbiddenByRbac",
+        )
 
     def _route(self, path: str) -> tuple[Any, str | None, str | None]:
         """The operation for a path, with the secret name and version it names."""
@@ -693,8 +899,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._list_versions, self._valid_name(rest[0]), None
         if collection == "deletedsecrets" and len(rest) == 2 and rest[1] != "recover":
             raise VaultError(404, "NotFound", f"No route for {method} {path}.")
-        if collection == "secrets" and rest and rest[-1] in ("backup", "restore") and method == "POST":
-            raise VaultError(501, "NotImplemented", "Backup and restore are not served by the local stand-in.")
+        if collection == "secrets" and len(rest) == 2 and rest[1] == "backup" and method == "POST":
+            return self._backup, self._valid_name(rest[0]), None
+        if collection == "secrets" and rest and rest[-1] == "restore" and method == "POST":
+            raise VaultError(501, "NotImplemented", "Restore is not served by the local stand-in.")
         handler = routes.get((collection, method, len(rest)))
         if handler is None:
             known = any(c == collection and n == len(rest) for c, _, n in routes)
@@ -751,6 +959,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _recover_deleted(self, name: str, _v: Any, _b: Any, _q: Any) -> tuple[int, Json]:
         return 200, self.server.store.recover(self._vault_url(), name)
 
+    def _backup(self, name: str, _v: Any, _b: Any, _q: Any) -> tuple[int, Json]:
+        return 200, self.server.store.backup(name)
+
     # --- /_control/
 
     def _control(self, path: str, body: Json | None) -> int:
@@ -773,6 +984,26 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(201, asdict(fault))
             case ("DELETE", "/_control/faults"):
                 return self._send(200, {"cleared": server.faults.clear()})
+            case ("GET", "/_control/secrets"):
+                return self._send(200, {"secrets": server.store.summary()})
+            case ("GET", "/_control/roles"):
+                return self._send(200, {"roles": None if server.roles is None else server.roles.snapshot()})
+            case ("POST", "/_control/roles"):
+                error = _role_request_error(body)
+                if error or server.roles is None or body is None:
+                    return self._send(400, {"error": error or "this vault was started without --rbac"})
+                server.roles.assign(body["principal"], body.get("role"), float(body.get("delay_seconds", 0)))
+                return self._send(200, {"roles": server.roles.snapshot()})
+            case ("POST", "/_control/settings"):
+                error = _settings_request_error(body)
+                if error or body is None:
+                    return self._send(400, {"error": error or "a JSON object is required"})
+                if "transition_seconds" in body:
+                    server.store.transition_seconds = float(body["transition_seconds"])
+                server.throttle.limits.update(body.get("throttle", {}))
+                return self._send(
+                    200, {"transition_seconds": server.store.transition_seconds, "throttle": server.throttle.limits}
+                )
             case ("POST", "/_control/reset"):
                 options = body or {}
                 server.stats.reset()
@@ -839,6 +1070,31 @@ class _Handler(BaseHTTPRequestHandler):
 # ------------------------------------------------------------------------------------------- starting it
 
 
+def _role_request_error(body: Json | None) -> str:
+    if not isinstance(body, dict) or not isinstance(body.get("principal"), str) or not body["principal"]:
+        return "principal (an object id) is required"
+    if body.get("role") is not None and body["role"] not in ROLES:
+        return f"role must be one of {', '.join(ROLES)}, or null to remove the assignment"
+    delay = body.get("delay_seconds", 0)
+    if not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay <= 3600:
+        return "delay_seconds must be between 0 and 3600"
+    return ""
+
+
+def _settings_request_error(body: Json | None) -> str:
+    if not isinstance(body, dict) or set(body) - {"transition_seconds", "throttle"}:
+        return "settings are transition_seconds and throttle"
+    seconds = body.get("transition_seconds", 0)
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not 0 <= seconds <= 600:
+        return "transition_seconds must be between 0 and 600"
+    limits = body.get("throttle", {})
+    if not isinstance(limits, dict) or set(limits) - set(THROTTLE_LIMITS):
+        return f"throttle takes {', '.join(THROTTLE_LIMITS)}"
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in limits.values()):
+        return "throttle limits must be positive whole numbers"
+    return ""
+
+
 def _require_loopback(host: str) -> None:
     if host == "localhost":
         return
@@ -860,6 +1116,9 @@ def make_server(
     tenant: str | None = None,
     authority_host: str = DEFAULT_AUTHORITY_HOST,
     check_audience: bool = True,
+    retention_days: int = RECOVERABLE_DAYS,
+    transition_seconds: float = TRANSITION_SECONDS,
+    secrets_officers: tuple[str, ...] | None = None,
 ) -> KeyVaultServer:
     """A bound, not yet serving server. Raises ValueError for a non-loopback host or an unreadable state file,
     OSError when the port is taken, ssl.SSLError for a bad certificate or key."""
@@ -867,11 +1126,20 @@ def make_server(
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(os.fspath(cert), os.fspath(key))
-    store = SecretStore(Path(state) if state is not None else None)
+    store = SecretStore(
+        Path(state) if state is not None else None, retention_days=retention_days, transition_seconds=transition_seconds
+    )
     if host == "localhost":
         host = "127.0.0.1"
+    roles = None if secrets_officers is None else Roles(dict.fromkeys(secrets_officers, SECRETS_OFFICER))
     return KeyVaultServer(
-        (host, port), context, store, tenant=tenant, authority_host=authority_host, check_audience=check_audience
+        (host, port),
+        context,
+        store,
+        tenant=tenant,
+        authority_host=authority_host,
+        check_audience=check_audience,
+        roles=roles,
     )
 
 
@@ -933,6 +1201,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="authority named in the Bearer challenge",
     )
     parser.add_argument("--accept-any-token", action="store_true", help="accept JWTs whose audience is not Key Vault")
+    parser.add_argument(
+        "--retention-days", type=int, default=RECOVERABLE_DAYS, help="soft-delete retention (the deployed vault: 7)"
+    )
+    parser.add_argument(
+        "--transition-seconds", type=float, default=TRANSITION_SECONDS, help="how long a delete or recovery takes"
+    )
+    parser.add_argument(
+        "--rbac",
+        action="append",
+        metavar="OBJECT_ID",
+        help="turn on Azure RBAC and give this principal the Secrets Officer role (repeatable); without it every "
+        "caller is allowed",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -956,6 +1237,9 @@ def main(argv: list[str] | None = None) -> int:
             tenant=args.tenant,
             authority_host=args.authority_host,
             check_audience=not args.accept_any_token,
+            retention_days=args.retention_days,
+            transition_seconds=args.transition_seconds,
+            secrets_officers=tuple(args.rbac) if args.rbac else None,
         )
     except (ValueError, OSError) as e:
         logger.error("kv cannot start: %s", e)

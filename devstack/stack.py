@@ -141,6 +141,11 @@ def describe() -> dict[str, Any]:
     }
 
 
+def app_object_id(info: dict[str, Any]) -> str:
+    """The object id in the Entra stand-in's app-only tokens for the app registration (see server.mjs oidFor)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"mailto:{info['client_id']}@apps.{info['tenant_id']}".lower()))
+
+
 def app_settings(info: dict[str, Any]) -> dict[str, str]:
     """App settings for running the function app against this stack (the Values of local.settings.json)."""
     return {
@@ -233,6 +238,10 @@ def _parts(info: dict[str, Any]) -> list[Part]:
             "--cert", info["tls_cert"], "--key", info["tls_key"],
             "--state", str(folder / "keyvault.json"),
             "--tenant", info["tenant_id"], "--authority-host", info["entra_origin"],
+            # As deployed (infra/main.bicep): 7 days of soft-delete retention, Azure RBAC with the Secrets Officer
+            # role for the app (locally its app registration, in federated mode its managed identity).
+            "--retention-days", "7",
+            "--rbac", app_object_id(info), "--rbac", info["managed_identity_principal_id"],
         ]  # fmt: skip
 
     def entra() -> list[str]:

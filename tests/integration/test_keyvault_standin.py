@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
 
 TENANT = "5f1c8a3e-0b7d-4c52-9a61-2d8e4f7b9c10"
 VALUE = "cache-value-that-must-never-reach-a-log"
+OFFICER = "0f7c2d7e-0000-4000-8000-00000000a11c"
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -64,14 +65,15 @@ def _jwt(claims: dict[str, Any]) -> str:
 class FakeCredential:
     """Hands out an unsigned JWT for Key Vault and records what the challenge policy asked for."""
 
-    def __init__(self, audience: str = "https://vault.azure.net") -> None:
+    def __init__(self, audience: str = "https://vault.azure.net", oid: str = OFFICER) -> None:
         self.audience = audience
+        self.oid = oid
         self.requests: list[tuple[tuple[str, ...], str | None]] = []
 
     def get_token(self, *scopes: str, tenant_id: str | None = None, **_: Any) -> AccessToken:
         self.requests.append((scopes, tenant_id))
         expires = int(time.time()) + 3600
-        token = _jwt({"aud": self.audience, "tid": tenant_id or TENANT, "exp": expires})
+        token = _jwt({"aud": self.audience, "tid": tenant_id or TENANT, "exp": expires, "oid": self.oid})
         return AccessToken(token, expires)
 
 
@@ -415,3 +417,101 @@ def test_health_and_loopback_only(server: KeyVaultServer, tls: dict[str, str]) -
     assert control(server.url, "GET", "health", cafile=tls["ca"]) == {"status": "ok"}
     with pytest.raises(ValueError):
         serve("0.0.0.0", 0, tls["cert"], tls["key"])
+
+
+# ------------------------------------------------------------------------ Key Vault's awkward parts
+
+
+@pytest.fixture
+def strict_server(tls: dict[str, str]) -> Iterator[KeyVaultServer]:
+    """As deployed: 7-day retention, RBAC with one Secrets Officer, deletes and recoveries that take a second."""
+    kv, thread = serve("127.0.0.1", 0, tls["cert"], tls["key"], tenant=TENANT, retention_days=7,
+                       transition_seconds=1.0, secrets_officers=(OFFICER,))  # fmt: skip
+    yield kv
+    kv.stop()
+    thread.join(timeout=5)
+
+
+def test_more_than_500_versions_cannot_be_backed_up_and_counts_are_shown(
+    strict_server: KeyVaultServer, tls: dict[str, str]
+) -> None:
+    control(strict_server.url, "POST", "settings", {"throttle": {"writes": 10_000, "all": 10_000}}, cafile=tls["ca"])
+    client = _client(strict_server, tls)
+    for i in range(500):
+        client.set_secret("many", f"v{i}")
+    assert client.backup_secret("many")
+    client.set_secret("many", "one too many")
+
+    with pytest.raises(HttpResponseError) as refused:
+        client.backup_secret("many")
+    assert refused.value.status_code == 400 and "500 versions" in str(refused.value)
+    summary = control(strict_server.url, "GET", "secrets", cafile=tls["ca"])["secrets"]["many"]
+    assert summary == {"name": "many", "versions": 501, "enabled": 501, "state": "active"}
+
+
+def test_delete_and_recover_take_time_and_answer_409_meanwhile(
+    strict_server: KeyVaultServer, tls: dict[str, str]
+) -> None:
+    client = _client(strict_server, tls)
+    client.set_secret("slow", "v1")
+
+    deleting = client.begin_delete_secret("slow", _polling_interval=0.2)
+    with pytest.raises(ResourceExistsError) as busy:
+        client.set_secret("slow", "v2")
+    assert busy.value.error is not None and busy.value.error.code == "ObjectIsBeingDeleted"
+    with pytest.raises(ResourceNotFoundError):
+        client.get_deleted_secret("slow")
+    deleting.wait()
+    deleted = client.get_deleted_secret("slow")
+    assert deleted.properties.recoverable_days == 7
+    assert deleted.scheduled_purge_date - deleted.deleted_date == datetime.timedelta(days=7)
+
+    recovering = client.begin_recover_deleted_secret("slow", _polling_interval=0.2)
+    with pytest.raises(ResourceExistsError) as busy:
+        client.set_secret("slow", "v2")
+    assert busy.value.error is not None and busy.value.error.code == "ObjectIsBeingRecovered"
+    with pytest.raises(ResourceNotFoundError):
+        client.get_secret("slow")
+    recovering.wait()
+    assert client.get_secret("slow").value == "v1"
+
+
+def test_a_caller_without_the_secrets_officer_role_gets_403_until_its_assignment_propagates(
+    strict_server: KeyVaultServer, tls: dict[str, str]
+) -> None:
+    _client(strict_server, tls).set_secret("guarded", "v1")
+    stranger, reader = "0f7c2d7e-0000-4000-8000-0000000005a1", "0f7c2d7e-0000-4000-8000-00000000ead0"
+    with pytest.raises(HttpResponseError) as denied:
+        _client(strict_server, tls, FakeCredential(oid=stranger)).get_secret("guarded")
+    assert denied.value.status_code == 403
+    assert "propagation" in str(denied.value) and "ForbiddenByRbac" in str(denied.value.response.text())
+
+    control(strict_server.url, "POST", "roles", {"principal": reader, "role": "Key Vault Secrets User"},
+            cafile=tls["ca"])  # fmt: skip
+    as_reader = _client(strict_server, tls, FakeCredential(oid=reader))
+    assert as_reader.get_secret("guarded").value == "v1"
+    with pytest.raises(HttpResponseError) as read_only:
+        as_reader.set_secret("guarded", "v2")
+    assert read_only.value.status_code == 403
+
+    later = {"principal": stranger, "role": "Key Vault Secrets Officer", "delay_seconds": 1}
+    control(strict_server.url, "POST", "roles", later, cafile=tls["ca"])
+    as_new_officer = _client(strict_server, tls, FakeCredential(oid=stranger))
+    with pytest.raises(HttpResponseError):
+        as_new_officer.set_secret("guarded", "v2")
+    time.sleep(1.2)
+    assert as_new_officer.set_secret("guarded", "v2").value == "v2"
+
+
+def test_requests_past_the_vault_limit_get_429_with_retry_after(
+    strict_server: KeyVaultServer, tls: dict[str, str]
+) -> None:
+    control(strict_server.url, "POST", "settings", {"throttle": {"writes": 2}}, cafile=tls["ca"])
+    client = _client(strict_server, tls, retry_total=0)
+    client.set_secret("busy", "v1")
+    client.set_secret("busy", "v2")
+    with pytest.raises(HttpResponseError) as throttled:
+        client.set_secret("busy", "v3")
+    assert throttled.value.status_code == 429
+    assert 1 <= int(throttled.value.response.headers["Retry-After"]) <= 10
+    assert client.get_secret("busy").value == "v2", "reads have their own, larger limit"
