@@ -127,7 +127,7 @@ class RouteTemplate:
         Returns the decoded route parameters, or None when the path does not match.
         """
         stripped = path.strip("/")
-        parts = [unquote(part) for part in stripped.split("/")] if stripped else []
+        parts = [_decode_segment(part) for part in stripped.split("/")] if stripped else []
         params: dict[str, str] = {}
         index = 0
         for segment in self._segments:
@@ -148,6 +148,16 @@ class RouteTemplate:
         if index != len(parts):
             return None
         return params
+
+
+_ENCODED_SLASH = re.compile("(%2F)", re.IGNORECASE)
+
+
+def _decode_segment(segment: str) -> str:
+    """Percent-decode a path segment as ASP.NET Core does for the Functions host: ``%2F`` stays as sent, so a
+    route parameter never gains a slash that the URL did not have."""
+    pieces = _ENCODED_SLASH.split(segment)  # the escapes themselves at the odd positions
+    return "".join(piece if index % 2 else unquote(piece) for index, piece in enumerate(pieces))
 
 
 def strip_route_prefix(path: str, prefix: str) -> str | None:

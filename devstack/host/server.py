@@ -3,8 +3,11 @@ app's routes matched and called with keys checked, and the admin endpoints (ping
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
+import threading
 from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +30,19 @@ MAX_REQUEST_BODY_BYTES = 1024 * 1024  # 1 MiB: the app takes consent callbacks a
 MAX_CHUNK_LINE_BYTES = 1024  # a chunk-size line is a hex number and optional extensions
 MAX_DISCARDED_BODY_BYTES = 8 * MAX_REQUEST_BODY_BYTES  # a refused body up to this size is read and dropped
 REQUEST_SOCKET_TIMEOUT_SECONDS = 60  # a client that stalls mid-request loses its connection, not a thread forever
+# A request (line, headers and body) must arrive within this, however it trickles: a per-read timeout alone let 300
+# clients sending a byte at a time hold 244 threads. Kestrel, which the Functions host runs on, allows 30 s for
+# the headers (RequestHeadersTimeout) and drops bodies slower than 240 bytes/s (MinRequestBodyDataRate).
+REQUEST_DEADLINE_SECONDS = 30.0
+LISTEN_BACKLOG = socket.SOMAXCONN  # socketserver's default of 5 refuses connections under a burst
+# The host's own answers (404, 401, 405, 413, 500) are plain text; nothing in them may be sniffed, framed or cached.
+HOST_PAGE_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+)
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 # Framing is the server's business: a function cannot set these without corrupting the connection.
 _HOP_BY_HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
@@ -58,6 +74,7 @@ class _RequestRejectedError(Exception):
 
 class HttpServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], host: LocalHost) -> None:
         self.local_host = host
@@ -76,6 +93,25 @@ class _HttpHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # The stdlib writes the request line, query string included, and the query carries function keys.
         return
+
+    def handle_one_request(self) -> None:
+        # The deadline covers waiting for the request and reading it; once the body is in, the function may take
+        # its time (read_body cancels the timer).
+        self._deadline = threading.Timer(REQUEST_DEADLINE_SECONDS, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+        try:
+            super().handle_one_request()
+        finally:
+            self._deadline.cancel()
+
+    def _cut(self) -> None:
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def request_received(self) -> None:
+        self._deadline.cancel()
 
     def _dispatch(self) -> None:
         self.body_state = "unread"
@@ -195,7 +231,7 @@ class _HttpHandler(BaseHTTPRequestHandler):
 
     def answer_status(self, status: int, *, headers: Sequence[tuple[str, str]] = ()) -> None:
         phrase = HTTPStatus(status).phrase.encode("ascii")
-        self.answer(status, phrase, [*headers, ("Content-Type", "text/plain; charset=utf-8")])
+        self.answer(status, phrase, [*headers, ("Content-Type", "text/plain; charset=utf-8"), *HOST_PAGE_HEADERS])
 
 
 def handle_http(host: LocalHost, handler: _HttpHandler) -> None:
@@ -235,6 +271,7 @@ def handle_http(host: LocalHost, handler: _HttpHandler) -> None:
         return
     try:
         body = handler.read_body()
+        handler.request_received()
     except _RequestRejectedError as rejected:
         logger.info("http rejected function=%s status=%d reason=body", entry.name, rejected.status)
         handler.answer_status(rejected.status)
@@ -305,6 +342,7 @@ def _handle_admin(host: LocalHost, handler: _HttpHandler, path: str, query: Sequ
         return
     try:
         body = handler.read_body()
+        handler.request_received()
     except _RequestRejectedError as rejected:
         handler.answer_status(rejected.status)
         return

@@ -26,7 +26,7 @@ from collectors.consent import FLOW_PARTITION, MAX_OPEN_FLOWS
 from devstack.stack import isolated_settings
 from shared import azure_clients
 from shared.mailboxes import mailbox_key
-from shared.registry import utcnow
+from shared.registry import Mailbox, utcnow
 from tests.support.app_host import LocalApp, serve_app
 from tests.support.signin import sign_in
 
@@ -628,6 +628,19 @@ def test_cr_lf_and_controls_in_the_address_are_400_and_nothing_is_reflected_in_h
     assert b"<script>" not in page
     after = site.services.registry.get(site.owner)
     assert (after.status, after.options) == (before.status, before.options)
+
+
+def test_an_encoded_slash_in_the_address_does_not_name_the_mailbox_with_a_slash(site: Site) -> None:
+    # Azure keeps %2F encoded in a route parameter; decoded, the same URL reached another mailbox locally.
+    address = f"abuse-{uuid.uuid4().hex[:6]}/desk@example.test"
+    site.services.registry.put(Mailbox(address=address))
+    try:
+        for method in ("GET", "PATCH", "DELETE"):
+            answer = raw_request(site, method, "/api/mailboxes/" + address.replace("/", "%2F"), b'{"max_messages": 3}')
+            assert answer.split(b" ", 2)[1] == b"404", answer[:200]
+        assert site.services.registry.get(address).options.max_messages != 3
+    finally:
+        site.services.registry.delete(address)
 
 
 # --- PATCH -----------------------------------------------------------------------------------------------------------

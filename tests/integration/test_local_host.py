@@ -362,6 +362,72 @@ def test_bodies_over_the_limit_get_413_without_calling_the_function(served: Serv
     assert [e["size"] for e in _events(served.events, "upload")[before:]] == [MAX_REQUEST_BODY_BYTES, 5]
 
 
+HOST_PAGE_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+
+
+def test_the_hosts_own_error_answers_carry_security_headers(served: Served) -> None:
+    answers = [
+        served.session.get(served.url("/api/nothing"), timeout=10),  # 404
+        served.session.get(served.url("/api/secret"), timeout=10),  # 401
+        served.session.put(served.url("/api/things/x"), timeout=10),  # 405
+        served.session.post(served.url("/api/upload"), data=b"x" * (MAX_REQUEST_BODY_BYTES + 1), timeout=30),  # 413
+        served.session.get(served.url("/api/boom"), timeout=10),  # 500
+        served.session.get(served.url("/admin/host/status"), timeout=10),  # 401 of the admin endpoints
+    ]
+    assert [a.status_code for a in answers] == [404, 401, 405, 413, 500, 401]
+    for answer in answers:
+        for name, value in HOST_PAGE_HEADERS.items():
+            assert answer.headers.get(name) == value, (answer.status_code, name)
+
+
+def test_the_listen_backlog_is_the_systems_not_five(served: Served) -> None:
+    # socketserver's default of 5 refused connections under a burst that a real front end queues.
+    assert served.host._server is not None and served.host._server.request_queue_size >= 128
+
+
+def test_a_client_trickling_its_request_is_cut_at_the_whole_request_deadline(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each byte arrives well within the per-read timeout, so only a deadline for the whole request ends it.
+    from devstack.host import server
+
+    monkeypatch.setattr(server, "REQUEST_DEADLINE_SECONDS", 2.0)
+    port = int(served.host.base_url.rsplit(":", 1)[1])
+    head = f"POST /api/upload HTTP/1.1\r\nHost: localhost:{port}\r\nContent-Length: 100000\r\n\r\n".encode()
+    cut = threading.Event()
+
+    def trickle() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            try:
+                conn.sendall(head)
+                for _ in range(60):  # 30 s at most: far past the deadline, well inside the per-read timeout
+                    conn.sendall(b"x")
+                    time.sleep(0.5)
+                    conn.setblocking(False)
+                    try:
+                        if conn.recv(4096) == b"":
+                            cut.set()
+                            return
+                    except BlockingIOError:
+                        pass
+                    finally:
+                        conn.setblocking(True)
+            except OSError:
+                cut.set()
+
+    worker = threading.Thread(target=trickle)
+    worker.start()
+    worker.join(40)
+    assert cut.is_set(), "the host kept a trickling request open past its deadline"
+    assert served.session.get(served.url("/api/things/export"), timeout=10).status_code == 200
+
+
 def test_a_form_post_is_parsed_like_entra_s_callback(served: Served) -> None:
     response = served.session.post(served.url("/api/form"), data={"code": "c", "state": "s"}, timeout=10)
     assert response.json() == {"code": "c", "state": "s"}
