@@ -32,8 +32,22 @@ param principalType string = 'User'
 @description('Entra tenant (directory) id of the mailboxes; empty: the tenant of the deployment.')
 param entraTenantId string = ''
 
-@description('Application (client) id of the Entra app registration (docs/deploy.md explains how to register it).')
+@allowed([
+  ''
+  'create'
+  'existing'
+])
+@description('create: this deployment registers the Entra app (Microsoft Graph extension); existing: you register it and set entraClientId. Empty: create, unless entraClientId is given.')
+param entraAppMode string = ''
+
+@description('Application (client) id of an existing Entra app registration (existing mode; docs/deploy.md).')
 param entraClientId string = ''
+
+@description('Create mode: also register http://localhost:7071/api/auth/callback, for a local run against the cloud.')
+param entraLocalRedirectUri bool = false
+
+@description('Create mode: assign IMAP.AccessAsApp of Office 365 Exchange Online, for app-only mailboxes.')
+param entraAppOnly bool = false
 
 @description('Entra authority host; change it only for a national cloud.')
 param entraAuthorityHost string = 'https://login.microsoftonline.com'
@@ -136,8 +150,25 @@ var functionAppName = '${abbrs.webSitesFunctions}api-${resourceToken}'
 var deploymentContainerName = 'app-package-${resourceToken}'
 // Derived from the app's deterministic name, so that it can be registered before the app exists.
 var redirectUri = empty(entraRedirectUri) ? 'https://${functionAppName}.azurewebsites.net/api/auth/callback' : entraRedirectUri
+// The local host's callback, in the local stack and in the postprovision hook's local.settings.json.
+var localRedirectUri = 'http://localhost:7071/api/auth/callback'
 var useSecret = entraCredentialMode == 'secret'
 var tenantId = empty(entraTenantId) ? tenant().tenantId : entraTenantId
+// Sticky: the resolved mode is an output, which azd writes back as ENTRA_APP_MODE for the next provision and azd down.
+var appMode = empty(entraAppMode) ? (empty(entraClientId) ? 'create' : 'existing') : entraAppMode
+var createApp = appMode == 'create'
+// A federated credential can trust a managed identity of its own tenant only (Microsoft: "Configure an application to
+// trust a managed identity"). Mailboxes in another tenant need a multitenant registration in the identity's tenant,
+// consented in theirs: a tenant-wide grant made here would land in the wrong tenant.
+var crossTenant = tenantId != tenant().tenantId
+// The token exchange audience follows the cloud (Microsoft: workload identity federation, national clouds).
+var federatedAudiences = {
+  AzureCloud: 'api://AzureADTokenExchange'
+  AzureUSGovernment: 'api://AzureADTokenExchangeUSGov'
+  AzureChinaCloud: 'api://AzureADTokenExchangeChina'
+}
+var entraAppUniqueName = 'm365-mail-collector-${resourceToken}'
+var effectiveClientId = createApp ? entraApp.outputs.clientId : entraClientId
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
   name: empty(resourceGroupName) ? '${abbrs.resourcesResourceGroups}${environmentName}' : resourceGroupName
@@ -244,6 +275,33 @@ module monitoring 'app/monitoring.bicep' = {
   }
 }
 
+module entraApp 'app/entra.bicep' = if (createApp) {
+  name: 'entra-app'
+  scope: rg
+  params: {
+    uniqueName: entraAppUniqueName
+    displayName: 'M365 mail collector (${environmentName})'
+    redirectUris: entraLocalRedirectUri ? [
+      redirectUri
+      localRedirectUri
+    ] : [
+      redirectUri
+    ]
+    signInAudience: crossTenant ? 'AzureADMultipleOrgs' : 'AzureADMyOrg'
+    trustManagedIdentity: !useSecret
+    managedIdentityPrincipalId: identity.outputs.principalId
+    // The managed identity's tokens come from the deployment's tenant, whichever tenant the mailboxes are in.
+    issuer: '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
+    federatedAudience: federatedAudiences[environment().name]
+    grantTenantWideConsent: !crossTenant
+    appOnly: entraAppOnly
+    appTags: [
+      'azd-env-name:${environmentName}'
+      'm365-mail-collector'
+    ]
+  }
+}
+
 module api 'app/api.bicep' = {
   name: 'api'
   scope: rg
@@ -262,7 +320,7 @@ module api 'app/api.bicep' = {
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
     entraTenantId: tenantId
-    entraClientId: entraClientId
+    entraClientId: effectiveClientId
     entraAuthorityHost: entraAuthorityHost
     entraRedirectUri: redirectUri
     entraClientSecretName: useSecret ? entraClientSecretName : ''
@@ -333,7 +391,12 @@ output AZURE_STORAGE_QUEUE_ENDPOINT string = storage.outputs.serviceEndpoints.qu
 output AZURE_STORAGE_TABLE_ENDPOINT string = storage.outputs.serviceEndpoints.table
 output APPLICATIONINSIGHTS_CONNECTION_STRING string = monitoring.outputs.connectionString
 output ENTRA_TENANT_ID string = tenantId
-output ENTRA_CLIENT_ID string = entraClientId
+output ENTRA_CLIENT_ID string = effectiveClientId
+output ENTRA_APP_MODE string = appMode
+// Empty unless this deployment created the registration: azd down deletes only a registration it finds by this name.
+output ENTRA_APP_UNIQUE_NAME string = createApp ? entraAppUniqueName : ''
+output ENTRA_SERVICE_PRINCIPAL_ID string = createApp ? entraApp.outputs.servicePrincipalId : ''
+output ENTRA_APP_ONLY bool = entraAppOnly
 output ENTRA_AUTHORITY_HOST string = entraAuthorityHost
 output ENTRA_REDIRECT_URI string = redirectUri
 output ENTRA_CREDENTIAL_MODE string = entraCredentialMode

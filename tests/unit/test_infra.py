@@ -33,6 +33,7 @@ RBAC = "app/rbac.bicep"
 KEYVAULT = "app/keyvault.bicep"
 MONITORING = "app/monitoring.bicep"
 ALERTS = "app/alerts.bicep"
+ENTRA = "app/entra.bicep"
 
 Tree = dict[str, Any]
 Trees = dict[str, Tree]
@@ -93,6 +94,21 @@ AZD_OUTPUTS = {
     "AZURE_STORAGE_TABLE_ENDPOINT",
     "APPLICATIONINSIGHTS_CONNECTION_STRING",
 }
+# Microsoft's published ids (docs/deploy.md and infra/app/entra.bicep cite where each is listed). A typo here or in the
+# Bicep would register a permission the app never asks for, and consent would not cover the real one.
+GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000"  # Microsoft Graph
+EXCHANGE_ONLINE_APP_ID = "00000002-0000-0ff1-ce00-000000000000"  # Office 365 Exchange Online
+GRAPH_DELEGATED = {
+    "652390e4-393a-48de-9484-05f9b1212954": "IMAP.AccessAsUser.All",
+    "7427e0e9-2fba-42fe-b0c0-848c9e6a8182": "offline_access",
+    "37f7f235-527c-4136-accd-4a02d197296e": "openid",
+    "64a6cdd6-aab1-4aaf-94b8-3cc8405e90d0": "email",
+    "14dad69e-099b-42c9-810b-d002981feec1": "profile",
+}
+IMAP_ACCESS_AS_APP = "5e5addcd-3e8d-4e90-baf5-964efab2b20a"  # Office 365 Exchange Online application role
+# The published Microsoft Graph extension, pinned to a released (not preview) version.
+GRAPH_EXTENSION = re.compile(r"br:mcr\.microsoft\.com/bicep/extensions/microsoftgraph/v1\.0:\d+\.\d+\.\d+")
+
 # Types that take no tags.
 UNTAGGED_TYPES = {
     "Microsoft.Authorization/roleAssignments",
@@ -454,7 +470,7 @@ def check_tags(trees: Trees) -> None:
             assert module_params(main, symbol).get("tags") == "tags", f"module {symbol} must get the azd tags"
     for name, tree in trees.items():
         for symbol, kind, existing, body in resources(tree):
-            if existing or kind in UNTAGGED_TYPES:
+            if existing or kind in UNTAGGED_TYPES or kind.startswith("Microsoft.Graph/"):
                 continue
             tags = body.get("tags")
             assert tags is not None, f"{name}: {symbol} has no tags"
@@ -486,6 +502,234 @@ def check_alerts(trees: Trees) -> None:
     assert dotted(module_params(trees[MAIN], "alerts")["appInsightsId"]) == "monitoring.outputs.appInsightsId"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The Entra app registration (ENTRA_APP_MODE=create), declared with the Microsoft Graph extension
+
+
+def graph_resources(trees: Trees, kind: str) -> list[tuple[str, Tree, bool]]:
+    """(symbol, body, conditional) of every non-existing resource of one Microsoft.Graph type in entra.bicep."""
+    entra = trees[ENTRA]
+    found = []
+    for symbol, declaration in entra["resources"].items():
+        # pycep keeps the API version in a nested child's type (".../federatedIdentityCredentials@v1.0").
+        if declaration["type"].split("@")[0] == kind and not declaration["existing"]:
+            found.append((symbol, resource(entra, symbol), "condition" in declaration["config"]))
+    return found
+
+
+def only_graph_resource(trees: Trees, kind: str) -> tuple[str, Tree, bool]:
+    found = graph_resources(trees, kind)
+    assert len(found) == 1, f"entra.bicep must declare exactly one {kind}, found {[symbol for symbol, _, _ in found]}"
+    return found[0]
+
+
+def existing_principal(trees: Trees, symbol: str) -> str:
+    """The appId of an `existing` service principal, resolved through the variables."""
+    entra = trees[ENTRA]
+    declaration = entra["resources"].get(symbol)
+    assert declaration and declaration["existing"], f"{symbol} must be an existing service principal"
+    assert declaration["type"] == "Microsoft.Graph/servicePrincipals", symbol
+    (app_id,) = expand(entra, resource(entra, symbol)["appId"])
+    return str(app_id)
+
+
+def condition_of(tree: Tree, symbol: str, kind: str = "resources") -> Any:
+    config = tree[kind][symbol]["config"]
+    return config.get("condition")
+
+
+def entra_module(trees: Trees) -> Tree:
+    main = trees[MAIN]
+    declaration = main["modules"].get("entraApp")
+    assert declaration and declaration["detail"]["path"] == ENTRA, "main.bicep must deploy app/entra.bicep"
+    return module_params(main, "entraApp")
+
+
+def conditional(value: Any) -> Tree:
+    """The operands of a ``condition ? a : b`` expression; a failure for anything else."""
+    assert isinstance(value, dict) and value.get("operator", {}).get("type") == "conditional", f"not a ?: {value!r}"
+    operands: Tree = value["operator"]["operands"]
+    return operands
+
+
+def check_app_mode(trees: Trees) -> None:
+    main = trees[MAIN]
+    mode = main["parameters"]["entraAppMode"]
+    allowed = next(d["argument"] for d in mode["decorators"] if d["type"] == "allowed")
+    assert sorted(allowed) == ["", "create", "existing"], allowed
+    assert mode.get("default") == "", "the mode resolves from entraClientId unless it is set"
+    # Empty resolves to create without a client id, to existing with one (an existing deployment keeps its app).
+    resolved = conditional(main["variables"]["appMode"]["value"])
+    assert resolved["condition"] == {"function": {"type": "empty", "parameters": {"item_to_test": "entraAppMode"}}}
+    inner = conditional(resolved["true_value"])
+    assert inner["condition"]["function"]["parameters"]["item_to_test"] == "entraClientId"
+    assert (inner["true_value"], inner["false_value"]) == ("create", "existing")
+    assert main["variables"]["createApp"]["value"] == {
+        "operator": {"type": "equals", "operands": {"operand_1": "appMode", "operand_2": "create"}}
+    }
+    assert condition_of(main, "entraApp", "modules") == "createApp", "the registration is created in create mode only"
+    outputs = main["outputs"]
+    assert outputs["ENTRA_APP_MODE"]["value"] == "appMode", "azd must keep the resolved mode for the next run"
+    unique = conditional(outputs["ENTRA_APP_UNIQUE_NAME"]["value"])
+    assert (unique["condition"], unique["true_value"], unique["false_value"]) == ("createApp", "entraAppUniqueName", "")
+    assert "${resourceToken}" in main["variables"]["entraAppUniqueName"]["value"], "one registration per environment"
+    assert entra_module(trees)["uniqueName"] == "entraAppUniqueName"
+    assert only_graph_resource(trees, "Microsoft.Graph/applications")[1]["uniqueName"] == "uniqueName"
+
+
+def check_settings_in_both_modes(trees: Trees) -> None:
+    main = trees[MAIN]
+    passed = module_params(main, "api")["entraClientId"]
+    assert passed == "effectiveClientId", f"the app's ENTRA_CLIENT_ID must follow the mode, found {passed!r}"
+    branches = [dotted(value) for value in expand(main, passed)]
+    assert sorted(branches) == ["entraApp.outputs.clientId", "entraClientId"], branches
+    assert conditional(main["variables"]["effectiveClientId"]["value"])["condition"] == "createApp"
+    assert main["outputs"]["ENTRA_CLIENT_ID"]["value"] == "effectiveClientId"
+    # Every other setting the app reads is the same in both modes: nothing else passed to the app depends on it.
+    for name, value in module_params(main, "api").items():
+        if name != "entraClientId":
+            assert "createApp" not in json.dumps(value) and "entraApp" not in json.dumps(value), name
+    assert only_value(app_settings(trees), "ENTRA_CLIENT_ID") == "entraClientId"
+    assert trees[ENTRA]["outputs"]["clientId"]["value"] == {
+        "operator": {"type": "property_accessor", "operands": {"operand_1": "app", "operand_2": "appId"}}
+    }
+
+
+def check_app_registration(trees: Trees) -> None:
+    _, app, is_conditional = only_graph_resource(trees, "Microsoft.Graph/applications")
+    assert not is_conditional
+    assert app["displayName"] == "displayName"
+    web = app["web"]
+    assert web["redirectUris"] == "redirectUris"
+    assert web["implicitGrantSettings"] == {"enableAccessTokenIssuance": False, "enableIdTokenIssuance": False}
+    assert app["signInAudience"] == "signInAudience"
+    params = entra_module(trees)
+    audience = conditional(params["signInAudience"])
+    assert audience == {"condition": "crossTenant", "true_value": "AzureADMultipleOrgs", "false_value": "AzureADMyOrg"}
+    assert app["tags"] == "appTags" and "azd-env-name:${environmentName}" in params["appTags"]
+    _, principal, is_conditional = only_graph_resource(trees, "Microsoft.Graph/servicePrincipals")
+    assert not is_conditional
+    assert dotted(principal["appId"]) == "app.appId", "the enterprise application of this registration"
+    main = trees[MAIN]
+    assert conditional(main["outputs"]["ENTRA_SERVICE_PRINCIPAL_ID"]["value"])["true_value"] == {
+        "operator": {
+            "type": "property_accessor",
+            "operands": {
+                "operand_1": "entraApp",
+                "operand_2": {
+                    "operator": {
+                        "type": "property_accessor",
+                        "operands": {"operand_1": "outputs", "operand_2": "servicePrincipalId"},
+                    }
+                },
+            },
+        }
+    }
+    cross = main["variables"]["crossTenant"]["value"]["operator"]
+    assert cross["type"] == "not_equals", cross
+    assert json.dumps(cross["operands"]).count("tenant") >= 2, "compare the mailboxes' tenant with the deployment's"
+
+
+def check_federated_credential(trees: Trees) -> None:
+    symbol, credential, is_conditional = only_graph_resource(
+        trees, "Microsoft.Graph/applications/federatedIdentityCredentials"
+    )
+    assert is_conditional and condition_of(trees[ENTRA], symbol) == "trustManagedIdentity"
+    assert credential["name"].startswith("${app.uniqueName}/"), "a child of a Graph resource needs its full name"
+    assert credential["subject"] == "managedIdentityPrincipalId"
+    assert credential["issuer"] == "issuer"
+    assert credential["audiences"] == ["federatedAudience"]
+    params = entra_module(trees)
+    # The subject is the identity's principal (object) id: its client id is the classic mistake (AADSTS700213).
+    assert dotted(params["managedIdentityPrincipalId"]) == "identity.outputs.principalId"
+    # The issuer is the tenant of the identity (the deployment), even when the mailboxes live in another tenant.
+    assert params["issuer"] == "${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0"
+    assert params["trustManagedIdentity"] == {"operator": {"type": "not", "operands": {"bool_value": "useSecret"}}}
+    audiences = trees[MAIN]["variables"]["federatedAudiences"]["value"]
+    assert audiences["AzureCloud"] == "api://AzureADTokenExchange", audiences
+    audience = params["federatedAudience"]
+    assert isinstance(audience, dict) and "federatedAudiences" in json.dumps(audience), audience
+
+
+def check_permission_ids(trees: Trees) -> None:
+    entra = trees[ENTRA]
+    variables = entra["variables"]
+    assert variables["graphAppId"]["value"] == GRAPH_APP_ID
+    assert variables["exchangeOnlineAppId"]["value"] == EXCHANGE_ONLINE_APP_ID
+    delegated = variables["graphDelegated"]["value"]
+    assert {item["id"] for item in delegated} == set(GRAPH_DELEGATED), "the five delegated Graph permissions"
+    assert all(item["type"] == "Scope" for item in delegated)
+    required = only_graph_resource(trees, "Microsoft.Graph/applications")[1]["requiredResourceAccess"]
+    operands = conditional(required)
+    assert operands["condition"] == "appOnly" and operands["false_value"] == "graphAccess", operands
+    assert function_args(operands["true_value"], "concat") == ["graphAccess", "exchangeAppOnly"]
+    assert variables["graphAccess"]["value"] == [{"resourceAppId": "graphAppId", "resourceAccess": "graphDelegated"}]
+    app_only = variables["exchangeAppOnly"]["value"]
+    assert app_only == [
+        {"resourceAppId": "exchangeOnlineAppId", "resourceAccess": [{"id": "imapAccessAsAppRoleId", "type": "Role"}]}
+    ]
+    assert variables["imapAccessAsAppRoleId"]["value"] == IMAP_ACCESS_AS_APP, "IMAP.AccessAsApp of Exchange Online"
+    assert existing_principal(trees, "graph") == GRAPH_APP_ID
+    assert existing_principal(trees, "exchangeOnline") == EXCHANGE_ONLINE_APP_ID
+
+
+def check_permission_comments(texts: dict[str, str]) -> None:
+    text = texts[ENTRA]
+    for guid, name in {**GRAPH_DELEGATED, IMAP_ACCESS_AS_APP: "IMAP.AccessAsApp"}.items():
+        lines = [line for line in text.splitlines() if f"'{guid}'" in line]
+        assert lines, f"{name} ({guid}) is not in entra.bicep"
+        assert all(line.rstrip().endswith(f"// {name}") for line in lines), f"{guid} must be named: // {name}"
+
+
+def check_admin_consent(trees: Trees) -> None:
+    entra = trees[ENTRA]
+    grants = {
+        symbol: (body, is_conditional)
+        for symbol, body, is_conditional in graph_resources(trees, "Microsoft.Graph/oauth2PermissionGrants")
+    }
+    by_resource = {}
+    for symbol, (body, is_conditional) in grants.items():
+        assert is_conditional and condition_of(entra, symbol) == "grantTenantWideConsent", symbol
+        assert dotted(body["clientId"]) == "servicePrincipal.id", f"{symbol}: the client is the enterprise application"
+        assert body["consentType"] == "AllPrincipals", f"{symbol}: consent for the whole tenant"
+        (scope,) = expand(entra, body["scope"])
+        by_resource[dotted(body["resourceId"])] = set(str(scope).split())
+    assert by_resource.get("graph.id") == set(GRAPH_DELEGATED.values()), by_resource
+    assert by_resource.get("exchangeOnline.id") == {"IMAP.AccessAsUser.All"}, by_resource
+    assert entra_module(trees)["grantTenantWideConsent"] == {
+        "operator": {"type": "not", "operands": {"bool_value": "crossTenant"}}
+    }, "a grant made here would land in the wrong tenant when the mailboxes live elsewhere"
+
+
+def check_app_only_role(trees: Trees) -> None:
+    symbol, assignment, is_conditional = only_graph_resource(trees, "Microsoft.Graph/appRoleAssignedTo")
+    assert is_conditional and "appOnly" in json.dumps(condition_of(trees[ENTRA], symbol))
+    (role,) = expand(trees[ENTRA], assignment["appRoleId"])
+    assert role == IMAP_ACCESS_AS_APP
+    assert dotted(assignment["principalId"]) == "servicePrincipal.id"
+    assert dotted(assignment["resourceId"]) == "exchangeOnline.id", "the role belongs to Office 365 Exchange Online"
+    assert entra_module(trees)["appOnly"] == "entraAppOnly"
+
+
+def check_redirect_uris(trees: Trees) -> None:
+    from function_app import CALLBACK_ROUTE
+
+    main = trees[MAIN]
+    host = json.loads((ROOT / "host.json").read_text(encoding="utf-8"))
+    prefix = host.get("extensions", {}).get("http", {}).get("routePrefix", "api")
+    path = f"/{prefix}/{CALLBACK_ROUTE}"
+    deployed = conditional(main["variables"]["redirectUri"]["value"])["true_value"]
+    assert deployed == f"https://${{functionAppName}}.azurewebsites.net{path}", deployed
+    assert main["variables"]["localRedirectUri"]["value"] == f"http://localhost:7071{path}"
+    uris = conditional(entra_module(trees)["redirectUris"])
+    assert uris == {
+        "condition": "entraLocalRedirectUri",
+        "true_value": ["redirectUri", "localRedirectUri"],
+        "false_value": ["redirectUri"],
+    }, uris
+    assert module_params(main, "api")["entraRedirectUri"] == "redirectUri", "the app sends the URI it registered"
+
+
 CHECKS: dict[str, Callable[[Trees], None]] = {
     "settings": check_settings_match_the_code,
     "storage settings": check_storage_settings_use_the_identity,
@@ -498,10 +742,19 @@ CHECKS: dict[str, Callable[[Trees], None]] = {
     "outputs": check_outputs,
     "tags": check_tags,
     "alerts": check_alerts,
+    "app mode": check_app_mode,
+    "settings in both modes": check_settings_in_both_modes,
+    "app registration": check_app_registration,
+    "federated credential": check_federated_credential,
+    "permission ids": check_permission_ids,
+    "admin consent": check_admin_consent,
+    "app-only role": check_app_only_role,
+    "redirect uris": check_redirect_uris,
 }
 TEXT_CHECKS: dict[str, Callable[[dict[str, str]], None]] = {
     "no keys": check_no_keys_anywhere,
     "role comments": check_role_comments,
+    "permission comments": check_permission_comments,
 }
 
 
@@ -511,7 +764,7 @@ TEXT_CHECKS: dict[str, Callable[[dict[str, str]], None]] = {
 
 def test_every_bicep_file_parses() -> None:
     files = bicep_files()
-    assert {f"{INFRA.name}/{name}" for name in (MAIN, API, RBAC, KEYVAULT, MONITORING, ALERTS)} <= {
+    assert {f"{INFRA.name}/{name}" for name in (MAIN, API, RBAC, KEYVAULT, MONITORING, ALERTS, ENTRA)} <= {
         path.relative_to(ROOT).as_posix() for path in files
     }
     for path in files:
@@ -520,15 +773,35 @@ def test_every_bicep_file_parses() -> None:
     assert _trees()[MAIN]["globals"]["scope"]["value"] == "subscription"
 
 
-def test_templates_reach_registries_only_through_the_builtin_alias() -> None:
-    # A full registry address would name a registry host in the repository; Bicep extensions can only be referenced
-    # that way, so the templates use none (the Entra app registration is a documented manual step instead).
+def test_templates_reach_registries_only_through_aliases() -> None:
+    # Modules come through Bicep's built-in br/public alias (Azure Verified Modules). The one extension, Microsoft
+    # Graph, comes through the alias in bicepconfig.json: Bicep needs an extension's full registry address there (or
+    # in the file), so that file alone names Microsoft's registry, pinned to a released version.
+    config = json.loads((INFRA / "bicepconfig.json").read_text(encoding="utf-8"))
+    assert config == {"extensions": {"microsoftGraphV1": config["extensions"]["microsoftGraphV1"]}}, config
+    assert GRAPH_EXTENSION.fullmatch(config["extensions"]["microsoftGraphV1"]), config
     files = [path for path in sorted(INFRA.rglob("*")) if path.suffix in {".bicep", ".json"}]
-    assert not [path.name for path in files if path.name == "bicepconfig.json"], "no registry aliases of our own"
     for path in files:
+        if path.name == "bicepconfig.json":
+            continue
         text = path.read_text(encoding="utf-8")
-        assert not re.search(r"\bbr:|^\s*(extension|import)\s", text, re.MULTILINE), f"{path.name} names a registry"
-    modules = [declaration for tree in _trees().values() for declaration in tree.get("modules", {}).values()]
+        assert not re.search(r"\bbr:|mcr\.microsoft\.com|^\s*import\s", text, re.MULTILINE), (
+            f"{path.name} names a registry"
+        )
+        for line in re.findall(r"^\s*(?:extension|provider)\b.*$", text, re.MULTILINE):
+            assert line.strip() == "extension microsoftGraphV1", (
+                f"{path.name}: {line.strip()!r} is not the configured alias"
+            )
+    trees = _trees()
+    declared = {name for name, tree in trees.items() if tree.get("extensions")}
+    graph_users = {
+        name
+        for name, tree in trees.items()
+        if any(declaration["type"].startswith("Microsoft.Graph/") for declaration in tree.get("resources", {}).values())
+    }
+    assert declared == graph_users == {ENTRA}, (declared, graph_users)
+    assert set(trees[ENTRA]["extensions"]) == {"microsoftGraphV1"}
+    modules = [declaration for tree in trees.values() for declaration in tree.get("modules", {}).values()]
     remote = [declaration for declaration in modules if declaration["type"] != "local"]
     assert remote, "the Azure Verified Modules are gone from main.bicep"
     for declaration in remote:
@@ -634,6 +907,88 @@ MUTATIONS = [
     ("no keys", API, "  KEY_VAULT_URI: keyVaultUri\n", "  KEY_VAULT_URI: storageAccount.listKeys().keys[0].value\n"),
     ("no keys", API, "  IMAP_HOST: imapHost\n", "  IMAP_HOST: 'DefaultEndpointsProtocol=https;AccountKey=x'\n"),
     ("role comments", RBAC, "// Monitoring Metrics Publisher", "// publisher"),
+    ("app mode", MAIN, "module entraApp 'app/entra.bicep' = if (createApp) {", "module entraApp 'app/entra.bicep' = {"),
+    ("app mode", MAIN, "output ENTRA_APP_MODE string = appMode\n", "output ENTRA_APP_MODE string = entraAppMode\n"),
+    ("app mode", MAIN, "(empty(entraClientId) ? 'create' : 'existing')", "'create'"),
+    ("settings in both modes", MAIN, "    entraClientId: effectiveClientId\n", "    entraClientId: entraClientId\n"),
+    (
+        "settings in both modes",
+        MAIN,
+        "var effectiveClientId = createApp ? entraApp.outputs.clientId : entraClientId",
+        "var effectiveClientId = entraApp.outputs.clientId",
+    ),
+    ("app registration", ENTRA, "      enableIdTokenIssuance: false\n", "      enableIdTokenIssuance: true\n"),
+    (
+        "app registration",
+        MAIN,
+        "signInAudience: crossTenant ? 'AzureADMultipleOrgs' : 'AzureADMyOrg'",
+        "signInAudience: 'AzureADMyOrg'",
+    ),
+    ("app registration", ENTRA, "  appId: app.appId\n", "  appId: graphAppId\n"),
+    (
+        "federated credential",
+        MAIN,
+        "managedIdentityPrincipalId: identity.outputs.principalId",
+        "managedIdentityPrincipalId: identity.outputs.clientId",
+    ),
+    ("federated credential", ENTRA, "    subject: managedIdentityPrincipalId\n", "    subject: uniqueName\n"),
+    ("federated credential", MAIN, "${tenant().tenantId}/v2.0'", "${tenantId}/v2.0'"),
+    (
+        "federated credential",
+        ENTRA,
+        "'federatedIdentityCredentials@v1.0' = if (trustManagedIdentity) {",
+        "'federatedIdentityCredentials@v1.0' = {",
+    ),
+    (
+        "federated credential",
+        MAIN,
+        "AzureCloud: 'api://AzureADTokenExchange'",
+        "AzureCloud: 'api://AzureADTokenExchangeUSGov'",
+    ),
+    # Exchange Online's own delegated IMAP.AccessAsUser.All id in place of Graph's, and EWS's full_access_as_app in
+    # place of IMAP.AccessAsApp: the mix-ups that peers' issue trackers report.
+    (
+        "permission ids",
+        ENTRA,
+        "'652390e4-393a-48de-9484-05f9b1212954' // IMAP.AccessAsUser.All",
+        "'195adc35-e27b-454b-a7ed-1ecdffa1c09f' // IMAP.AccessAsUser.All",
+    ),
+    ("permission ids", ENTRA, "'5e5addcd-3e8d-4e90-baf5-964efab2b20a'", "'dc890d15-9560-4a4c-9b7f-a736ec74ec40'"),
+    (
+        "permission ids",
+        ENTRA,
+        "requiredResourceAccess: appOnly ? concat(graphAccess, exchangeAppOnly) : graphAccess",
+        "requiredResourceAccess: graphAccess",
+    ),
+    ("permission comments", ENTRA, "// offline_access\n", "// offline\n"),
+    (
+        "admin consent",
+        ENTRA,
+        "  resourceId: exchangeOnline.id\n  scope: exchangeDelegatedScope\n",
+        "  resourceId: graph.id\n  scope: exchangeDelegatedScope\n",
+    ),
+    ("admin consent", ENTRA, "'IMAP.AccessAsUser.All offline_access openid email profile'", "'offline_access openid'"),
+    ("admin consent", MAIN, "grantTenantWideConsent: !crossTenant", "grantTenantWideConsent: true"),
+    (
+        "app-only role",
+        ENTRA,
+        "  appRoleId: imapAccessAsAppRoleId\n",
+        "  appRoleId: '00000000-0000-0000-0000-000000000000'\n",
+    ),
+    (
+        "app-only role",
+        ENTRA,
+        "  principalId: servicePrincipal.id\n  resourceId: exchangeOnline.id\n",
+        "  principalId: servicePrincipal.id\n  resourceId: graph.id\n",
+    ),
+    (
+        "redirect uris",
+        MAIN,
+        "var localRedirectUri = 'http://localhost:7071/api/auth/callback'",
+        "var localRedirectUri = 'http://localhost:7071/auth/callback'",
+    ),
+    ("redirect uris", MAIN, "azurewebsites.net/api/auth/callback'", "azurewebsites.net/api/callback'"),
+    ("redirect uris", MAIN, "      redirectUri\n      localRedirectUri\n", "      redirectUri\n"),
 ]
 
 
