@@ -86,19 +86,58 @@ if (-not $values.Contains('ENTRA_CLIENT_SECRET')) {
 $appUri = Get-Setting 'SERVICE_API_URI'
 $appName = Get-Setting 'AZURE_FUNCTION_APP_NAME' '<function app>'
 $group = Get-Setting 'RESOURCE_GROUP' (Get-Setting 'AZURE_RESOURCE_GROUP' '<resource group>')
+$mode = Get-Setting 'ENTRA_APP_MODE' 'existing'
+$clientId = Get-Setting 'ENTRA_CLIENT_ID'
+$authority = Get-Setting 'ENTRA_AUTHORITY_HOST' 'https://login.microsoftonline.com'
+$identityTenant = Get-Setting 'AZURE_TENANT_ID'
+$mailboxTenant = Get-Setting 'ENTRA_TENANT_ID'
+
+# The first mailbox (azd env set FIRST_MAILBOX ...) fills in the links and commands below. Anything that is not a
+# plain mail address is not echoed: it would end up in a link an admin clicks or a command an admin pastes.
+$mailbox = '{address}'
+$firstMailbox = Get-Setting 'FIRST_MAILBOX'
+if ($firstMailbox) {
+    if ($firstMailbox -match '^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$') {
+        $mailbox = $firstMailbox
+    } else {
+        Write-Warning 'postprovision: FIRST_MAILBOX is not a mail address (letters, digits, . _ % + - and one @); fix it with azd env set FIRST_MAILBOX <address>; the link below keeps {address}'
+    }
+}
+
+# A federated credential trusts a managed identity of its own tenant only: with the mailboxes in another tenant, the
+# registration lives in the identity's tenant as a multitenant app, consented once in the mailboxes' tenant.
+$crossTenant = [bool]($identityTenant -and $mailboxTenant -and ($identityTenant -ne $mailboxTenant))
 
 Write-Host ''
-Write-Host 'Admin consent link, one per mailbox (replace {address}; the key is a password, keep it out of tickets and chats):'
-Write-Host "  $appUri/api/mailboxes/{address}/authorize?code=<function key>"
+if ($mailbox -eq '{address}') {
+    Write-Host 'Admin consent link, one per mailbox (replace {address}; the key is a password, keep it out of tickets and chats):'
+} else {
+    Write-Host "Consent link of $mailbox (the key is a password, keep it out of tickets and chats):"
+}
+Write-Host "  $appUri/api/mailboxes/$mailbox/authorize?code=<function key>"
 Write-Host 'The function key:'
 Write-Host "  az functionapp keys list --name $appName --resource-group $group --query functionKeys.default --output tsv"
 
-$clientId = Get-Setting 'ENTRA_CLIENT_ID'
+if ($mode -eq 'create') {
+    Write-Host ''
+    Write-Host "Entra app registration ${clientId}: created by this deployment (ENTRA_APP_MODE=create); azd down deletes it."
+    if ($crossTenant) {
+        Write-Host "The mailboxes' tenant ($mailboxTenant) is not the subscription's ($identityTenant). A federated credential"
+        Write-Host "can trust a managed identity of its own tenant only, so the registration lives in $identityTenant as a"
+        Write-Host "multitenant app, and an admin of $mailboxTenant consents to it once (this creates its enterprise application"
+        Write-Host 'there; sign in as an admin of that tenant):'
+        Write-Host "  $authority/$mailboxTenant/adminconsent?client_id=$clientId"
+    } else {
+        Write-Host 'Admin consent for the tenant is granted; the managed identity is its client credential (no secret).'
+    }
+}
+
 if (-not $clientId) {
     Write-Host ''
     $redirect = Get-Setting 'ENTRA_REDIRECT_URI' '<redirect uri>'
     Write-Host "ENTRA_CLIENT_ID is empty: register the Entra app (docs/deploy.md, redirect URI $redirect), then"
     Write-Host '  azd env set ENTRA_CLIENT_ID <application (client) id>; azd provision'
+    Write-Host 'or let the deployment register it: azd env set ENTRA_APP_MODE create; azd provision'
 }
 
 if ((Get-Setting 'ENTRA_CREDENTIAL_MODE' 'federated') -eq 'secret') {
@@ -108,14 +147,39 @@ if ((Get-Setting 'ENTRA_CREDENTIAL_MODE' 'federated') -eq 'secret') {
     Write-Host 'Secret mode: put the client secret into Key Vault (read from a file, not typed on the command line) with the'
     Write-Host "secret's own end date as its expiry, which the expiry alert watches; then restart the app so that the Key Vault"
     Write-Host 'reference resolves:'
+    if ($mode -eq 'create' -and $clientId) {
+        Write-Host "  az ad app credential reset --id $clientId --append --display-name mail-collector --end-date <end date, UTC> --query password --output tsv > <file>"
+    }
     Write-Host "  az keyvault secret set --vault-name $vault --name $secretName --file <file> --expires <end date, UTC>"
     Write-Host "  az functionapp restart --name $appName --resource-group $group"
-} elseif ($clientId) {
-    $tenant = Get-Setting 'AZURE_TENANT_ID' '<tenant id>'
+} elseif ($mode -ne 'create' -and $clientId) {
+    $tenant = if ($identityTenant) { $identityTenant } else { '<tenant id>' }
     $principal = Get-Setting 'AZURE_MANAGED_IDENTITY_PRINCIPAL_ID' '<identity principal id>'
     Write-Host ''
     Write-Host 'Federated mode: the app registration must trust the managed identity (once):'
     Write-Host "  az ad app federated-credential create --id $clientId --parameters '{`"name`": `"function-app-identity`","
     Write-Host "    `"issuer`": `"https://login.microsoftonline.com/$tenant/v2.0`","
     Write-Host "    `"subject`": `"$principal`", `"audiences`": [`"api://AzureADTokenExchange`"]}'"
+    if ($crossTenant) {
+        Write-Host "This works only with a registration in the subscription's tenant ($identityTenant), made multitenant and"
+        Write-Host "consented by an admin of the mailboxes' tenant (${mailboxTenant}):"
+        Write-Host "  $authority/$mailboxTenant/adminconsent?client_id=$clientId"
+        Write-Host "A registration in $mailboxTenant cannot trust this identity: use ENTRA_CREDENTIAL_MODE=secret with it instead."
+    }
+}
+
+if ($mode -eq 'create' -and (Get-Setting 'ENTRA_APP_ONLY' 'false') -eq 'true') {
+    $spId = Get-Setting 'ENTRA_SERVICE_PRINCIPAL_ID' '<enterprise application object id>'
+    if ($crossTenant) {
+        # The enterprise application that Exchange must know is the one in the mailboxes' tenant, made by the consent.
+        $spId = "<enterprise application object id in ${mailboxTenant}: az ad sp show --id $clientId --query id --output tsv>"
+    }
+    $identity = if ($mailbox -eq '{address}') { '<mailbox address>' } else { $mailbox }
+    $organization = if ($mailboxTenant) { $mailboxTenant } else { '<tenant id>' }
+    Write-Host ''
+    Write-Host 'App-only mailboxes (IMAP.AccessAsApp): register the enterprise application in Exchange, then grant each mailbox.'
+    Write-Host "Exchange Online PowerShell (the object id is the enterprise application's, not the app registration's):"
+    Write-Host "  Connect-ExchangeOnline -Organization $organization"
+    Write-Host "  New-ServicePrincipal -AppId $clientId -ObjectId $spId -DisplayName `"M365 mail collector`""
+    Write-Host "  Add-MailboxPermission -Identity $identity -User $spId -AccessRights FullAccess"
 }

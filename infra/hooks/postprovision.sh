@@ -107,17 +107,66 @@ EOF
 app_uri=${SERVICE_API_URI:-}
 app_name=${AZURE_FUNCTION_APP_NAME:-<function app>}
 group=${RESOURCE_GROUP:-${AZURE_RESOURCE_GROUP:-<resource group>}}
+mode=${ENTRA_APP_MODE:-existing}
+client_id=${ENTRA_CLIENT_ID:-}
+authority=${ENTRA_AUTHORITY_HOST:-https://login.microsoftonline.com}
+identity_tenant=${AZURE_TENANT_ID:-}
+mailbox_tenant=${ENTRA_TENANT_ID:-}
+
+# The first mailbox (azd env set FIRST_MAILBOX ...) fills in the links and commands below. Anything that is not a
+# plain mail address is not echoed: it would end up in a link an admin clicks or a command an admin pastes.
+mailbox='{address}'
+if [ -n "${FIRST_MAILBOX:-}" ]; then
+  # The case pattern rejects any other character (a newline or an escape would slip past a line-based grep).
+  case $FIRST_MAILBOX in
+    *[!A-Za-z0-9._%+@-]*) valid=false ;;
+    *) valid=true ;;
+  esac
+  if [ "$valid" = true ] && printf '%s' "$FIRST_MAILBOX" | grep -Eq '^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$'; then
+    mailbox=$FIRST_MAILBOX
+  else
+    echo "postprovision: FIRST_MAILBOX is not a mail address (letters, digits, . _ % + - and one @); fix it with" >&2
+    echo "  azd env set FIRST_MAILBOX <address>; the link below keeps {address}" >&2
+  fi
+fi
+
+# A federated credential trusts a managed identity of its own tenant only: with the mailboxes in another tenant, the
+# registration lives in the identity's tenant as a multitenant app, consented once in the mailboxes' tenant.
+cross_tenant=false
+if [ -n "$identity_tenant" ] && [ -n "$mailbox_tenant" ] \
+  && [ "$(printf '%s' "$identity_tenant" | tr 'A-F' 'a-f')" != "$(printf '%s' "$mailbox_tenant" | tr 'A-F' 'a-f')" ]; then
+  cross_tenant=true
+fi
 
 echo
-echo "Admin consent link, one per mailbox (replace {address}; the key is a password, keep it out of tickets and chats):"
-echo "  ${app_uri}/api/mailboxes/{address}/authorize?code=<function key>"
+if [ "$mailbox" = '{address}' ]; then
+  echo "Admin consent link, one per mailbox (replace {address}; the key is a password, keep it out of tickets and chats):"
+else
+  echo "Consent link of $mailbox (the key is a password, keep it out of tickets and chats):"
+fi
+echo "  ${app_uri}/api/mailboxes/${mailbox}/authorize?code=<function key>"
 echo "The function key:"
 echo "  az functionapp keys list --name ${app_name} --resource-group ${group} --query functionKeys.default --output tsv"
 
-if [ -z "${ENTRA_CLIENT_ID:-}" ]; then
+if [ "$mode" = "create" ]; then
+  echo
+  echo "Entra app registration ${client_id}: created by this deployment (ENTRA_APP_MODE=create); azd down deletes it."
+  if [ "$cross_tenant" = true ]; then
+    echo "The mailboxes' tenant (${mailbox_tenant}) is not the subscription's (${identity_tenant}). A federated credential"
+    echo "can trust a managed identity of its own tenant only, so the registration lives in ${identity_tenant} as a"
+    echo "multitenant app, and an admin of ${mailbox_tenant} consents to it once (this creates its enterprise application"
+    echo "there; sign in as an admin of that tenant):"
+    echo "  ${authority}/${mailbox_tenant}/adminconsent?client_id=${client_id}"
+  else
+    echo "Admin consent for the tenant is granted; the managed identity is its client credential (no secret)."
+  fi
+fi
+
+if [ -z "$client_id" ]; then
   echo
   echo "ENTRA_CLIENT_ID is empty: register the Entra app (docs/deploy.md, redirect URI ${ENTRA_REDIRECT_URI:-<redirect uri>}), then"
   echo "  azd env set ENTRA_CLIENT_ID <application (client) id> && azd provision"
+  echo "or let the deployment register it: azd env set ENTRA_APP_MODE create && azd provision"
 fi
 
 if [ "${ENTRA_CREDENTIAL_MODE:-federated}" = "secret" ]; then
@@ -125,12 +174,38 @@ if [ "${ENTRA_CREDENTIAL_MODE:-federated}" = "secret" ]; then
   echo "Secret mode: put the client secret into Key Vault (read from a file, not typed on the command line) with the"
   echo "secret's own end date as its expiry, which the expiry alert watches; then restart the app so that the Key Vault"
   echo "reference resolves:"
+  if [ "$mode" = "create" ] && [ -n "$client_id" ]; then
+    echo "  az ad app credential reset --id ${client_id} --append --display-name mail-collector --end-date <end date, UTC> \\"
+    echo "    --query password --output tsv | tr -d '\\r\\n' > <file>     (umask 077 first)"
+  fi
   echo "  az keyvault secret set --vault-name ${KEY_VAULT_NAME:-<key vault>} --name ${ENTRA_CLIENT_SECRET_NAME:-entra-client-secret} --file <file> --expires <end date, UTC>"
   echo "  az functionapp restart --name ${app_name} --resource-group ${group}"
-elif [ -n "${ENTRA_CLIENT_ID:-}" ]; then
+elif [ "$mode" != "create" ] && [ -n "$client_id" ]; then
   echo
   echo "Federated mode: the app registration must trust the managed identity (once):"
-  echo "  az ad app federated-credential create --id ${ENTRA_CLIENT_ID} --parameters '{\"name\": \"function-app-identity\","
-  echo "    \"issuer\": \"https://login.microsoftonline.com/${AZURE_TENANT_ID:-<tenant id>}/v2.0\","
+  echo "  az ad app federated-credential create --id ${client_id} --parameters '{\"name\": \"function-app-identity\","
+  echo "    \"issuer\": \"https://login.microsoftonline.com/${identity_tenant:-<tenant id>}/v2.0\","
   echo "    \"subject\": \"${AZURE_MANAGED_IDENTITY_PRINCIPAL_ID:-<identity principal id>}\", \"audiences\": [\"api://AzureADTokenExchange\"]}'"
+  if [ "$cross_tenant" = true ]; then
+    echo "This works only with a registration in the subscription's tenant (${identity_tenant}), made multitenant and"
+    echo "consented by an admin of the mailboxes' tenant (${mailbox_tenant}):"
+    echo "  ${authority}/${mailbox_tenant}/adminconsent?client_id=${client_id}"
+    echo "A registration in ${mailbox_tenant} cannot trust this identity: use ENTRA_CREDENTIAL_MODE=secret with it instead."
+  fi
+fi
+
+if [ "$mode" = "create" ] && [ "${ENTRA_APP_ONLY:-false}" = "true" ]; then
+  principal=${ENTRA_SERVICE_PRINCIPAL_ID:-<enterprise application object id>}
+  if [ "$cross_tenant" = true ]; then
+    # The enterprise application that Exchange must know is the one in the mailboxes' tenant, made by the consent.
+    principal="<enterprise application object id in ${mailbox_tenant}: az ad sp show --id ${client_id} --query id --output tsv>"
+  fi
+  echo
+  echo "App-only mailboxes (IMAP.AccessAsApp): register the enterprise application in Exchange, then grant each mailbox."
+  echo "Exchange Online PowerShell (the object id is the enterprise application's, not the app registration's):"
+  echo "  Connect-ExchangeOnline -Organization ${mailbox_tenant:-<tenant id>}"
+  echo "  New-ServicePrincipal -AppId ${client_id} -ObjectId ${principal} -DisplayName \"M365 mail collector\""
+  identity=$mailbox
+  [ "$identity" = '{address}' ] && identity='<mailbox address>'
+  echo "  Add-MailboxPermission -Identity ${identity} -User ${principal} -AccessRights FullAccess"
 fi

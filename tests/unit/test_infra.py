@@ -13,8 +13,10 @@ import functools
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -448,10 +450,14 @@ def check_outputs(trees: Trees) -> None:
     outputs = trees[MAIN]["outputs"]
     assert set(outputs) >= AZD_OUTPUTS, f"missing outputs: {sorted(AZD_OUTPUTS - set(outputs))}"
     assert all(re.fullmatch(r"[A-Z][A-Z0-9_]*", name) for name in outputs), "azd outputs are UPPER_SNAKE"
-    hook = (INFRA / "hooks" / "postprovision.sh").read_text(encoding="utf-8")
+    hook = "\n".join(
+        (INFRA / "hooks" / name).read_text(encoding="utf-8") for name in ("postprovision.sh", "postdown.sh")
+    )
     read = set(re.findall(r'env\["([A-Z_]+)"\]', hook)) | set(re.findall(r'value\("([A-Z_]+)"', hook))
+    read |= set(re.findall(r'env\.get\("([A-Z_]+)"', hook))
     read |= set(re.findall(r"\$\{([A-Z_]+)[:}]", hook))
-    azd_inputs = {"AZURE_ENV_NAME"}  # set by azd itself
+    # Set by azd itself, or by the admin with `azd env set` for the hooks alone.
+    azd_inputs = {"AZURE_ENV_NAME", "FIRST_MAILBOX"}
     assert read - azd_inputs <= set(outputs), (
         f"the hook reads what main.bicep does not output: {read - azd_inputs - set(outputs)}"
     )
@@ -1277,14 +1283,18 @@ AZD_ENV = {
 }
 
 
-def _run_hook(folder: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run_hook(
+    folder: Path, env: dict[str, str], name: str = "postprovision.sh", path: str | None = None
+) -> subprocess.CompletedProcess[str]:
     hooks = folder / "infra" / "hooks"
     hooks.mkdir(parents=True, exist_ok=True)
-    script = hooks / "postprovision.sh"
-    script.write_bytes((INFRA / "hooks" / "postprovision.sh").read_bytes())
-    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(folder)}
+    script = hooks / name
+    script.write_bytes((INFRA / "hooks" / name).read_bytes())
+    base = {"PATH": path or os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(folder)}
     command = ["sh", str(script)]
-    return subprocess.run(command, env={**base, **env}, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        command, env={**base, **env}, cwd=folder, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def test_postprovision_writes_local_settings_for_the_cloud_resources(tmp_path: Path) -> None:
@@ -1349,3 +1359,181 @@ def test_postprovision_secret_mode_points_at_key_vault_and_names_missing_outputs
     assert result.returncode != 0
     assert "KEY_VAULT_URI" in result.stderr
     assert not (tmp_path / "partial" / "local.settings.json").exists()
+
+
+# Create mode (the deployment registered the app) and the cross-tenant path.
+
+CREATED = {
+    **AZD_ENV,
+    "ENTRA_APP_MODE": "create",
+    "ENTRA_APP_UNIQUE_NAME": "m365-mail-collector-abc123",
+    "ENTRA_SERVICE_PRINCIPAL_ID": "55555555-5555-5555-5555-555555555555",
+    "FIRST_MAILBOX": "support@contoso.com",
+}
+
+
+def test_postprovision_create_mode_prints_the_consent_link_and_the_exchange_commands(tmp_path: Path) -> None:
+    result = _run_hook(tmp_path, {**CREATED, "ENTRA_APP_ONLY": "true"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "https://func-api-example.azurewebsites.net/api/mailboxes/support@contoso.com/authorize?code=" in out
+    client, principal = CREATED["ENTRA_CLIENT_ID"], CREATED["ENTRA_SERVICE_PRINCIPAL_ID"]
+    # The enterprise application's object id, never the registration's: the common app-only mistake.
+    assert f"New-ServicePrincipal -AppId {client} -ObjectId {principal}" in out
+    assert f"Add-MailboxPermission -Identity support@contoso.com -User {principal} -AccessRights FullAccess" in out
+    assert f"Connect-ExchangeOnline -Organization {AZD_ENV['ENTRA_TENANT_ID']}" in out
+    assert "created by this deployment" in out and "azd down deletes it" in out
+    # The deployment made the federated credential and the consent: no manual command for them.
+    assert "federated-credential create" not in out and "adminconsent" not in out
+
+    delegated = _run_hook(tmp_path / "delegated", CREATED)
+    assert delegated.returncode == 0, delegated.stderr
+    assert "New-ServicePrincipal" not in delegated.stdout, "Exchange commands are for app-only mailboxes"
+
+
+def test_postprovision_across_tenants_takes_the_multitenant_path(tmp_path: Path) -> None:
+    other = "99999999-9999-9999-9999-999999999999"
+    result = _run_hook(tmp_path, {**CREATED, "ENTRA_TENANT_ID": other, "ENTRA_APP_ONLY": "true"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"https://login.microsoftonline.com/{other}/adminconsent?client_id={CREATED['ENTRA_CLIENT_ID']}" in out
+    assert "multitenant" in out and "its own tenant only" in out
+    # Exchange must know the enterprise application of the mailboxes' tenant, not the one in the identity's tenant.
+    assert CREATED["ENTRA_SERVICE_PRINCIPAL_ID"] not in out
+    assert f"Connect-ExchangeOnline -Organization {other}" in out
+    assert "<enterprise application object id in 9999" in out
+
+    existing = {**AZD_ENV, "ENTRA_TENANT_ID": other}
+    manual = _run_hook(tmp_path / "existing", existing)
+    assert manual.returncode == 0, manual.stderr
+    # The credential's issuer is the identity's tenant; the doc names the two combinations that can work.
+    assert f'"issuer": "https://login.microsoftonline.com/{AZD_ENV["AZURE_TENANT_ID"]}/v2.0"' in manual.stdout
+    assert "cannot trust this identity" in manual.stdout and "ENTRA_CREDENTIAL_MODE=secret" in manual.stdout
+
+    same = _run_hook(tmp_path / "same", AZD_ENV)
+    assert "adminconsent" not in same.stdout and "cannot trust" not in same.stdout
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "support@contoso.com; Remove-Mailbox -Identity *",
+        "$(touch pwned)@contoso.com",
+        "support@contoso.com\n\x1b[2J",
+        "two@@contoso.com",
+        "no-at-sign.contoso.com",
+    ],
+)
+def test_postprovision_never_echoes_a_hostile_first_mailbox(tmp_path: Path, hostile: str) -> None:
+    result = _run_hook(tmp_path, {**CREATED, "ENTRA_APP_ONLY": "true", "FIRST_MAILBOX": hostile})
+    assert result.returncode == 0, result.stderr
+    assert hostile not in result.stdout + result.stderr
+    assert "FIRST_MAILBOX is not a mail address" in result.stderr
+    assert "/api/mailboxes/{address}/authorize" in result.stdout
+    assert "Add-MailboxPermission -Identity <mailbox address>" in result.stdout
+    assert not (tmp_path / "pwned").exists(), "the value was run as a command"
+
+
+# The postdown hook, against a stand-in `az` that records its calls (the Graph API cannot be reached from here).
+
+FAKE_AZ = """#!/bin/sh
+printf '%s\\n' "$*" >> "$FAKE_AZ_LOG"
+case "$*" in
+  *"--method get"*)
+    if [ -z "$FAKE_AZ_APP" ]; then
+      echo 'Not Found({"error":{"code":"Request_ResourceNotFound"}})' >&2
+      exit 1
+    fi
+    printf '%s' "$FAKE_AZ_APP" ;;
+  *) exit 0 ;;
+esac
+"""
+
+
+def _run_postdown(tmp_path: Path, env: dict[str, str], app: dict[str, Any] | None) -> tuple[int, str, list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "az"
+    fake.write_text(FAKE_AZ, encoding="utf-8")
+    fake.chmod(0o755)
+    log = tmp_path / "az.log"
+    log.write_text("", encoding="utf-8")
+    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
+    fake_env = {"FAKE_AZ_LOG": str(log), "FAKE_AZ_APP": json.dumps(app) if app else ""}
+    result = _run_hook(tmp_path, {**env, **fake_env}, name="postdown.sh", path=path)
+    calls = [line for line in log.read_text(encoding="utf-8").splitlines() if line]
+    return result.returncode, result.stdout + result.stderr, calls
+
+
+OUR_APP = {
+    "id": "66666666-6666-6666-6666-666666666666",
+    "appId": CREATED["ENTRA_CLIENT_ID"],
+    "tags": ["azd-env-name:dev", "m365-mail-collector"],
+}
+
+
+def test_postdown_deletes_and_purges_the_registration_it_created(tmp_path: Path) -> None:
+    code, out, calls = _run_postdown(tmp_path, CREATED, OUR_APP)
+    assert code == 0, out
+    graph = "https://graph.microsoft.com/v1.0"
+    assert calls == [
+        f"rest --method get --url {graph}/applications(uniqueName='m365-mail-collector-abc123')?$select=id,appId,tags"
+        " --output json",
+        f"rest --method delete --url {graph}/servicePrincipals(appId='{OUR_APP['appId']}') --output json",
+        f"rest --method delete --url {graph}/applications/{OUR_APP['id']} --output json",
+        # Purged, or the next azd up of this environment fails on the soft-deleted copy's uniqueName.
+        f"rest --method delete --url {graph}/directory/deletedItems/{OUR_APP['id']} --output json",
+    ]
+    assert "deleted the Entra app registration" in out
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"ENTRA_APP_MODE": "existing"}, "not created by this environment"),
+        ({"ENTRA_APP_MODE": ""}, "not created by this environment"),
+        ({"ENTRA_APP_UNIQUE_NAME": ""}, "not created by this environment"),
+        ({"ENTRA_APP_UNIQUE_NAME": "m365-mail-collector-x')/owners"}, "not a name this template gives"),
+        ({"ENTRA_CLIENT_ID": "22222222' or 1 eq 1"}, "not an application id"),
+    ],
+)
+def test_postdown_never_touches_a_registration_it_did_not_create(
+    tmp_path: Path, change: dict[str, str], reason: str
+) -> None:
+    code, out, calls = _run_postdown(tmp_path, {**CREATED, **change}, OUR_APP)
+    assert reason in out
+    assert calls == [], "no Graph call at all"
+    assert code == (0 if reason.startswith("not created") else 1)
+
+
+@pytest.mark.parametrize(
+    "app",
+    [
+        {**OUR_APP, "tags": ["azd-env-name:prod"]},  # another environment's registration under the same name
+        {**OUR_APP, "tags": []},  # a registration someone else gave the name to
+        {**OUR_APP, "appId": "77777777-7777-7777-7777-777777777777"},
+    ],
+)
+def test_postdown_refuses_a_registration_without_this_environments_mark(tmp_path: Path, app: dict[str, Any]) -> None:
+    code, out, calls = _run_postdown(tmp_path, CREATED, app)
+    assert code == 1
+    assert "is not the one this environment created" in out
+    assert [call.split()[2] for call in calls] == ["get"], "read, never deleted"
+
+
+def test_postdown_when_the_registration_is_gone_or_az_is_missing(tmp_path: Path) -> None:
+    code, out, calls = _run_postdown(tmp_path, CREATED, None)
+    assert code == 0 and "nothing to delete" in out
+    assert len(calls) == 1
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "bin").mkdir()
+    sh = shutil.which("sh")
+    assert sh
+    (bare / "bin" / "sh").symlink_to(Path(sh).resolve())
+    (bare / "bin" / "python3").symlink_to(Path(sys.executable).resolve())
+    result = _run_hook(bare, CREATED, name="postdown.sh", path=str(bare / "bin"))
+    assert result.returncode == 1
+    assert "the Azure CLI (az) is needed" in result.stderr
+    assert f"az ad app delete --id {CREATED['ENTRA_CLIENT_ID']}" in result.stderr
