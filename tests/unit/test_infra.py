@@ -1537,3 +1537,22 @@ def test_postdown_when_the_registration_is_gone_or_az_is_missing(tmp_path: Path)
     assert result.returncode == 1
     assert "the Azure CLI (az) is needed" in result.stderr
     assert f"az ad app delete --id {CREATED['ENTRA_CLIENT_ID']}" in result.stderr
+
+
+def test_deploy_doc_leads_with_the_one_command_path() -> None:
+    text = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    intro = text[: text.index("\n## ")]
+    block = re.search(r"```sh\n(.*?)```", intro, re.DOTALL)
+    assert block and "azd up" in block.group(1), "docs/deploy.md must open with the azd up path"
+    assert "ENTRA_CLIENT_ID" not in block.group(1), "the one-command path needs no app registration beforehand"
+    rights = ("Application Administrator", "Application.ReadWrite.All", "DelegatedPermissionGrant.ReadWrite.All")
+    for right in (*rights, "AppRoleAssignment.ReadWrite.All"):
+        assert right in text, f"the deployer's rights must be documented: {right}"
+    assert dict(re.findall(r"^\| `([0-9a-f-]{36})` \| `([^`]+)`", text, re.MULTILINE)) == GRAPH_DELEGATED
+    parameters = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))["parameters"]
+    read = {re.sub(r"^\$\{([A-Z_]+).*", r"\1", spec["value"]) for spec in parameters.values()}
+    set_by_azd = {"AZURE_ENV_NAME", "AZURE_LOCATION", "AZURE_PRINCIPAL_ID", "AZURE_PRINCIPAL_TYPE"}
+    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", text, re.MULTILINE))
+    assert read - set_by_azd <= documented, (
+        f"undocumented azd environment values: {sorted(read - set_by_azd - documented)}"
+    )
