@@ -25,6 +25,7 @@ import pytest
 from pycep import BicepParser
 from pycep.models import BicepElement
 
+from api.consent import CALLBACK_ROUTE
 from shared.settings import LOCAL_ONLY_SETTINGS, SETTING_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -718,8 +719,6 @@ def check_app_only_role(trees: Trees) -> None:
 
 
 def check_redirect_uris(trees: Trees) -> None:
-    from function_app import CALLBACK_ROUTE
-
     main = trees[MAIN]
     host = json.loads((ROOT / "host.json").read_text(encoding="utf-8"))
     prefix = host.get("extensions", {}).get("http", {}).get("routePrefix", "api")
