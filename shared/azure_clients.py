@@ -68,7 +68,7 @@ def azure_credential(settings: Settings) -> TokenCredential:
             **_transport_options(settings),
         )
     if settings.managed_identity_client_id:
-        return ManagedIdentityCredential(client_id=settings.managed_identity_client_id)
+        return ManagedIdentityCredential(client_id=settings.managed_identity_client_id, **_transport_options(settings))
     return DefaultAzureCredential(exclude_interactive_browser_credential=True)
 
 

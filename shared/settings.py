@@ -15,6 +15,14 @@ from shared.errors import ConfigurationError
 
 DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
 DEFAULT_IMAP_SCOPE = "https://outlook.office.com/IMAP.AccessAsUser.All"
+PUBLIC_TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"  # noqa: S105 - an audience, not a secret
+# Microsoft's national clouds have their own authority hosts and token exchange audiences.
+TOKEN_EXCHANGE_AUDIENCES = {
+    "login.microsoftonline.com": PUBLIC_TOKEN_EXCHANGE_AUDIENCE,
+    "login.microsoftonline.us": "api://AzureADTokenExchangeUSGov",
+    "login.chinacloudapi.cn": "api://AzureADTokenExchangeChina",
+    "login.partner.microsoftonline.cn": "api://AzureADTokenExchangeChina",
+}
 # The Functions host's own switch for one function (AzureWebJobs.<function name>.Disabled): the GLPI consumer stays
 # off, and leaves the mail queue to other consumers, until a GLPI URL is configured.
 GLPI_FUNCTION_NAME = "glpi_tickets"
@@ -137,6 +145,12 @@ class Settings:
     @property
     def is_public_cloud_authority(self) -> bool:
         return self.authority_host.rstrip("/") == DEFAULT_AUTHORITY_HOST
+
+    @property
+    def token_exchange_audience(self) -> str:
+        """The audience of the managed identity's token that a federated credential accepts: it follows the cloud."""
+        host = self.authority_host.rstrip("/").removeprefix("https://").lower()
+        return TOKEN_EXCHANGE_AUDIENCES.get(host, PUBLIC_TOKEN_EXCHANGE_AUDIENCE)
 
 
 def _text(env: Mapping[str, str], name: str, default: str | None = None) -> str | None:
