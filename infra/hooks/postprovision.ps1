@@ -80,7 +80,8 @@ Write-Host "postprovision: wrote $target (a copy stays in $(Join-Path $envDir 'l
 if (-not $values.Contains('ENTRA_CLIENT_SECRET')) {
     Write-Host 'postprovision: a local run has no managed identity to use as the Entra credential; to sign mailboxes in'
     Write-Host '  or renew tokens from this machine, add ENTRA_CLIENT_SECRET to local.settings.json (never commit it) and'
-    Write-Host '  register http://localhost:7071/api/auth/callback as a redirect URI of the app registration'
+    $howTo = if ((Get-Setting 'ENTRA_APP_MODE') -eq 'create') { ' (azd env set ENTRA_LOCAL_REDIRECT_URI true, then azd provision)' } else { '' }
+    Write-Host "  register http://localhost:7071/api/auth/callback as a redirect URI of the app registration$howTo"
 }
 
 $appUri = Get-Setting 'SERVICE_API_URI'

@@ -101,6 +101,7 @@ if "ENTRA_CLIENT_SECRET" not in values:
         "postprovision: a local run has no managed identity to use as the Entra credential; to sign mailboxes in\n"
         "  or renew tokens from this machine, add ENTRA_CLIENT_SECRET to local.settings.json (never commit it) and\n"
         "  register http://localhost:7071/api/auth/callback as a redirect URI of the app registration"
+        + (" (azd env set ENTRA_LOCAL_REDIRECT_URI true, then azd provision)" if value("ENTRA_APP_MODE") == "create" else "")
     )
 EOF
 

@@ -1231,9 +1231,11 @@ def test_azure_yaml_declares_one_function_service_and_the_hooks() -> None:
     assert re.findall(r"^  (\w+):$", services, re.MULTILINE) == ["api"]
     for line in ("    project: .", "    language: python", "    host: function"):
         assert line in services.splitlines()
-    for script in ("infra/hooks/postprovision.sh", "infra/hooks/postprovision.ps1"):
-        assert f"run: ./{script}" in text
-        assert (ROOT / script).is_file()
+    for hook in ("preprovision", "postprovision", "postdown"):
+        assert f"\n  {hook}:\n" in text, f"azure.yaml lacks the {hook} hook"
+        for script in (f"infra/hooks/{hook}.sh", f"infra/hooks/{hook}.ps1"):
+            assert f"run: ./{script}" in text
+            assert (ROOT / script).is_file()
 
 
 def test_host_json_choices() -> None:
@@ -1449,9 +1451,11 @@ esac
 """
 
 
-def _run_postdown(tmp_path: Path, env: dict[str, str], app: dict[str, Any] | None) -> tuple[int, str, list[str]]:
+def _run_with_fake_az(
+    tmp_path: Path, env: dict[str, str], app: dict[str, Any] | None, name: str = "postdown.sh"
+) -> tuple[int, str, list[str]]:
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
+    bin_dir.mkdir(parents=True, exist_ok=True)
     fake = bin_dir / "az"
     fake.write_text(FAKE_AZ, encoding="utf-8")
     fake.chmod(0o755)
@@ -1459,7 +1463,7 @@ def _run_postdown(tmp_path: Path, env: dict[str, str], app: dict[str, Any] | Non
     log.write_text("", encoding="utf-8")
     path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
     fake_env = {"FAKE_AZ_LOG": str(log), "FAKE_AZ_APP": json.dumps(app) if app else ""}
-    result = _run_hook(tmp_path, {**env, **fake_env}, name="postdown.sh", path=path)
+    result = _run_hook(tmp_path, {**env, **fake_env}, name=name, path=path)
     calls = [line for line in log.read_text(encoding="utf-8").splitlines() if line]
     return result.returncode, result.stdout + result.stderr, calls
 
@@ -1472,7 +1476,7 @@ OUR_APP = {
 
 
 def test_postdown_deletes_and_purges_the_registration_it_created(tmp_path: Path) -> None:
-    code, out, calls = _run_postdown(tmp_path, CREATED, OUR_APP)
+    code, out, calls = _run_with_fake_az(tmp_path, CREATED, OUR_APP)
     assert code == 0, out
     graph = "https://graph.microsoft.com/v1.0"
     assert calls == [
@@ -1499,7 +1503,7 @@ def test_postdown_deletes_and_purges_the_registration_it_created(tmp_path: Path)
 def test_postdown_never_touches_a_registration_it_did_not_create(
     tmp_path: Path, change: dict[str, str], reason: str
 ) -> None:
-    code, out, calls = _run_postdown(tmp_path, {**CREATED, **change}, OUR_APP)
+    code, out, calls = _run_with_fake_az(tmp_path, {**CREATED, **change}, OUR_APP)
     assert reason in out
     assert calls == [], "no Graph call at all"
     assert code == (0 if reason.startswith("not created") else 1)
@@ -1514,14 +1518,14 @@ def test_postdown_never_touches_a_registration_it_did_not_create(
     ],
 )
 def test_postdown_refuses_a_registration_without_this_environments_mark(tmp_path: Path, app: dict[str, Any]) -> None:
-    code, out, calls = _run_postdown(tmp_path, CREATED, app)
+    code, out, calls = _run_with_fake_az(tmp_path, CREATED, app)
     assert code == 1
     assert "is not the one this environment created" in out
     assert [call.split()[2] for call in calls] == ["get"], "read, never deleted"
 
 
 def test_postdown_when_the_registration_is_gone_or_az_is_missing(tmp_path: Path) -> None:
-    code, out, calls = _run_postdown(tmp_path, CREATED, None)
+    code, out, calls = _run_with_fake_az(tmp_path, CREATED, None)
     assert code == 0 and "nothing to delete" in out
     assert len(calls) == 1
 
@@ -1555,3 +1559,31 @@ def test_deploy_doc_leads_with_the_one_command_path() -> None:
     assert read - set_by_azd <= documented, (
         f"undocumented azd environment values: {sorted(read - set_by_azd - documented)}"
     )
+
+
+# The preprovision hook: a warning before a create-mode deployment that Graph would refuse.
+
+
+def test_preprovision_warns_a_deployer_who_may_not_register_the_app(tmp_path: Path) -> None:
+    plain = {"value": [{"displayName": "User Administrator"}]}
+    code, out, calls = _run_with_fake_az(tmp_path, {"AZURE_ENV_NAME": "dev"}, plain, name="preprovision.sh")
+    assert code == 0, "a warning only: a custom role may allow it"
+    assert "/me/transitiveMemberOf/microsoft.graph.directoryRole" in calls[0]
+    assert "Insufficient privileges" in out and "azd env set ENTRA_APP_MODE existing" in out
+
+    admin = {"value": [{"displayName": "User Administrator"}, {"displayName": "Cloud Application Administrator"}]}
+    code, out, calls = _run_with_fake_az(tmp_path / "admin", {"AZURE_ENV_NAME": "dev"}, admin, name="preprovision.sh")
+    assert (code, out, len(calls)) == (0, "", 1)
+
+    code, out, calls = _run_with_fake_az(tmp_path / "unknown", {"AZURE_ENV_NAME": "dev"}, None, name="preprovision.sh")
+    assert code == 0 and "could not read your Entra roles" in out
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"ENTRA_APP_MODE": "existing"}, {"ENTRA_CLIENT_ID": CREATED["ENTRA_CLIENT_ID"]}],
+    ids=["existing", "client id"],
+)
+def test_preprovision_leaves_the_existing_path_alone(tmp_path: Path, env: dict[str, str]) -> None:
+    code, out, calls = _run_with_fake_az(tmp_path, env, {"value": []}, name="preprovision.sh")
+    assert (code, out, calls) == (0, "", [])
