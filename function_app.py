@@ -1,6 +1,9 @@
 """Azure Functions entry point (v2 programming model). It only wires: the HTTP routes come from the Blueprints in
-``api/`` (see its docstring for the route table), and the two triggers below call plain code in ``collectors``.
+``api/`` (see its docstring for the route table), and the triggers below call plain code in ``collectors`` and
+``consumers``.
 
+Queue: glpi_tickets on %MAIL_QUEUE_NAME% turns envelopes into GLPI tickets and follow-ups (consumers/glpi); it is off
+until GLPI is configured (app setting AzureWebJobs.glpi_tickets.Disabled).
 Timer: collect_mail on %COLLECT_SCHEDULE% (six-field NCRONTAB) collects the due mailboxes in-process or, when there
 are more than one instance should take, puts one work item per mailbox on %WORK_QUEUE_NAME% for collect_work.
 """
@@ -37,3 +40,15 @@ def collect_mail(timer: func.TimerRequest) -> None:
 def collect_work(item: func.QueueMessage) -> None:
     """Collect the one mailbox a work item names (fan-out across instances; the lease keeps each mailbox single)."""
     get_services().collector.collect_work_item(item.get_body().decode("utf-8", errors="replace"))
+
+
+@app.queue_trigger(arg_name="envelope", queue_name="%MAIL_QUEUE_NAME%", connection="AzureWebJobsStorage")
+def glpi_tickets(envelope: func.QueueMessage) -> None:
+    """Make the envelope's message a GLPI ticket or follow-up, once. A failure puts it back on the queue."""
+    from consumers.glpi.service import MAX_DEQUEUE_COUNT, get_consumer  # imported on first use: import stays cheap
+
+    get_consumer().handle(
+        envelope.get_body().decode("utf-8", errors="replace"),
+        dequeue_count=envelope.dequeue_count or 1,
+        max_dequeue_count=MAX_DEQUEUE_COUNT,
+    )

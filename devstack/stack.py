@@ -1,5 +1,6 @@
 """Start, stop and describe the local stand-ins for Azure: Azurite, the Key Vault endpoint, the Entra ID
-stand-in and Dovecot. Everything listens on loopback; state, certificates and logs live in ``.stack/``.
+stand-in, Dovecot and the GLPI stand-in. Everything listens on loopback; state, certificates and logs live in
+``.stack/``.
 
 ``start`` is idempotent: parts already running (pid alive and port answering) are left alone.
 """
@@ -62,6 +63,7 @@ class Ports:
     entra: int = field(default_factory=lambda: _port("ENTRA", 10443))
     imaps: int = field(default_factory=lambda: _port("IMAPS", 10993))
     host: int = field(default_factory=lambda: _port("HOST", 7071))
+    glpi: int = field(default_factory=lambda: _port("GLPI", 10680))
 
 
 class StackError(RuntimeError):
@@ -92,6 +94,9 @@ def _identity(folder: Path) -> dict[str, str]:
         "managed_identity_client_id": lambda: str(uuid.uuid4()),
         "managed_identity_principal_id": lambda: str(uuid.uuid4()),
         "identity_header": lambda: secrets.token_urlsafe(24),
+        # The GLPI stand-in's API client App-Token and API user token (GLPI's are 40 characters of [a-z0-9]).
+        "glpi_app_token": lambda: secrets.token_hex(20),
+        "glpi_user_token": lambda: secrets.token_hex(20),
     }
     missing = {name: make() for name, make in made.items() if name not in data}
     if missing:  # a run folder from before a field existed keeps its other values
@@ -136,6 +141,7 @@ def describe() -> dict[str, Any]:
         "imap_port": ports.imaps,
         "storage_connection_string": storage,
         "host_origin": f"http://localhost:{ports.host}",
+        "glpi_url": f"https://localhost:{ports.glpi}/apirest.php",
         "dovecot_config": str(dovecot_dir(folder) / "dovecot" / "dovecot.conf"),
         **ident,
     }
@@ -172,6 +178,11 @@ def app_settings(info: dict[str, Any]) -> dict[str, str]:
         "MAIL_QUEUE_NAME": "incoming-mail",
         "LOCAL_FUNCTION_KEY": info["function_key"],
         "LOCAL_MASTER_KEY": info["master_key"],
+        "GLPI_URL": info["glpi_url"],
+        "GLPI_APP_TOKEN": info["glpi_app_token"],
+        "GLPI_USER_TOKEN": info["glpi_user_token"],
+        # Off unless a test or the demo turns it on: it would otherwise take the envelopes other tests read.
+        "AzureWebJobs.glpi_tickets.Disabled": "true",
     }
 
 
@@ -185,6 +196,7 @@ def isolated_settings(info: dict[str, Any], tag: str, **overrides: str) -> dict[
         LEASE_CONTAINER_NAME=f"{tag}-lease",
         MAILBOX_TABLE_NAME=f"{tag}mailboxes",
         CONSENT_TABLE_NAME=f"{tag}flows",
+        GLPI_STATE_TABLE_NAME=f"{tag}glpi",
     )
     values.update(overrides)
     return values
@@ -287,6 +299,16 @@ def _parts(info: dict[str, Any]) -> list[Part]:
         config.chmod(0o600)
         return ["node", str(REPO / "devstack" / "entra" / "server.mjs"), "--config", str(config)]
 
+    def glpi() -> list[str]:
+        # The tokens go in a file: a command line is readable by every local user.
+        tokens = folder / "glpi-tokens.json"
+        tokens.write_text(json.dumps({"app_token": info["glpi_app_token"], "user_token": info["glpi_user_token"]}))
+        tokens.chmod(0o600)
+        return [
+            sys.executable, "-m", "devstack.glpi", "--port", str(ports.glpi),
+            "--cert", info["tls_cert"], "--key", info["tls_key"], "--tokens", str(tokens),
+        ]  # fmt: skip
+
     def dovecot_command() -> list[str]:
         conf = dovecot.write_config(
             dovecot_dir(folder),
@@ -306,6 +328,8 @@ def _parts(info: dict[str, Any]) -> list[Part]:
              env={"PYTHONPATH": str(REPO)}),
         Part("entra", ports.entra, entra, _https_ok(f"{info['entra_origin']}/_control/health", info["ca"])),
         Part("dovecot", ports.imaps, dovecot_command, lambda: _tcp_open(ports.imaps)),
+        Part("glpi", ports.glpi, glpi, _https_ok(f"https://localhost:{ports.glpi}/_control/health", info["ca"]),
+             env={"PYTHONPATH": str(REPO)}),
     ]  # fmt: skip
 
 
@@ -375,7 +399,7 @@ def start(*, parts: tuple[str, ...] = ()) -> dict[str, Any]:
 
 def stop() -> None:
     """Stop every part this stack started (by process group); parts not running are skipped."""
-    for name in ("dovecot", "entra", "keyvault", "azurite"):
+    for name in ("glpi", "dovecot", "entra", "keyvault", "azurite"):
         pid = _running_pid(name)
         if pid is None:
             continue

@@ -30,6 +30,7 @@ from devstack.host.server import HttpServer, http_answer
 from devstack.host.settings import (
     HostOptions,
     apply_settings,
+    function_disabled,
     read_host_options,
     read_local_settings,
     resolve_setting_references,
@@ -139,6 +140,10 @@ class LocalHost:
         self.load()
         runners: list[threading.Thread] = []
         for entry in self._entries.values():
+            if function_disabled(entry.name, os.environ):
+                # As the Functions runtime does: a disabled function's trigger does not run (it may still be fired).
+                logger.info("function disabled by setting function=%s", entry.name)
+                continue
             if entry.trigger_type == TIMER_TRIGGER:
                 expression = resolve_setting_references(str(entry.binding["schedule"]), os.environ)
                 runners.append(TimerRunner(self, entry, NcrontabSchedule(expression)))

@@ -166,6 +166,11 @@ def resolve_setting_references(text: str, environ: Mapping[str, str]) -> str:
     return _SETTING_REFERENCE.sub(substitute, text)
 
 
+def function_disabled(name: str, environ: Mapping[str, str]) -> bool:
+    """The runtime's per-function switch: app setting ``AzureWebJobs.<name>.Disabled`` set to true (or 1)."""
+    return environ.get(f"AzureWebJobs.{name}.Disabled", "").strip().lower() in ("true", "1")
+
+
 def storage_connection_string(binding: Mapping[str, Any], environ: Mapping[str, str]) -> str:
     """The connection string a queue trigger names (``connection``, default AzureWebJobsStorage).
 

@@ -49,6 +49,15 @@ EXPECTED: dict[str, list[dict[str, Any]]] = {
             "connection": "AzureWebJobsStorage",
         }
     ],
+    "glpi_tickets": [
+        {
+            "direction": "IN",
+            "type": "queueTrigger",
+            "name": "envelope",
+            "queueName": "%MAIL_QUEUE_NAME%",
+            "connection": "AzureWebJobsStorage",
+        }
+    ],
 }
 
 

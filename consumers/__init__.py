@@ -1,0 +1,1 @@
+"""Downstream consumers of the mail queue. Plain code: never imports azure.functions."""

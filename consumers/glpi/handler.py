@@ -1,0 +1,421 @@
+"""One envelope from the mail queue becomes one GLPI ticket or follow-up, once, whatever crashes in between.
+
+The order of the steps is what makes it once:
+
+1. The ``message`` row (SHA-256 + Message-ID) is claimed; a done or refused message is dropped.
+2. Attachments are uploaded as documents and their ids saved with the claim, so a retry does not upload them again.
+3. Before creating the ticket or follow-up, a retry (``resumed``) looks in GLPI for the marker that the first
+   attempt wrote into the text: a create whose answer was lost (crash, timeout) is found, not repeated.
+4. The ticket or follow-up id is saved at once; documents are linked (a retry links only what is missing).
+5. The row becomes done, then the envelope row and the thread map are written.
+
+A failure of GLPI or storage raises TransientError: the message goes back to the queue (host.json
+``visibilityTimeout``) and after ``maxDequeueCount`` attempts to the poison queue, with the reason kept in the
+``message`` row and logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import html
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from consumers.glpi import content as mail_content
+from consumers.glpi import replies
+from consumers.glpi.client import GlpiClient, GlpiRefused
+from consumers.glpi.options import MailboxOptions, TicketOptions
+from consumers.glpi.state import DONE, FAILED, REFUSED, MessageState, StateStore, message_key
+from shared.errors import ConfigurationError, TransientError
+
+logger = logging.getLogger(__name__)
+
+ENVELOPE_SCHEMA = "mail-envelope/1"
+MARKER_PREFIX = "mailref"
+STATUS_CLOSED = 6  # CommonITILObject::CLOSED
+UPLOAD_THREADS = 4  # documents of one message uploaded side by side
+USER_CACHE_SECONDS = 300.0
+MAX_ENVELOPE_BYTES = 256 * 1024
+_ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"]{1,64}@[A-Za-z0-9.-]{1,255}\.[A-Za-z]{2,63}$")
+
+
+class BadEnvelope(Exception):
+    """The queue message is not a mail envelope this consumer can read: it goes to the poison queue as is."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # "ticket", "followup", "duplicate", "refused"
+    ticket_id: int | None = None
+    followup_id: int | None = None
+    reason: str = ""
+
+
+def marker_for(key: str) -> str:
+    """A token written into the ticket text that a retry searches for; letters and digits only, so that GLPI's
+    HTML encoding and its LIKE search leave it as is."""
+    return f"{MARKER_PREFIX}{key[:24]}"
+
+
+def parse_envelope(text: str) -> dict[str, Any]:
+    """The envelope JSON of a queue message (plain JSON, or base64 of it). Raises BadEnvelope."""
+    if len(text) > MAX_ENVELOPE_BYTES:
+        raise BadEnvelope("the queue message is larger than any envelope")
+    candidate = text.strip()
+    if not candidate.startswith("{"):
+        try:
+            candidate = base64.b64decode(candidate, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise BadEnvelope("the queue message is neither JSON nor base64 of JSON") from None
+    try:
+        envelope = json.loads(candidate)
+    except (ValueError, RecursionError):
+        raise BadEnvelope("the queue message is not valid JSON") from None
+    if not isinstance(envelope, dict) or envelope.get("schema") != ENVELOPE_SCHEMA:
+        raise BadEnvelope(f"the queue message is not a {ENVELOPE_SCHEMA} envelope")
+    for name, kind in (("id", str), ("mailbox", str), ("sha256", str), ("blob", dict)):
+        if not isinstance(envelope.get(name), kind):
+            raise BadEnvelope(f"the envelope's {name} is missing or of the wrong type")
+    if not re.fullmatch(r"[0-9a-f]{64}", envelope["sha256"]):
+        raise BadEnvelope("the envelope's sha256 is not 64 hex digits")
+    blob = envelope["blob"]
+    if not isinstance(blob.get("name"), str) or not blob["name"]:
+        raise BadEnvelope("the envelope's blob has no name")
+    return envelope
+
+
+def _address_list(envelope: dict[str, Any], name: str) -> list[str]:
+    entries = envelope.get(name)
+    return (
+        [str(e.get("address", "")).strip() for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    )
+
+
+def _valid_address(address: str) -> bool:
+    return bool(_ADDRESS.fullmatch(address))
+
+
+class TicketConsumer:
+    """Turns envelopes into GLPI tickets. ``read_blob(container, name)`` returns the raw message bytes."""
+
+    def __init__(
+        self,
+        client: GlpiClient,
+        state: StateStore,
+        options: MailboxOptions,
+        read_blob: Callable[[str | None, str], bytes],
+        *,
+        upload_threads: int = UPLOAD_THREADS,
+    ) -> None:
+        self.client = client
+        self.state = state
+        self.options = options
+        self.read_blob = read_blob
+        self._uploads = ThreadPoolExecutor(upload_threads, thread_name_prefix="glpi-upload")
+        self._users: dict[str, tuple[float, int]] = {}
+
+    def close(self) -> None:
+        self._uploads.shutdown(wait=True)
+        self.client.close()
+
+    # --- the entry point
+
+    def handle(self, message_text: str, *, dequeue_count: int = 1, max_dequeue_count: int = 5) -> Outcome:
+        """Handle one queue message. Returns what was done; raises TransientError (retry later), BadEnvelope
+        or ConfigurationError. On the last allowed attempt the failure's reason is kept in the state row."""
+        envelope = parse_envelope(message_text)
+        key = message_key(envelope["sha256"], envelope.get("message_id"))
+        log = f"envelope={envelope['id']} attempt={dequeue_count}"
+        try:
+            return self._handle(envelope, key, log)
+        except (TransientError, ConfigurationError, GlpiRefused) as e:
+            last = dequeue_count >= max_dequeue_count
+            level = logging.ERROR if last or isinstance(e, ConfigurationError) else logging.WARNING
+            logger.log(level, "glpi message failed %s last_attempt=%s error=%s", log, last, e)
+            if last:
+                self._record_failure(key, envelope["id"], f"{type(e).__name__}: {e}")
+            raise
+
+    def _record_failure(self, key: str, envelope_id: str, reason: str) -> None:
+        try:
+            state = self.state.read(key) or MessageState(key=key, envelope_id=envelope_id)
+            if state.status in (DONE, REFUSED):
+                return
+            state.status, state.reason = FAILED, reason
+            self.state.record_envelope(envelope_id, state)
+            if state.etag is not None:
+                self.state.finish(state, FAILED, reason=reason)
+            logger.error(
+                "glpi message poisoned envelope=%s reason=%s next=fix the cause, then replay the poison queue "
+                "(python -m consumers.glpi replay)",
+                envelope_id,
+                reason[:300],
+            )
+        except TransientError as e:
+            logger.error("glpi failure not recorded envelope=%s error=%s", envelope_id, e)
+
+    def _handle(self, envelope: dict[str, Any], key: str, log: str) -> Outcome:
+        state = self.state.claim(key, envelope["id"])
+        if state.status in (DONE, REFUSED):
+            logger.info("glpi duplicate dropped %s status=%s ticket=%s", log, state.status, state.ticket_id)
+            if state.envelope_id != envelope["id"]:
+                self.state.record_envelope(envelope["id"], state)
+            return Outcome("duplicate", state.ticket_id, state.followup_id, state.reason)
+        state.envelope_id = envelope["id"]
+        options = self.options.for_mailbox(str(envelope["mailbox"]))
+
+        refusal = self._refusal(envelope, options)
+        if refusal:
+            self.state.finish(state, REFUSED, reason=refusal)
+            self.state.record_envelope(envelope["id"], state)
+            logger.info("glpi message refused %s reason=%s", log, refusal)
+            return Outcome("refused", reason=refusal)
+
+        target = state.ticket_id if state.kind == "followup" else None
+        if not state.kind:
+            target = self._thread_target(envelope, options)
+            state.kind = "followup" if target else "ticket"
+            state.ticket_id = target
+        raw = self.read_blob(envelope["blob"].get("container"), envelope["blob"]["name"])
+        if hashlib.sha256(raw).hexdigest() != envelope["sha256"]:
+            raise BadEnvelope("the blob's bytes do not match the envelope's sha256")
+        mail = mail_content.parse_message(
+            raw, max_attachment_bytes=options.max_attachment_bytes, reply=state.kind == "followup"
+        )
+        self.state.save(state)
+        self.state.record_envelope(envelope["id"], state)
+        self._upload_documents(state, mail, options)
+        text = self._text(envelope, mail, state, key)
+        if state.kind == "ticket":
+            outcome = self._ticket(envelope, state, text, options, key)
+        else:
+            outcome = self._followup(state, text, options, key)
+        self._link_documents(state, mail)
+        self.state.finish(state, DONE)
+        self.state.record_envelope(envelope["id"], state)
+        if envelope.get("message_id") and state.ticket_id:
+            self.state.remember_thread([str(envelope["message_id"])], state.ticket_id)
+        logger.info(
+            "glpi message done %s kind=%s ticket=%s followup=%s documents=%d",
+            log,
+            state.kind,
+            state.ticket_id,
+            state.followup_id,
+            len(state.documents),
+        )
+        return outcome
+
+    # --- decisions
+
+    def _refusal(self, envelope: dict[str, Any], options: TicketOptions) -> str:
+        classification = envelope.get("classification") if isinstance(envelope.get("classification"), dict) else {}
+        assert isinstance(classification, dict)
+        for kind in sorted(options.refuse):
+            if classification.get(kind) is True:
+                reasons = classification.get("reasons") or []
+                return f"{kind}: {'; '.join(str(r) for r in reasons)[:200]}"
+        if replies.is_own_notification(envelope.get("message_id"), glpi_uuid=options.glpi_uuid):
+            return "loop: the message is one of GLPI's own ticket notifications"
+        requester = self._requester_address(envelope, options)
+        if options.unknown_senders == "refuse" and (not requester or self._user_id(requester) is None):
+            return f"unknown sender: {requester or '(none)'} is not a GLPI user"
+        return ""
+
+    def _thread_target(self, envelope: dict[str, Any], options: TicketOptions) -> int | None:
+        in_reply_to = [envelope["in_reply_to"]] if isinstance(envelope.get("in_reply_to"), str) else []
+        references = [r for r in envelope.get("references") or [] if isinstance(r, str)]
+        candidates: list[int] = []
+        by_header = replies.referenced_ticket(in_reply_to + references, glpi_uuid=options.glpi_uuid)
+        if by_header:
+            candidates.append(by_header)
+        by_tag = replies.tagged_ticket(envelope.get("subject"))
+        if by_tag:
+            candidates.append(by_tag)
+        own = self.state.thread_ticket(in_reply_to + list(reversed(references)))
+        if own:
+            candidates.append(own)
+        for ticket_id in candidates:
+            ticket = self.client.get("Ticket", ticket_id)
+            if ticket is None or ticket.get("is_deleted"):
+                continue
+            if int(ticket.get("status") or 0) == STATUS_CLOSED:
+                # As GLPI's collector: a reply to a closed ticket opens a new one.
+                logger.info("glpi reply to closed ticket=%d opens a new ticket", ticket_id)
+                return None
+            return ticket_id
+        return None
+
+    def _requester_address(self, envelope: dict[str, Any], options: TicketOptions) -> str:
+        if options.requester_field == "reply-to":
+            for address in _address_list(envelope, "reply_to"):
+                if _valid_address(address):
+                    return address.lower()
+        for address in _address_list(envelope, "from"):
+            if _valid_address(address):
+                return address.lower()
+        return ""
+
+    def _user_id(self, address: str) -> int | None:
+        now = time.monotonic()
+        cached = self._users.get(address)
+        if cached and now - cached[0] < USER_CACHE_SECONDS:
+            return cached[1] or None
+        rows = self.client.search("User", [(5, "equals", address)])
+        user_id = 0
+        for row in rows:
+            if str(row.get("5", "")).lower() == address:
+                user_id = int(row.get("2") or 0)
+                break
+        self._users[address] = (now, user_id)
+        return user_id or None
+
+    # --- content
+
+    def _text(self, envelope: dict[str, Any], mail: mail_content.MailContent, state: MessageState, key: str) -> str:
+        urls = {
+            a.content_id: self.client.document_url(state.documents[str(a.index)])
+            for a in mail.attachments
+            if a.content_id and str(a.index) in state.documents
+        }
+        body = mail_content.rewrite_inline_images(mail.html, urls) if urls else mail.html
+        notes = list(mail.notes)
+        refused = [a.filename for a in mail.attachments if state.documents.get(str(a.index)) == 0]
+        if refused and not any(n.startswith("GLPI refused") for n in notes):
+            notes.append(f"GLPI refused these attached files: {', '.join(refused)[:300]}.")
+        sender = _address_list(envelope, "from")
+        if not sender or not _valid_address(sender[0]):
+            raw_from = "; ".join(
+                f"{e.get('name', '')} {e.get('address', '')}".strip() for e in envelope.get("from") or []
+            )
+            notes.append(f"The sender address is missing or invalid: {raw_from[:200] or '(none)'}.")
+        if not body:
+            body = "<p>(no text)</p>"
+        footer = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+        return f"{body}{footer}<p>Mail reference: {marker_for(key)}</p>"
+
+    # --- documents
+
+    def _upload_documents(self, state: MessageState, mail: mail_content.MailContent, options: TicketOptions) -> None:
+        missing = [a for a in mail.attachments if str(a.index) not in state.documents]
+        if not missing:
+            return
+
+        def upload(attachment: mail_content.Attachment) -> tuple[str, int | None, str]:
+            try:
+                created = self.client.upload_document(
+                    attachment.filename, attachment.data, attachment.mime, {"entities_id": options.entities_id}
+                )
+                return str(attachment.index), created.id, ""
+            except GlpiRefused as e:  # GLPI refuses the file (type, size): a note instead of a lost message
+                return str(attachment.index), None, f"{attachment.filename}: {e.code}"
+
+        results = list(self._uploads.map(upload, missing))
+        refused: list[str] = []
+        for index, document_id, problem in results:
+            if document_id is not None:
+                state.documents[index] = document_id
+            else:
+                state.documents[index] = 0
+                refused.append(problem)
+        for problem in refused:
+            mail.notes.append(f"GLPI refused an attached file: {problem}.")
+        self.state.save(state)
+
+    def _link_documents(self, state: MessageState, mail: mail_content.MailContent) -> None:
+        if state.linked:
+            return
+        itemtype, items_id = (
+            ("ITILFollowup", state.followup_id) if state.kind == "followup" else ("Ticket", state.ticket_id)
+        )
+        documents = sorted({d for d in state.documents.values() if d})
+        if documents and items_id:
+            existing: set[int] = set()
+            if state.resumed:
+                rows = self.client.sub_items(itemtype, items_id, "Document_Item")
+                existing = {int(r.get("documents_id") or 0) for r in rows}
+            rows = [
+                {"documents_id": d, "itemtype": itemtype, "items_id": items_id} for d in documents if d not in existing
+            ]
+            self.client.create_many("Document_Item", rows)
+        state.linked = True
+
+    # --- GLPI items
+
+    def _actors(self, envelope: dict[str, Any], options: TicketOptions) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        requester = self._requester_address(envelope, options)
+        if requester:
+            user_id = self._user_id(requester)
+            fields["_users_id_requester"] = user_id or 0
+            fields["_users_id_requester_notif"] = {
+                "use_notification": [1],
+                "alternative_email": ["" if user_id else requester],
+            }
+        else:
+            # No usable address: nobody to notify; without this GLPI would make the API user the requester.
+            fields["_users_id_requester"] = 0
+        if options.cc_as_observers:
+            mailbox = str(envelope.get("mailbox", "")).lower()
+            ids: list[int] = []
+            emails: list[str] = []
+            for address in dict.fromkeys(a.lower() for a in _address_list(envelope, "cc")):
+                if not _valid_address(address) or address in (requester, mailbox):
+                    continue
+                user_id = self._user_id(address)
+                ids.append(user_id or 0)
+                emails.append("" if user_id else address)
+            if ids:
+                fields["_users_id_observer"] = ids
+                fields["_users_id_observer_notif"] = {"use_notification": [1] * len(ids), "alternative_email": emails}
+        return fields
+
+    def _ticket(
+        self, envelope: dict[str, Any], state: MessageState, text: str, options: TicketOptions, key: str
+    ) -> Outcome:
+        if state.ticket_id is None and state.resumed:
+            found = self.client.search("Ticket", [(21, "contains", marker_for(key))])
+            if found:
+                state.ticket_id = int(found[0]["2"])
+                logger.info("glpi ticket found by marker ticket=%d (an earlier attempt created it)", state.ticket_id)
+        if state.ticket_id is None:
+            fields = {
+                "name": mail_content.title_of(envelope.get("subject")),
+                "content": text,
+                "entities_id": options.entities_id,
+                "requesttypes_id": options.requesttypes_id,
+                "itilcategories_id": options.itilcategories_id,
+                "urgency": options.urgency,
+                "type": 1,  # incident, as GLPI's receiver
+                **self._actors(envelope, options),
+            }
+            state.ticket_id = self.client.create("Ticket", fields).id
+            self.state.save(state)
+        return Outcome("ticket", state.ticket_id)
+
+    def _followup(self, state: MessageState, text: str, options: TicketOptions, key: str) -> Outcome:
+        assert state.ticket_id is not None
+        if state.followup_id is None and state.resumed:
+            marker = marker_for(key)
+            for row in self.client.sub_items("Ticket", state.ticket_id, "ITILFollowup"):
+                if marker in str(row.get("content", "")):
+                    state.followup_id = int(row["id"])
+                    logger.info("glpi follow-up found by marker followup=%d", state.followup_id)
+                    break
+        if state.followup_id is None:
+            fields = {
+                "itemtype": "Ticket",
+                "items_id": state.ticket_id,
+                "content": text,
+                "requesttypes_id": options.followup_requesttypes_id,
+            }
+            state.followup_id = self.client.create("ITILFollowup", fields).id
+            self.state.save(state)
+        return Outcome("followup", state.ticket_id, state.followup_id)

@@ -1,0 +1,229 @@
+"""What the consumer remembers, in one Azure table: which message became which ticket, and who is handling what.
+
+Three kinds of row (partition keys):
+
+- ``message``: keyed by SHA-256 of the raw bytes plus the Message-ID, so a message collected again under a new
+  envelope id (after a UIDVALIDITY change) is the same row. It holds the claim (``claim``, ``claimed_until``),
+  the status (``pending`` -> ``done`` or ``refused``, or ``failed`` with its ``reason``) and the GLPI ids, and
+  is the only row whose writes are conditional (ETag): two invocations never both hold a message.
+- ``envelope``: keyed by the envelope id, ``pending`` then ``done`` with the GLPI ids, for the operator who looks
+  up an envelope.
+- ``thread``: keyed by a Message-ID that became a ticket or follow-up, the ticket id: replies to it are threaded.
+
+Row keys are hashes: envelope ids hold ``/`` and Message-IDs anything, which table keys may not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableClient, UpdateMode
+
+from shared.errors import TransientError
+
+logger = logging.getLogger(__name__)
+
+CLAIM_SECONDS = 60  # a claim not renewed for this long is taken over: its invocation crashed or was killed
+PENDING, DONE, REFUSED, FAILED = "pending", "done", "refused", "failed"
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:48]
+
+
+def message_key(sha256: str, message_id: str | None) -> str:
+    return _key(f"{sha256.lower()}|{(message_id or '').strip()}")
+
+
+@dataclass
+class MessageState:
+    """The ``message`` row; ``documents`` maps an attachment's index to its GLPI document id."""
+
+    key: str
+    envelope_id: str
+    status: str = PENDING
+    kind: str = ""
+    ticket_id: int | None = None
+    followup_id: int | None = None
+    documents: dict[str, int] = field(default_factory=dict)
+    linked: bool = False
+    reason: str = ""
+    attempts: int = 0
+    resumed: bool = False  # an earlier attempt may have reached GLPI: look before creating
+    claim: str = ""
+    etag: str | None = None
+
+    def entity(self) -> dict[str, Any]:
+        return {
+            "PartitionKey": "message",
+            "RowKey": self.key,
+            "envelope_id": self.envelope_id,
+            "status": self.status,
+            "kind": self.kind,
+            "ticket_id": self.ticket_id or 0,
+            "followup_id": self.followup_id or 0,
+            "documents": json.dumps(self.documents),
+            "linked": self.linked,
+            "reason": self.reason[:1000],
+            "attempts": self.attempts,
+            "claim": self.claim,
+            "claimed_until": time.time() + CLAIM_SECONDS if self.claim else 0.0,
+        }
+
+    @classmethod
+    def from_entity(cls, entity: Any) -> MessageState:
+        return cls(
+            key=str(entity["RowKey"]),
+            envelope_id=str(entity.get("envelope_id", "")),
+            status=str(entity.get("status", PENDING)),
+            kind=str(entity.get("kind", "")),
+            ticket_id=int(entity.get("ticket_id") or 0) or None,
+            followup_id=int(entity.get("followup_id") or 0) or None,
+            documents={str(k): int(v) for k, v in json.loads(entity.get("documents") or "{}").items()},
+            linked=bool(entity.get("linked", False)),
+            reason=str(entity.get("reason", "")),
+            attempts=int(entity.get("attempts") or 0),
+            claim=str(entity.get("claim", "")),
+            etag=entity.metadata.get("etag") if hasattr(entity, "metadata") else None,
+        )
+
+
+class ClaimLost(TransientError):
+    """Another invocation holds (or took over) this message: this one steps back and the queue retries later."""
+
+
+def _transient(action: str, error: AzureError) -> TransientError:
+    return TransientError(f"consumer state table unavailable while {action}: {type(error).__name__}")
+
+
+class StateStore:
+    """The table of one consumer. Every method raises TransientError when storage fails, ClaimLost on a race."""
+
+    def __init__(self, table: TableClient) -> None:
+        self._table = table
+
+    def read(self, key: str) -> MessageState | None:
+        try:
+            return MessageState.from_entity(self._table.get_entity("message", key))
+        except ResourceNotFoundError:
+            return None
+        except AzureError as e:
+            raise _transient("reading a message", e) from e
+
+    def claim(self, key: str, envelope_id: str) -> MessageState:
+        """Take the message for this invocation: a new row, or a pending/failed one whose claim has lapsed.
+
+        Returns the state with ``resumed`` set when an earlier attempt existed. Raises ClaimLost while another
+        invocation's claim is live; a done or refused message comes back as is (the caller drops it)."""
+        token = secrets.token_hex(8)
+        state = MessageState(key=key, envelope_id=envelope_id, claim=token, attempts=1)
+        try:
+            metadata = self._table.create_entity(state.entity())
+            state.etag = metadata.get("etag")
+            return state
+        except ResourceExistsError:
+            pass
+        except AzureError as e:
+            raise _transient("claiming a message", e) from e
+        try:
+            entity = self._table.get_entity("message", key)
+        except AzureError as e:
+            raise _transient("claiming a message", e) from e
+        current = MessageState.from_entity(entity)
+        if current.status in (DONE, REFUSED):
+            return current
+        if current.claim and float(entity.get("claimed_until") or 0) > time.time():
+            raise ClaimLost(f"message {key[:12]} is being handled by another invocation")
+        current.claim, current.resumed = token, True
+        current.attempts += 1
+        self._write(current, "taking over a message")
+        return current
+
+    def save(self, state: MessageState) -> None:
+        """Write the row if this invocation still holds it (renewing the claim). Raises ClaimLost otherwise."""
+        self._write(state, "saving progress")
+
+    def finish(self, state: MessageState, status: str, *, reason: str = "") -> None:
+        state.status, state.reason = status, reason or state.reason
+        if status != FAILED:
+            state.reason = reason
+        state.claim = ""
+        self._write(state, "finishing a message")
+
+    def _write(self, state: MessageState, action: str) -> None:
+        try:
+            metadata = self._table.update_entity(
+                state.entity(), mode=UpdateMode.REPLACE, etag=state.etag, match_condition=MatchConditions.IfNotModified
+            )
+        except (ResourceModifiedError, ResourceNotFoundError) as e:
+            raise ClaimLost(f"message {state.key[:12]} was taken over by another invocation") from e
+        except AzureError as e:
+            raise _transient(action, e) from e
+        state.etag = metadata.get("etag")
+
+    def record_envelope(self, envelope_id: str, state: MessageState) -> None:
+        """The operator's view by envelope id (unconditional: it only mirrors the message row)."""
+        entity = {
+            "PartitionKey": "envelope",
+            "RowKey": _key(envelope_id),
+            "envelope_id": envelope_id,
+            "message_key": state.key,
+            "status": state.status,
+            "kind": state.kind,
+            "ticket_id": state.ticket_id or 0,
+            "followup_id": state.followup_id or 0,
+            "reason": state.reason[:1000],
+        }
+        try:
+            self._table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+        except AzureError as e:
+            raise _transient("recording an envelope", e) from e
+
+    def envelope(self, envelope_id: str) -> dict[str, Any] | None:
+        try:
+            return dict(self._table.get_entity("envelope", _key(envelope_id)))
+        except ResourceNotFoundError:
+            return None
+        except AzureError as e:
+            raise _transient("reading an envelope", e) from e
+
+    def remember_thread(self, message_ids: list[str], ticket_id: int) -> None:
+        for message_id in message_ids:
+            entity = {"PartitionKey": "thread", "RowKey": _key(message_id.strip().lower()), "ticket_id": ticket_id}
+            try:
+                self._table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+            except AzureError as e:
+                raise _transient("remembering a thread", e) from e
+
+    def thread_ticket(self, message_ids: list[str]) -> int | None:
+        """The ticket of the first of ``message_ids`` that became a ticket or follow-up here."""
+        for message_id in message_ids:
+            try:
+                entity = self._table.get_entity("thread", _key(message_id.strip().lower()))
+            except ResourceNotFoundError:
+                continue
+            except AzureError as e:
+                raise _transient("reading a thread", e) from e
+            return int(entity["ticket_id"])
+        return None
+
+    def release_failed(self) -> int:
+        """Make every failed message claimable again (before a poison-queue replay). Returns how many."""
+        count = 0
+        try:
+            for entity in self._table.query_entities("PartitionKey eq 'message' and status eq 'failed'"):
+                state = MessageState.from_entity(entity)
+                state.status, state.claim, state.attempts = PENDING, "", 0
+                self._write(state, "releasing a failed message")
+                count += 1
+        except AzureError as e:
+            raise _transient("releasing failed messages", e) from e
+        return count
