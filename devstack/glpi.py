@@ -114,6 +114,7 @@ class Store:
         }
         self.blobs: dict[int, bytes] = {}
         self.next_id: Counter[str] = Counter()
+        self.next_id["User"] = API_USER_ID - 1  # GLPI installs its "glpi" super-admin as user 2
         self.add_row("User", {"name": "glpi", "emails": ["glpi@glpi.example"], "is_active": 1})
 
     def add_row(self, table: str, row: Json) -> int:

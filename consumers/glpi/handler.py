@@ -33,7 +33,7 @@ from consumers.glpi import content as mail_content
 from consumers.glpi import replies
 from consumers.glpi.client import GlpiClient, GlpiRefused
 from consumers.glpi.options import MailboxOptions, TicketOptions
-from consumers.glpi.state import DONE, FAILED, REFUSED, MessageState, StateStore, message_key
+from consumers.glpi.state import DONE, FAILED, REFUSED, ClaimLost, MessageState, StateStore, message_key
 from shared.errors import ConfigurationError, TransientError
 
 logger = logging.getLogger(__name__)
@@ -169,6 +169,17 @@ class TicketConsumer:
             if state.envelope_id != envelope["id"]:
                 self.state.record_envelope(envelope["id"], state)
             return Outcome("duplicate", state.ticket_id, state.followup_id, state.reason)
+        try:
+            return self._process(envelope, state, key, log)
+        except ClaimLost:
+            raise
+        except Exception:
+            # Give the message back at once: the retry must not wait for the claim to lapse. A crash that skips
+            # this leaves the claim to lapse after CLAIM_SECONDS.
+            self.state.release(state)
+            raise
+
+    def _process(self, envelope: dict[str, Any], state: MessageState, key: str, log: str) -> Outcome:
         state.envelope_id = envelope["id"]
         options = self.options.for_mailbox(str(envelope["mailbox"]))
 

@@ -158,6 +158,14 @@ class StateStore:
         state.claim = ""
         self._write(state, "finishing a message")
 
+    def release(self, state: MessageState) -> None:
+        """Drop this invocation's claim after a failure (best effort: a claim left behind lapses by itself)."""
+        state.claim = ""
+        try:
+            self._write(state, "releasing a message")
+        except TransientError as e:
+            logger.warning("glpi claim not released message=%s error=%s", state.key[:12], e)
+
     def _write(self, state: MessageState, action: str) -> None:
         try:
             metadata = self._table.update_entity(
