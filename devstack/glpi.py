@@ -41,9 +41,10 @@ import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from devstack.tls_http import DispatchingHandler, TlsServer
 
 logger = logging.getLogger("devstack.glpi")
 
@@ -52,7 +53,6 @@ DEFAULT_PORT = 10680
 API_USER_ID = 2  # GLPI's "glpi" super-admin: the user whose API token the consumer logs in with
 MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_DOCUMENT_MAX_BYTES = 2 * 1024 * 1024  # GLPI's document_max_size default (2 MiB), PHP's upload_max_filesize too
-CONNECTION_TIMEOUT = 30  # seconds
 STATUS_CLOSED = 6
 ACTOR_TYPES = {"requester": 1, "assign": 2, "observer": 3}
 DOC_BASE = "view documentation in your browser at"
@@ -211,13 +211,11 @@ class Faults:
 # ------------------------------------------------------------------------------------------------ the server
 
 
-class GlpiServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
+class GlpiServer(TlsServer):
+    log_name = "glpi"
 
     def __init__(self, address: tuple[str, int], ssl_context: ssl.SSLContext, store: Store) -> None:
-        super().__init__(address, _Handler)
-        self.ssl_context = ssl_context
+        super().__init__(address, _Handler, ssl_context)
         self.store = store
         self.faults = Faults()
         self.stats: Counter[str] = Counter()
@@ -225,55 +223,18 @@ class GlpiServer(ThreadingHTTPServer):
         port = self.server_address[1]
         self.url = f"https://localhost:{port}{API_PATH}"
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(CONNECTION_TIMEOUT)
-        try:
-            tls = self.ssl_context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as e:
-            logger.debug("glpi tls handshake failed client=%s error=%s", client_address[0], e)
-            return
-        try:
-            _Handler(tls, client_address, self)
-        finally:
-            tls.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        logger.debug("glpi connection error client=%s", client_address[0], exc_info=True)
-
     def count(self, key: str) -> None:
         with self.stats_lock:
             self.stats[key] += 1
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
 
 
 class _Dropped(Exception):
     """The answer is withheld and the connection closed (an injected fault)."""
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(DispatchingHandler):
     server: GlpiServer
-    protocol_version = "HTTP/1.1"
     server_version = "Apache"
-    sys_version = ""
-    disable_nagle_algorithm = True
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
     # --- plumbing
 

@@ -42,12 +42,13 @@ import urllib.request
 import uuid
 from dataclasses import asdict, dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 # Named outright: run with ``python -m`` the module is __main__, and log queries want one stable name.
+from devstack.tls_http import DispatchingHandler, TlsServer
+
 logger = logging.getLogger("devstack.keyvault")
 
 VAULT_RESOURCE = "https://vault.azure.net"
@@ -72,7 +73,6 @@ SECRETS_OFFICER = "Key Vault Secrets Officer"
 SECRETS_USER = "Key Vault Secrets User"
 ROLES = (SECRETS_OFFICER, SECRETS_USER)
 RECOVERY_LEVEL = "Recoverable+Purgeable"
-CONNECTION_TIMEOUT = 30  # seconds: drops idle keep-alive connections and stalled TLS handshakes
 NOT_FOUND_HINT = (
     "If you recently deleted this secret you may be able to recover it using the correct recovery command. "
     "For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182"
@@ -713,11 +713,10 @@ def _phrase_code(status: int) -> str:
         return "Error"
 
 
-class KeyVaultServer(ThreadingHTTPServer):
+class KeyVaultServer(TlsServer):
     """The HTTPS server; ``url`` is the vault URL to give ``SecretClient``."""
 
-    daemon_threads = True
-    block_on_close = False
+    log_name = "kv"
 
     def __init__(
         self,
@@ -730,8 +729,7 @@ class KeyVaultServer(ThreadingHTTPServer):
         check_audience: bool,
         roles: Roles | None = None,
     ) -> None:
-        super().__init__(address, _Handler)
-        self.ssl_context = ssl_context
+        super().__init__(address, _Handler, ssl_context)
         self.store = store
         self.faults = Faults()
         self.stats = Stats()
@@ -744,53 +742,10 @@ class KeyVaultServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         self.url = f"https://{host!s}:{port}"
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        # The handshake runs here, in the connection's own thread, so a stalled client cannot block accept().
-        request.settimeout(CONNECTION_TIMEOUT)
-        try:
-            tls = self.ssl_context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as e:
-            logger.debug("kv tls handshake failed client=%s error=%s", client_address[0], e)
-            return
-        try:
-            _Handler(tls, client_address, self)
-        finally:
-            tls.close()
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        logger.debug("kv connection error client=%s", client_address[0], exc_info=True)
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-
-
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(DispatchingHandler):
     server: KeyVaultServer
-    protocol_version = "HTTP/1.1"  # the SDK keeps connections alive; every answer carries Content-Length
     server_version = "KeyVaultStandIn/1.0"
-    sys_version = ""
-    # Headers and body go out in two writes; with Nagle on, the client's delayed ACK stalls each answer ~40 ms.
-    disable_nagle_algorithm = True
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # The per-request line is written by _dispatch; http.server's own line would repeat it.
-        pass
 
     def _dispatch(self) -> None:
         started = time.monotonic()
