@@ -171,14 +171,16 @@ if ((Get-Setting 'ENTRA_CREDENTIAL_MODE' 'federated') -eq 'secret') {
 
 if ($mode -eq 'create' -and (Get-Setting 'ENTRA_APP_ONLY' 'false') -eq 'true') {
     $spId = Get-Setting 'ENTRA_SERVICE_PRINCIPAL_ID' '<enterprise application object id>'
-    if ($crossTenant) {
-        # The enterprise application that Exchange must know is the one in the mailboxes' tenant, made by the consent.
-        $spId = "<enterprise application object id in ${mailboxTenant}: az ad sp show --id $clientId --query id --output tsv>"
-    }
     $identity = if ($mailbox -eq '{address}') { '<mailbox address>' } else { $mailbox }
     $organization = if ($mailboxTenant) { $mailboxTenant } else { '<tenant id>' }
     Write-Host ''
     Write-Host 'App-only mailboxes (IMAP.AccessAsApp): register the enterprise application in Exchange, then grant each mailbox.'
+    if ($crossTenant) {
+        # The enterprise application that Exchange must know is the one in the mailboxes' tenant, made by the consent.
+        $spId = '<enterprise application object id>'
+        Write-Host "Its object id is the one the admin consent created in $mailboxTenant (signed in to that tenant):"
+        Write-Host "  az ad sp show --id $clientId --query id --output tsv"
+    }
     Write-Host "Exchange Online PowerShell (the object id is the enterprise application's, not the app registration's):"
     Write-Host "  Connect-ExchangeOnline -Organization $organization"
     Write-Host "  New-ServicePrincipal -AppId $clientId -ObjectId $spId -DisplayName `"M365 mail collector`""

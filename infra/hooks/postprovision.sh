@@ -197,12 +197,14 @@ fi
 
 if [ "$mode" = "create" ] && [ "${ENTRA_APP_ONLY:-false}" = "true" ]; then
   principal=${ENTRA_SERVICE_PRINCIPAL_ID:-<enterprise application object id>}
-  if [ "$cross_tenant" = true ]; then
-    # The enterprise application that Exchange must know is the one in the mailboxes' tenant, made by the consent.
-    principal="<enterprise application object id in ${mailbox_tenant}: az ad sp show --id ${client_id} --query id --output tsv>"
-  fi
   echo
   echo "App-only mailboxes (IMAP.AccessAsApp): register the enterprise application in Exchange, then grant each mailbox."
+  if [ "$cross_tenant" = true ]; then
+    # The enterprise application that Exchange must know is the one in the mailboxes' tenant, made by the consent.
+    principal='<enterprise application object id>'
+    echo "Its object id is the one the admin consent created in ${mailbox_tenant} (signed in to that tenant):"
+    echo "  az ad sp show --id ${client_id} --query id --output tsv"
+  fi
   echo "Exchange Online PowerShell (the object id is the enterprise application's, not the app registration's):"
   echo "  Connect-ExchangeOnline -Organization ${mailbox_tenant:-<tenant id>}"
   echo "  New-ServicePrincipal -AppId ${client_id} -ObjectId ${principal} -DisplayName \"M365 mail collector\""

@@ -1402,7 +1402,8 @@ def test_postprovision_across_tenants_takes_the_multitenant_path(tmp_path: Path)
     # Exchange must know the enterprise application of the mailboxes' tenant, not the one in the identity's tenant.
     assert CREATED["ENTRA_SERVICE_PRINCIPAL_ID"] not in out
     assert f"Connect-ExchangeOnline -Organization {other}" in out
-    assert "<enterprise application object id in 9999" in out
+    assert f"created in {other} (signed in to that tenant):\n  az ad sp show --id {CREATED['ENTRA_CLIENT_ID']}" in out
+    assert "-ObjectId <enterprise application object id>" in out
 
     existing = {**AZD_ENV, "ENTRA_TENANT_ID": other}
     manual = _run_hook(tmp_path / "existing", existing)
