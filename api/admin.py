@@ -46,8 +46,16 @@ def mailbox(req: func.HttpRequest) -> func.HttpResponse:
         address = normalize_address(req.route_params.get("address", ""))
         services = get_services()
         if req.method == "DELETE":
-            existed = services.consent.revoke(address, admin=acting_admin(req))
-            return json_answer(200 if existed else 404, {"mailbox": address, "revoked": existed})
+            revoked = services.consent.revoke(address, admin=acting_admin(req))
+            return json_answer(
+                200 if revoked.existed else 404,
+                {
+                    "mailbox": address,
+                    "revoked": revoked.existed,
+                    "key_vault": revoked.in_key_vault,
+                    "entra_id": revoked.at_entra,
+                },
+            )
         current = services.registry.find(address)
         if current is None:
             return not_found(address)

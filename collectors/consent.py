@@ -91,6 +91,36 @@ class ConsentProblem(Exception):
 
 
 @dataclass(frozen=True)
+class Revocation:
+    """What a revoke removed, and what it cannot remove: the grant at Entra ID."""
+
+    address: str
+    existed: bool
+    signed_in_as: str
+    secret_purged: bool
+
+    @property
+    def in_key_vault(self) -> str:
+        if self.secret_purged:
+            return "The token secret is deleted with every version and purged."
+        return (
+            "The token secret is deleted with every version; the vault keeps it soft-deleted (purge protection or "
+            "no purge right) until its retention ends, readable by no one unless a vault admin recovers it."
+        )
+
+    @property
+    def at_entra(self) -> str:
+        account = self.signed_in_as or self.address
+        return (
+            f"Refresh tokens that Entra ID already issued to this app for {account} stay valid at Entra ID until they "
+            "go 90 days unused or are revoked; the app no longer holds any. To end them now, an Entra admin revokes "
+            f"the sessions of {account} (Entra admin center > Users > Revoke sessions, or Revoke-MgUserSignInSession) "
+            "and, to remove the consent itself, deletes the app's delegated permission grant for that user "
+            "(Enterprise applications > the app > Permissions, or Remove-MgOauth2PermissionGrant)."
+        )
+
+
+@dataclass(frozen=True)
 class ConsentResult:
     address: str
     signed_in_as: str
@@ -219,7 +249,7 @@ class ConsentService:
             )
         options = MailboxOptions(**json.loads(str(entity["options"])))
         previous = self._registry.find(address)
-        self._store.save(address, cache.serialize(), signed_in_as=signed_in)
+        self._store.save(address, cache.serialize(), signed_in_as=signed_in, new_consent=True)
         now = utcnow()
         self._registry.put(
             Mailbox(
@@ -261,23 +291,34 @@ class ConsentService:
             audit.record("options", mailbox=address, who=admin, before=before, after=after)
         return self._registry.get(address)
 
-    def revoke(self, address_text: str, *, admin: str = audit.FUNCTION_KEY) -> bool:
-        """Delete the mailbox's registry row, then its secret. Returns False when it was not registered."""
+    def revoke(self, address_text: str, *, admin: str = audit.FUNCTION_KEY) -> Revocation:
+        """Delete the mailbox's registry row, then its secret with every version (purged when the vault allows).
+
+        A run collecting the mailbox meanwhile stops at its next checkpoint (the row is gone). What stays valid
+        at Entra ID is said in ``Revocation.at_entra``.
+        """
         address = self._address(address_text, "mailbox")
         previous = self._registry.find(address)
         self._registry.delete(address)
-        self._store.delete(address)
+        removal = self._store.remove(address)
         if self._tokens is not None:
             self._tokens.forget(address)
-        logger.info("mailbox revoked mailbox=%s existed=%s", address, previous is not None)
+        logger.info(
+            "mailbox revoked mailbox=%s existed=%s secret_purged=%s", address, previous is not None, removal.purged
+        )
         audit.record(
             "revoke",
             mailbox=address,
             who=admin,
             before={"status": previous.status, "signed_in_as": previous.signed_in_as} if previous else {},
-            after={"status": "revoked"},
+            after={"status": "revoked", "secret_purged": removal.purged},
         )
-        return previous is not None
+        return Revocation(
+            address=address,
+            existed=previous is not None,
+            signed_in_as=previous.signed_in_as if previous else "",
+            secret_purged=removal.purged,
+        )
 
     # -- helpers ------------------------------------------------------------------------------------------------
 

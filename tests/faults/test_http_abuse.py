@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 import requests
+from azure.core.exceptions import ResourceNotFoundError
 
 from collectors.consent import FLOW_PARTITION, MAX_OPEN_FLOWS
 from devstack.stack import isolated_settings
@@ -93,6 +94,13 @@ class Site:
 
     def stored(self, address: str) -> bool:
         return self.services.registry.find(address) is not None or self.services.tokens._store.load(address) is not None
+
+    def secret_versions_deleted(self, address: str) -> Any:
+        """The soft-deleted secret of ``address``, or None when nothing of it is left."""
+        try:
+            return azure_clients.secret_client(self.services.settings).get_deleted_secret(mailbox_key(address))
+        except ResourceNotFoundError:
+            return None
 
     def secret_versions(self, address: str) -> int:
         client = azure_clients.secret_client(self.services.settings)
@@ -440,7 +448,8 @@ def test_option_changes_and_revokes_are_audited_with_before_and_after(site: Site
         'before={"after_action": "seen", "max_messages": 500, "move_to": ""} '
         'after={"after_action": "move", "max_messages": 25, "move_to": "Done"}',
         f'action=revoke mailbox={address} who="function key" '
-        f'before={{"signed_in_as": "{address}", "status": "active"}} after={{"status": "revoked"}}',
+        f'before={{"signed_in_as": "{address}", "status": "active"}} '
+        'after={"secret_purged": true, "status": "revoked"}',
     ]
 
 
@@ -641,6 +650,17 @@ def test_an_encoded_slash_in_the_address_does_not_name_the_mailbox_with_a_slash(
         assert site.services.registry.get(address).options.max_messages != 3
     finally:
         site.services.registry.delete(address)
+
+
+def test_a_revoke_answers_what_it_removed_and_what_stays_valid_at_entra(site: Site) -> None:
+    address = new_address()
+    assert_app_page(site.callback(site.sign_in(address)), 200)
+    gone = site.http.delete(site.url(f"/api/mailboxes/{quote(address)}", key=site.app.key))
+    assert_app_page(gone, 200)
+    body = gone.json()
+    assert body["revoked"] is True and "every version" in body["key_vault"] and "purged" in body["key_vault"]
+    assert "stay valid at Entra ID" in body["entra_id"] and "Revoke-MgUserSignInSession" in body["entra_id"]
+    assert not site.stored(address) and site.secret_versions_deleted(address) is None
 
 
 # --- PATCH -----------------------------------------------------------------------------------------------------------

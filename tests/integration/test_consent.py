@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -10,11 +11,12 @@ from typing import Any
 
 import pytest
 import requests
+from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableClient
 
 from collectors.consent import FLOW_PARTITION, ConsentFailure, ConsentProblem, ConsentService
 from shared import azure_clients, redaction
-from shared.errors import TransientError
+from shared.errors import NeedsReconsentError, TransientError
 from shared.mailboxes import mailbox_key
 from shared.registry import NEEDS_RECONSENT, MailboxRegistry, utcnow
 from tests.support.signin import sign_in
@@ -232,17 +234,46 @@ def test_reconsent_replaces_the_token_and_resets_the_failure_status(
     assert services.tokens._store.load(address).version != first.version
 
 
-def test_revoke_deletes_the_secret_and_the_row_and_a_new_consent_works(
-    services: Any, consent: Any, new_address: Any
+def refresh_tokens(serialized: str) -> set[str]:
+    return {entry["secret"] for entry in json.loads(serialized).get("RefreshToken", {}).values()}
+
+
+def test_revoke_deletes_every_version_and_purges_and_a_reconsent_brings_no_old_version_back(
+    services: Any, consent: Any, signed_in: Any, new_address: Any
 ) -> None:
     address = new_address()
     consent(address)
-    assert services.consent.revoke(address) is True
+    services.consent.complete(signed_in(address))  # a second version
+    client = azure_clients.secret_client(services.settings)
+    old = {refresh for v in client.list_properties_of_secret_versions(mailbox_key(address))
+           for refresh in refresh_tokens(client.get_secret(mailbox_key(address), v.version).value or "")}  # fmt: skip
+    assert len(old) == 2
+
+    revoked = services.consent.revoke(address)
+    assert (revoked.existed, revoked.secret_purged) == (True, True)
     assert nothing_stored(services, address)
-    assert services.consent.revoke(address) is False
-    consent(address)  # the soft-deleted secret is recovered and overwritten
+    with pytest.raises(ResourceNotFoundError):
+        client.get_deleted_secret(mailbox_key(address))  # purged: nothing left to recover
+    assert "stay valid at Entra ID" in revoked.at_entra and "Revoke-MgUserSignInSession" in revoked.at_entra
+    assert services.consent.revoke(address).existed is False
+
+    consent(address)
     assert services.registry.get(address).status == "active"
-    assert services.tokens._store.load(address) is not None
+    versions = list(client.list_properties_of_secret_versions(mailbox_key(address)))
+    assert len(versions) == 1
+    assert not refresh_tokens(client.get_secret(mailbox_key(address)).value or "") & old
+
+
+def test_a_renewal_after_a_revoke_does_not_write_the_token_back(services: Any, consent: Any, new_address: Any) -> None:
+    # A worker that renews a token for a mailbox revoked meanwhile must not recover the deleted secret.
+    address = new_address()
+    consent(address)
+    client = azure_clients.secret_client(services.settings)
+    client.begin_delete_secret(mailbox_key(address)).wait()
+    with pytest.raises(NeedsReconsentError):
+        services.tokens._store.save(address, '{"RefreshToken": {}}', signed_in_as=address)
+    with pytest.raises(ResourceNotFoundError):
+        client.get_secret(mailbox_key(address))
 
 
 @pytest.mark.parametrize("address", ["not-an-address", "a@b", "x@contoso.com\r\nLocation: https://evil.example"])
