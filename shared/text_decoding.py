@@ -39,6 +39,7 @@ CHARSET_ALIASES = {
 FALLBACK_CHARSET = "latin-1"  # GLPI's Toolbox::encodeInUtf8 default; every byte is a character, nothing is lost
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"))
 _BOMS16 = ((codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_LATIN_LABELS = frozenset({"cp1252", "latin-1", "iso8859-1", "ascii"})
 _LABEL = re.compile(r"[A-Za-z0-9._:+-]{1,40}")
 # Codecs that are not text encodings (base64, zlib, rot13, idna, punycode...) must never be picked by a label.
 _TEXT_CODEC = re.compile(r"^(utf|iso8859|cp|mac|koi8|latin|gb|big5|euc|shift|hz|johab|tis|ptcp|kz|ascii|iso2022)")
@@ -82,6 +83,12 @@ def decode_text(data: bytes, charset: str | None) -> Decoded:
         if data.startswith(bom):
             return Decoded(data.decode(bom_codec, "replace").lstrip("\ufeff"), bom_codec)
     codec = codec_for(charset)
+    if codec in _LATIN_LABELS and not data.isascii():
+        # UTF-8 text labelled Latin-1 or ASCII is a common mislabel; real Latin-1 text is almost never valid UTF-8.
+        try:
+            return Decoded(data.decode("utf-8"), "utf-8", f"declared {charset!r} but the bytes are UTF-8")
+        except UnicodeDecodeError:
+            pass
     if codec is not None:
         try:
             return Decoded(data.decode(codec), codec)
