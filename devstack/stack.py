@@ -106,6 +106,20 @@ def _identity(folder: Path) -> dict[str, str]:
     return data
 
 
+# Azurite's published development account and key: well-known constants, not secrets.
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite_connection_string(blob: int, queue: int, table: int) -> str:
+    """The connection string of an Azurite listening on these loopback ports."""
+    endpoints = "".join(
+        f"{kind}Endpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"
+        for kind, port in (("Blob", blob), ("Queue", queue), ("Table", table))
+    )
+    return f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};{endpoints}"
+
+
 def describe() -> dict[str, Any]:
     """Everything a client needs to use the stack (written to ``.stack/stack.json`` too)."""
     folder = run_dir()
@@ -114,14 +128,7 @@ def describe() -> dict[str, Any]:
     signing_key, signing_public, kid = certs.ensure_signing_key(folder / "tls")
     ident = _identity(folder)
     entra_origin = f"https://localhost:{ports.entra}"
-    storage = (
-        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
-        # Azurite's published development key: a well-known constant, not a secret.
-        "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
-        f"BlobEndpoint=http://127.0.0.1:{ports.blob}/devstoreaccount1;"
-        f"QueueEndpoint=http://127.0.0.1:{ports.queue}/devstoreaccount1;"
-        f"TableEndpoint=http://127.0.0.1:{ports.table}/devstoreaccount1;"
-    )
+    storage = azurite_connection_string(ports.blob, ports.queue, ports.table)
     return {
         "run_dir": str(folder),
         "ports": ports.__dict__,

@@ -5,9 +5,6 @@ per-test isolation (own queue, containers, tables and mailbox addresses, so test
 from __future__ import annotations
 
 import json
-import socket
-import ssl
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,14 +16,17 @@ import requests
 
 from tests.support import secret_scan
 from tests.support.app_host import HostStartError, LocalApp, serve_app
+from tests.support.net import https_ok, port_open
+from tests.support.stack import Stack
+from tests.support.standins import ControlClient, tls_session
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PARTS = {  # what each stack part answers on; a test that needs a dead part fails naming it
-    "azurite": lambda info: _tcp(info["ports"]["queue"]) and _tcp(info["ports"]["blob"]),
-    "keyvault": lambda info: _https(f"{info['key_vault_uri']}/_control/health", info["ca"]),
-    "entra": lambda info: _https(f"{info['entra_origin']}/_control/health", info["ca"]),
-    "dovecot": lambda info: _tcp(info["ports"]["imaps"]),
+PARTS: dict[str, Callable[[Stack], bool]] = {  # what each part answers on; a test that needs a dead part fails
+    "azurite": lambda stack: port_open(stack.ports.queue) and port_open(stack.ports.blob),
+    "keyvault": lambda stack: https_ok(f"{stack.key_vault_uri}/_control/health", stack.ca),
+    "entra": lambda stack: https_ok(f"{stack.entra_origin}/_control/health", stack.ca),
+    "dovecot": lambda stack: port_open(stack.ports.imaps),
 }
 
 
@@ -34,40 +34,24 @@ def pytest_configure(config: pytest.Config) -> None:
     secret_scan.configure(config)
 
 
-def _tcp(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def _https(url: str, ca: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3, context=ssl.create_default_context(cafile=ca)) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
-def stack_info() -> dict[str, Any]:
+def stack_info() -> Stack:
     """Start the local stack once (a running one is reused). Fails, naming the part, if one cannot start."""
     from devstack import stack
 
     try:
-        return stack.start()
+        return Stack.from_info(stack.start())
     except stack.StackError as e:
         pytest.fail(f"local stack: {e}", pytrace=False)
 
 
-def dead_parts(info: dict[str, Any]) -> list[str]:
+def dead_parts(stack: Stack) -> list[str]:
     """The parts that do not answer now (each check gives up within a few seconds)."""
-    return [name for name, alive in PARTS.items() if not alive(info)]
+    return [name for name, alive in PARTS.items() if not alive(stack)]
 
 
 @pytest.fixture
-def stack(stack_info: dict[str, Any]) -> dict[str, Any]:
+def stack(stack_info: Stack) -> Stack:
     """The stack, checked alive before each test so that a killed part fails fast with its name."""
     dead = dead_parts(stack_info)
     if dead:
@@ -83,11 +67,11 @@ def _unique(prefix: str) -> str:
 
 
 @pytest.fixture
-def app_env(stack: dict[str, Any]) -> dict[str, str]:
+def app_env(stack: Stack) -> dict[str, str]:
     """App settings for this test: the stack's, with this test's own queue, containers and tables."""
     from devstack.stack import isolated_settings
 
-    env = isolated_settings(stack, _unique("t"), COLLECT_TIME_BUDGET_SECONDS="120")
+    env = isolated_settings(stack.info, _unique("t"), COLLECT_TIME_BUDGET_SECONDS="120")
     return env
 
 
@@ -122,34 +106,26 @@ def new_address() -> Callable[[], str]:
 
 
 @pytest.fixture
-def entra_session(stack: dict[str, Any]) -> Iterator[requests.Session]:
-    session = requests.Session()
-    session.trust_env = False
-    session.verify = stack["ca_bundle"]
+def entra_session(stack: Stack) -> Iterator[requests.Session]:
+    session = tls_session(stack.ca_bundle)
     yield session
     session.close()
 
 
-def _control_api(session: requests.Session, origin: str) -> Iterator[Callable[..., Any]]:
-    """Call a stand-in's control API (``/_control/...``); injected faults are cleared after the test."""
-
-    def call(path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:
-        r = session.request(method, f"{origin}/_control/{path}", json=body, timeout=10)
-        r.raise_for_status()
-        return r.json() if r.content else None
-
-    yield call
-    call("faults", method="DELETE")
+@pytest.fixture
+def entra_control(stack: Stack, entra_session: requests.Session) -> Iterator[ControlClient]:
+    """The Entra stand-in's control API; the faults the test injected are cleared after it."""
+    control = ControlClient(stack.entra_origin, stack.ca_bundle, session=entra_session)
+    yield control
+    control.clear_faults()
 
 
 @pytest.fixture
-def entra_control(stack: dict[str, Any], entra_session: requests.Session) -> Iterator[Callable[..., Any]]:
-    yield from _control_api(entra_session, stack["entra_origin"])
-
-
-@pytest.fixture
-def keyvault_control(stack: dict[str, Any], entra_session: requests.Session) -> Iterator[Callable[..., Any]]:
-    yield from _control_api(entra_session, stack["key_vault_uri"])
+def keyvault_control(stack: Stack, entra_session: requests.Session) -> Iterator[ControlClient]:
+    """The Key Vault stand-in's control API; the faults the test injected are cleared after it."""
+    control = ControlClient(stack.key_vault_uri, stack.ca_bundle, session=entra_session)
+    yield control
+    control.clear_faults()
 
 
 @dataclass
@@ -159,18 +135,18 @@ class Consented:
 
 
 @pytest.fixture
-def consent(stack: dict[str, Any], services: Any, entra_session: requests.Session) -> Callable[..., Consented]:
+def consent(stack: Stack, services: Any, entra_session: requests.Session) -> Callable[..., Consented]:
     """Authorize a mailbox through the real consent flow (start, sign-in pages, callback), without a browser."""
     from tests.support.signin import sign_in
 
-    redirect_uri = f"{stack['host_origin']}/api/auth/callback"
+    redirect_uri = f"{stack.host_origin}/api/auth/callback"
 
     def run(address: str, *, sign_in_as: str | None = None, delegate: str = "", **options: str) -> Consented:
         auth_uri = services.consent.start(address, redirect_uri=redirect_uri, delegate=delegate, options=options)
         fields = sign_in(
             auth_uri,
             login=sign_in_as or delegate or address,
-            password=stack["user_password"],
+            password=stack.user_password,
             redirect_uri=redirect_uri,
             session=entra_session,
         )
@@ -181,12 +157,12 @@ def consent(stack: dict[str, Any], services: Any, entra_session: requests.Sessio
 
 
 @pytest.fixture
-def deliver(stack: dict[str, Any]) -> Callable[..., None]:
+def deliver(stack: Stack) -> Callable[..., None]:
     """Put raw bytes into a user's folder in Dovecot, as the server's own delivery would."""
     from devstack import dovecot
 
     def run(user: str, raw: bytes, folder: str = "INBOX") -> None:
-        dovecot.deliver(Path(stack["dovecot_config"]), user, raw, folder)
+        dovecot.deliver(Path(stack.dovecot_config), user, raw, folder)
 
     return run
 

@@ -27,6 +27,7 @@ from devstack import dovecot
 from shared import azure_clients
 from tests.conftest import ROOT
 from tests.mail_corpus import hostile_messages, real_world_messages
+from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 
@@ -44,10 +45,10 @@ class Delivered:
     uid: int = 0
 
 
-def served_by_dovecot(stack: dict[str, Any], address: str, token: str, uids: list[int]) -> Iterator[tuple[int, bytes]]:
+def served_by_dovecot(stack: Stack, address: str, token: str, uids: list[int]) -> Iterator[tuple[int, bytes]]:
     """What Dovecot answers to UID FETCH BODY.PEEK[] for ``uids``, over its own connection."""
-    context = ssl.create_default_context(cafile=stack["ca"])
-    with imaplib.IMAP4_SSL(stack["imap_host"], stack["imap_port"], ssl_context=context, timeout=120) as imap:
+    context = ssl.create_default_context(cafile=stack.ca)
+    with imaplib.IMAP4_SSL(stack.imap_host, stack.imap_port, ssl_context=context, timeout=120) as imap:
         imap.authenticate("XOAUTH2", dovecot.sasl_answer(dovecot.xoauth2(address, token)))
         imap.select("INBOX", readonly=True)
         for i in range(0, len(uids), FETCH_CHUNK):
@@ -76,11 +77,11 @@ def imap_normal_form(raw: bytes) -> bytes:
 
 
 def test_every_hostile_and_real_world_message_is_collected_once_and_byte_exact(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, queue_messages: Any
+    stack: Stack, services: Any, consent: Any, new_address: Any, queue_messages: Any
 ) -> None:
     address = new_address()
     consent(address)
-    config = Path(stack["dovecot_config"])
+    config = Path(stack.dovecot_config)
     corpus = [*hostile_messages(include_huge=True), *real_world_messages()]
     assert len(corpus) >= 300 and "huge-30mb-attachment" in dict(corpus)
     delivered: list[Delivered] = []

@@ -30,6 +30,8 @@ from shared.mailboxes import mailbox_key
 from shared.registry import Mailbox, utcnow
 from tests.support.app_host import LocalApp, serve_app
 from tests.support.signin import sign_in
+from tests.support.stack import Stack
+from tests.support.standins import ControlClient, tls_session
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -53,7 +55,7 @@ class NoRedirects(requests.Session):
 @dataclass
 class Site:
     app: LocalApp
-    stack: dict[str, Any]
+    stack: Stack
     services: Any
     http: requests.Session  # to the app: no redirects followed, no proxies
     entra: requests.Session  # to the Entra stand-in, trusting the stack's CA
@@ -74,7 +76,7 @@ class Site:
         return sign_in(
             started.headers["Location"],
             login=address,
-            password=self.stack["user_password"],
+            password=self.stack.user_password,
             redirect_uri=self.app.callback,
             session=self.entra,
         )
@@ -108,17 +110,15 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(stack_info: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def site(stack_info: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     from collectors.services import build_services
     from shared.settings import load_settings
 
-    env = isolated_settings(stack_info, f"a{uuid.uuid4().hex[:10]}")
+    env = isolated_settings(stack_info.info, f"a{uuid.uuid4().hex[:10]}")
     services = build_services(load_settings(env))
     http = NoRedirects()
     http.trust_env = False
-    entra = requests.Session()
-    entra.trust_env = False
-    entra.verify = stack_info["ca_bundle"]
+    entra = tls_session(stack_info.ca_bundle)
     with serve_app(env, tmp_path_factory.mktemp("abuse-host")) as app:
         site = Site(app, stack_info, services, http, entra, owner="")
         owner = new_address()
@@ -156,12 +156,12 @@ def test_the_only_redirect_goes_to_the_entra_authorize_endpoint_with_the_apps_ow
     response = site.authorize(address)
     assert response.status_code == 302
     target = urlsplit(response.headers["Location"])
-    authorize = urlsplit(f"{site.stack['entra_origin']}/{site.stack['tenant_id']}/oauth2/v2.0/authorize")
+    authorize = urlsplit(f"{site.stack.entra_origin}/{site.stack.tenant_id}/oauth2/v2.0/authorize")
     assert (target.scheme, target.netloc, target.path) == (authorize.scheme, authorize.netloc, authorize.path)
     query = parse_qs(target.query)
     assert query["redirect_uri"] == [site.app.callback]
     assert query["response_mode"] == ["form_post"] and query["code_challenge_method"] == ["S256"]
-    assert query["client_id"] == [site.stack["client_id"]] and query["login_hint"] == [address]
+    assert query["client_id"] == [site.stack.client_id] and query["login_hint"] == [address]
     assert response.headers["Cache-Control"] == "no-store"
     assert site.flows_of(address) == 1
 
@@ -222,7 +222,7 @@ def test_a_forged_host_header_cannot_send_a_code_elsewhere(site: Site) -> None:
     )
     assert response.status_code == 302
     location = response.headers["Location"]
-    assert location.startswith(f"{site.stack['entra_origin']}/{site.stack['tenant_id']}/oauth2/v2.0/authorize?")
+    assert location.startswith(f"{site.stack.entra_origin}/{site.stack.tenant_id}/oauth2/v2.0/authorize?")
     at_entra = site.entra.get(location, allow_redirects=True, timeout=30)
     assert at_entra.status_code == 400 and "invalid_redirect_uri" in at_entra.text
     assert "<form" not in at_entra.text  # nothing that would post a code anywhere
@@ -307,8 +307,8 @@ def test_eight_concurrent_callbacks_with_one_state_redeem_the_code_once(site: Si
     # alone let every racer redeem the code, and only the identity provider's single-use code stopped the others.
     address = new_address()
     fields = site.sign_in(address)
-    stats = f"{site.stack['entra_origin']}/_control/stats"
-    redeemed_before = site.entra.get(stats).json()["token_requests"].get("authorization_code", 0)
+    control = ControlClient(site.stack.entra_origin, site.stack.ca_bundle, session=site.entra)
+    redeemed_before = control("stats", method="GET")["token_requests"].get("authorization_code", 0)
     barrier = threading.Barrier(8)
 
     def post(_: int) -> requests.Response:
@@ -321,7 +321,7 @@ def test_eight_concurrent_callbacks_with_one_state_redeem_the_code_once(site: Si
         answers = list(pool.map(post, range(8)))
     assert sorted(a.status_code for a in answers) == [200] + [400] * 7
     assert {title_of(a) for a in answers if a.status_code == 400} == {"Unknown or already used sign-in"}
-    assert site.entra.get(stats).json()["token_requests"].get("authorization_code", 0) - redeemed_before == 1
+    assert control("stats", method="GET")["token_requests"].get("authorization_code", 0) - redeemed_before == 1
     assert site.secret_versions(address) == 1 and site.flows_of(address) == 0
 
 
@@ -415,7 +415,7 @@ def test_a_client_sent_principal_header_is_not_trusted_without_app_service_authe
     fields = sign_in(
         started.headers["Location"],
         login=address,
-        password=site.stack["user_password"],
+        password=site.stack.user_password,
         redirect_uri=site.app.callback,
         session=site.entra,
     )
@@ -801,7 +801,7 @@ def test_every_page_and_json_answer_carries_the_security_headers(site: Site) -> 
 def test_the_host_log_holds_no_key_code_or_token(site: Site) -> None:
     text = Path(site.app.log).read_text()
     assert site.app.key not in text and site.app.master_key not in text
-    assert site.stack["client_secret"] not in text and site.stack["user_password"] not in text
+    assert site.stack.client_secret not in text and site.stack.user_password not in text
     cache = site.services.tokens._store.load(site.owner).serialized
     refresh_tokens = list(json.loads(cache)["RefreshToken"].values())
     assert refresh_tokens, "the owner's token cache holds no refresh token to look for"

@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import requests
 
 import collectors.entra as entra
 from shared.registry import ACTIVE, NEEDS_RECONSENT
 from tests.conftest import simple_message
 from tests.support.faults import LEDGER, check_delivery, collect, expire_access_tokens, stored_version
+from tests.support.standins import ControlClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -33,25 +33,19 @@ DEAD_GRANTS = {
 class Entra:
     """The Entra stand-in's control API, for faults on one account's refresh grant."""
 
-    def __init__(self, stack: dict[str, Any]) -> None:
-        self._base = f"{stack['entra_origin']}/_control"
-        self._http = requests.Session()
-        self._http.trust_env = False
-        self._http.verify = stack["ca_bundle"]
+    def __init__(self, control: ControlClient) -> None:
+        self._control = control
 
     def fault(self, account: str, **fault: Any) -> None:
-        body = {"endpoint": "token", "grant_type": "refresh_token", "account": account, **fault}
-        self._http.post(f"{self._base}/faults", json=body, timeout=10).raise_for_status()
+        self._control.add_fault(**{"endpoint": "token", "grant_type": "refresh_token", "account": account, **fault})
 
     def pending(self, account: str) -> int:
-        r = self._http.get(f"{self._base}/faults", timeout=10)
-        r.raise_for_status()
-        return sum(f["count"] for f in r.json()["faults"] if f.get("account") == account)
+        return sum(f["count"] for f in self._control.faults() if f.get("account") == account)
 
 
 @pytest.fixture
-def idp(stack: dict[str, Any]) -> Iterator[Entra]:
-    yield Entra(stack)
+def idp(entra_control: ControlClient) -> Iterator[Entra]:
+    yield Entra(entra_control)
 
 
 def renewing(services: Any, consent: Any, deliver: Any, address: str) -> tuple[bytes, str]:

@@ -20,6 +20,7 @@ from shared.registry import ACTIVE, utcnow
 from tests.conftest import simple_message
 from tests.support.faults import check_delivery, collect, doveadm, stored_version
 from tests.support.imap_proxy import ImapProxy, proxy_for
+from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -27,7 +28,7 @@ BODY_FETCH = r"^UID FETCH .*BODY\.PEEK\[\]"
 
 
 @pytest.fixture
-def proxy(stack: dict[str, Any]) -> Iterator[ImapProxy]:
+def proxy(stack: Stack) -> Iterator[ImapProxy]:
     with proxy_for(stack) as proxy:
         yield proxy
 
@@ -46,16 +47,16 @@ def mailbox_with_mail(consent: Any, deliver: Any, address: str, count: int, **op
     return sent
 
 
-def flags(stack: dict[str, Any], address: str, folder: str = "INBOX") -> dict[int, set[str]]:
-    return dovecot.list_flags(Path(stack["dovecot_config"]), address, folder)
+def flags(stack: Stack, address: str, folder: str = "INBOX") -> dict[int, set[str]]:
+    return dovecot.list_flags(Path(stack.dovecot_config), address, folder)
 
 
-def uids(stack: dict[str, Any], address: str, folder: str = "INBOX") -> list[int]:
-    return dovecot.list_uids(Path(stack["dovecot_config"]), address, folder)
+def uids(stack: Stack, address: str, folder: str = "INBOX") -> list[int]:
+    return dovecot.list_uids(Path(stack.dovecot_config), address, folder)
 
 
 def test_a_connection_cut_in_the_middle_of_a_fetch_batch_loses_nothing(
-    stack: dict[str, Any], services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
+    stack: Stack, services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
     queue_messages: Any,
 ) -> None:  # fmt: skip
     address = new_address()
@@ -91,7 +92,7 @@ def test_a_connection_cut_in_the_middle_of_a_fetch_batch_loses_nothing(
 
 
 def test_a_connection_dropped_right_after_the_login_moves_nothing(
-    stack: dict[str, Any], services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
+    stack: Stack, services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
     queue_messages: Any,
 ) -> None:  # fmt: skip
     address = new_address()
@@ -120,7 +121,7 @@ def test_a_connection_dropped_right_after_the_login_moves_nothing(
     ids=["before-the-server-moves", "after-the-server-moved"],
 )
 def test_a_connection_dropped_during_move_loses_nothing_and_moves_each_message_once(
-    stack: dict[str, Any], services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
+    stack: Stack, services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
     queue_messages: Any, after_bytes: int | None, moved_by_server: bool,
 ) -> None:  # fmt: skip
     address = new_address()
@@ -146,7 +147,7 @@ def test_a_connection_dropped_during_move_loses_nothing_and_moves_each_message_o
 
 @pytest.mark.parametrize("where", [None, BODY_FETCH], ids=["at-the-greeting", "in-a-fetch"])
 def test_a_server_that_stops_answering_is_left_within_the_timeouts(
-    stack: dict[str, Any], services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
+    stack: Stack, services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
     queue_messages: Any, monkeypatch: pytest.MonkeyPatch, where: str | None,
 ) -> None:  # fmt: skip
     monkeypatch.setattr(imap_session, "CONNECT_TIMEOUT", 2.0)
@@ -179,7 +180,7 @@ def test_a_server_that_stops_answering_is_left_within_the_timeouts(
 
 @pytest.mark.parametrize("command", [r"^AUTHENTICATE ", r"^SELECT "], ids=["at-login", "at-select"])
 def test_throttling_defers_the_mailbox_for_the_suggested_backoff_and_the_others_go_on(
-    stack: dict[str, Any], services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
+    stack: Stack, services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
     queue_messages: Any, command: str,
 ) -> None:  # fmt: skip
     throttled, other = new_address(), new_address()
@@ -230,7 +231,7 @@ def test_a_login_refused_for_a_valid_token_is_explained_and_the_others_go_on(
 
 
 def test_a_missing_folder_is_a_mailbox_access_error_with_its_remedy(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
 ) -> None:
     address = new_address()
     consent(address, folder="Nope")
@@ -244,7 +245,7 @@ def test_a_missing_folder_is_a_mailbox_access_error_with_its_remedy(
     assert "'Nope'" in row.last_error and "create the folder or change the mailbox's folder option" in row.last_error
     assert stored_version(services, address) == version
 
-    config = Path(stack["dovecot_config"])
+    config = Path(stack.dovecot_config)
     dovecot.create_folder(config, address, "Nope")
     raw = simple_message("in the new folder")
     deliver(address, raw, "Nope")
@@ -254,7 +255,7 @@ def test_a_missing_folder_is_a_mailbox_access_error_with_its_remedy(
 
 
 def test_a_new_uidvalidity_collects_the_folder_again_under_new_ids(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     address = new_address()
@@ -277,7 +278,7 @@ def test_a_new_uidvalidity_collects_the_folder_again_under_new_ids(
 
 @pytest.mark.parametrize("step", ["uids_after", "sizes"], ids=["after-search", "after-size-fetch"])
 def test_a_message_expunged_between_search_and_fetch_is_skipped_and_the_rest_collected(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
     monkeypatch: pytest.MonkeyPatch, step: str,
 ) -> None:  # fmt: skip
     address = new_address()

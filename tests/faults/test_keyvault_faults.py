@@ -13,7 +13,6 @@ from typing import Any
 
 import msal
 import pytest
-import requests
 
 import collectors.tokens as tokens_module
 from collectors.entra import confidential_app
@@ -22,7 +21,6 @@ from shared import azure_clients
 from shared.registry import ACTIVE, NEEDS_RECONSENT
 from shared.settings import load_settings
 from tests.conftest import simple_message
-from tests.support.azurite import free_port
 from tests.support.faults import (
     LEDGER,
     check_delivery,
@@ -31,6 +29,8 @@ from tests.support.faults import (
     secret_name,
     stored_version,
 )
+from tests.support.net import free_port
+from tests.support.standins import ControlClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -40,29 +40,22 @@ SDK_ATTEMPTS = 4  # SecretClient(retry_total=3): the first try and three retries
 class Vault:
     """The Key Vault stand-in's control API, for faults on one secret."""
 
-    def __init__(self, stack: dict[str, Any]) -> None:
-        self._base = f"{stack['key_vault_uri']}/_control"
-        self._http = requests.Session()
-        self._http.trust_env = False
-        self._http.verify = stack["ca_bundle"]
+    def __init__(self, control: ControlClient) -> None:
+        self._control = control
 
     def fault(self, address: str, *, method: str, status: int, count: int = SDK_ATTEMPTS, **extra: Any) -> str:
-        body = {"name": secret_name(address), "method": method, "status": status, "count": count, **extra}
-        r = self._http.post(f"{self._base}/faults", json=body, timeout=10)
-        r.raise_for_status()
-        return str(r.json()["id"])
+        added = self._control.add_fault(name=secret_name(address), method=method, status=status, count=count, **extra)
+        return str(added["id"])
 
     def served(self, fault_id: str) -> tuple[int, int]:
         """(requests answered with the fault, uses left)."""
-        r = self._http.get(f"{self._base}/faults", timeout=10)
-        r.raise_for_status()
-        [fault] = [f for f in r.json()["faults"] if f["id"] == fault_id]
+        [fault] = [f for f in self._control.faults() if f["id"] == fault_id]
         return int(fault["served"]), int(fault["count"])
 
 
 @pytest.fixture
-def vault(stack: dict[str, Any]) -> Iterator[Vault]:
-    yield Vault(stack)
+def vault(keyvault_control: ControlClient) -> Iterator[Vault]:
+    yield Vault(keyvault_control)
 
 
 def cold(services: Any, address: str) -> None:

@@ -34,6 +34,7 @@ from tests.conftest import ROOT, simple_message
 from tests.support.azurite import Azurite
 from tests.support.faults import LEDGER, check_delivery, collect
 from tests.support.kill_at import KILLED
+from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 
@@ -62,17 +63,17 @@ def settings_file(app_env: dict[str, str], tmp_path: Path) -> Path:
     return path
 
 
-def append(stack: dict[str, Any], services: Any, address: str, messages: list[bytes]) -> None:
+def append(stack: Stack, services: Any, address: str, messages: list[bytes]) -> None:
     """Deliver many messages fast: MULTIAPPEND over one IMAP connection, with the mailbox's own token."""
     token = services.tokens.access_token(address, signed_in_as=address).token
-    with IMAPClient("localhost", port=int(stack["imap_port"]), ssl=True, ssl_context=_tls(stack)) as imap:
+    with IMAPClient("localhost", port=int(stack.imap_port), ssl=True, ssl_context=_tls(stack)) as imap:
         imap.oauth2_login(address, token)
         for start in range(0, len(messages), APPEND_CHUNK):
             imap.multiappend("INBOX", messages[start : start + APPEND_CHUNK])
 
 
-def _tls(stack: dict[str, Any]) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=stack["ca_bundle"])
+def _tls(stack: Stack) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=stack.ca_bundle)
 
 
 def lease_blob(services: Any, address: str) -> BlobClient:
@@ -120,8 +121,8 @@ def clean_run(services: Any, address: str, runs: int = 5) -> int:
     raise AssertionError(f"{runs} clean runs did not drain the mailbox")
 
 
-def folder_counts(stack: dict[str, Any], address: str) -> tuple[int, int]:
-    config = Path(stack["dovecot_config"])
+def folder_counts(stack: Stack, address: str) -> tuple[int, int]:
+    config = Path(stack.dovecot_config)
     moved = (
         len(dovecot.list_uids(config, address, "Collected"))
         if "Collected" in dovecot.list_folders(config, address)
@@ -131,7 +132,7 @@ def folder_counts(stack: dict[str, Any], address: str) -> tuple[int, int]:
 
 
 def test_twenty_random_sigkills_during_a_1000_message_run_lose_nothing(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, queue_messages: Any, settings_file: Path,
+    stack: Stack, services: Any, consent: Any, new_address: Any, queue_messages: Any, settings_file: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     seed = int(os.environ.get("KILL_SEED") or random.SystemRandom().randrange(1, 10**6))
@@ -187,7 +188,7 @@ def test_twenty_random_sigkills_during_a_1000_message_run_lose_nothing(
     [("after_blob", 60), ("after_enqueue", 60), ("after_action", 2), ("before_checkpoint", 2)],
 )
 def test_a_kill_at_each_step_of_the_message_order_loses_nothing(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
     settings_file: Path, point: str, nth: int,
 ) -> None:  # fmt: skip
     address = new_address()
@@ -210,7 +211,7 @@ def test_a_kill_at_each_step_of_the_message_order_loses_nothing(
 
 
 def test_the_command_line_logs_a_line_per_mailbox_not_every_storage_request(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, settings_file: Path
+    stack: Stack, services: Any, consent: Any, new_address: Any, settings_file: Path
 ) -> None:
     address = new_address()
     consent(address)

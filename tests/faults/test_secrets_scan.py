@@ -27,6 +27,7 @@ from tests.support import secret_scan
 from tests.support.app_host import serve_app
 from tests.support.secret_scan import find_leaks, secrets_in_token_cache
 from tests.support.signin import sign_in
+from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -65,7 +66,7 @@ def _every_token_ever_stored(services: Any, address: str) -> dict[str, str]:
 
 
 def test_consent_renewal_rotation_and_logins_at_debug_leave_no_secret_anywhere(
-    stack: dict[str, Any],
+    stack: Stack,
     app_env: dict[str, str],
     services: Any,
     new_address: Any,
@@ -93,7 +94,7 @@ def test_consent_renewal_rotation_and_logins_at_debug_leave_no_secret_anywhere(
         fields = sign_in(
             start.headers["Location"],
             login=address,
-            password=stack["user_password"],
+            password=stack.user_password,
             redirect_uri=app.callback,
             session=entra_session,
         )
@@ -130,8 +131,8 @@ def test_consent_renewal_rotation_and_logins_at_debug_leave_no_secret_anywhere(
     secrets = {
         **tokens,
         fields["code"]: "authorization code",
-        stack["client_secret"]: "client secret",
-        stack["user_password"]: "user password",
+        stack.client_secret: "client secret",
+        stack.user_password: "user password",
         app.key: "function key",
         app.master_key: "master key",
     }

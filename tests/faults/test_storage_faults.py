@@ -25,8 +25,10 @@ from shared.errors import TransientError
 from shared.registry import MailboxRegistry
 from shared.settings import StorageSettings
 from tests.conftest import simple_message
-from tests.support.azurite import Azurite, free_port
+from tests.support.azurite import Azurite
 from tests.support.faults import LEDGER, check_delivery, collect
+from tests.support.net import free_port
+from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -42,8 +44,8 @@ def mailbox_with_mail(consent: Any, deliver: Any, address: str, count: int, **op
     return sent
 
 
-def inbox(stack: dict[str, Any], address: str, folder: str = "INBOX") -> list[int]:
-    config = Path(stack["dovecot_config"])
+def inbox(stack: Stack, address: str, folder: str = "INBOX") -> list[int]:
+    config = Path(stack.dovecot_config)
     if folder not in dovecot.list_folders(config, address):
         return []
     return dovecot.list_uids(config, address, folder)
@@ -84,7 +86,7 @@ def app_env(app_env: dict[str, str], request: pytest.FixtureRequest) -> dict[str
 
 
 def test_storage_down_before_a_run_moves_nothing_and_the_run_after_the_restart_collects_all(
-    stack: dict[str, Any], azurite: Azurite, services: Any, consent: Any, new_address: Any, deliver: Any,
+    stack: Stack, azurite: Azurite, services: Any, consent: Any, new_address: Any, deliver: Any,
     queue_messages: Any,
 ) -> None:  # fmt: skip
     address = new_address()
@@ -111,7 +113,7 @@ def test_storage_down_before_a_run_moves_nothing_and_the_run_after_the_restart_c
 
 
 def test_storage_down_during_a_run_loses_nothing(
-    stack: dict[str, Any], azurite: Azurite, services: Any, consent: Any, new_address: Any, deliver: Any,
+    stack: Stack, azurite: Azurite, services: Any, consent: Any, new_address: Any, deliver: Any,
     queue_messages: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     address = new_address()
@@ -136,7 +138,7 @@ def test_storage_down_during_a_run_loses_nothing(
 
 
 def test_storage_restarted_after_a_run_keeps_the_mail_and_the_checkpoint(
-    stack: dict[str, Any], azurite: Azurite, services: Any, consent: Any, new_address: Any, deliver: Any,
+    stack: Stack, azurite: Azurite, services: Any, consent: Any, new_address: Any, deliver: Any,
     queue_messages: Any,
 ) -> None:  # fmt: skip
     address = new_address()
@@ -171,7 +173,7 @@ def dead_sink(settings: Any, sink: str) -> ContainerClient | QueueClient:
 
 @pytest.mark.parametrize("sink", ["container", "queue"])
 def test_one_sink_deleted_before_the_run_moves_nothing(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
     sink: str,
 ) -> None:  # fmt: skip
     address = new_address()
@@ -200,7 +202,7 @@ def test_one_sink_deleted_before_the_run_moves_nothing(
 
 @pytest.mark.parametrize("sink", ["container", "queue"])
 def test_one_sink_unreachable_in_the_middle_of_a_run_loses_nothing(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
     monkeypatch: pytest.MonkeyPatch, sink: str,
 ) -> None:  # fmt: skip
     address = new_address()
@@ -236,7 +238,7 @@ def test_one_sink_unreachable_in_the_middle_of_a_run_loses_nothing(
 
 
 def test_the_lease_of_a_crashed_run_blocks_the_mailbox_until_it_expires(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     monkeypatch.setattr(shared.lease, "LEASE_SECONDS", 15)  # the shortest lease Azure grants

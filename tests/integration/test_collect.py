@@ -19,6 +19,7 @@ from shared import azure_clients
 from shared.mailboxes import mailbox_key
 from shared.registry import NEEDS_RECONSENT
 from tests.conftest import ROOT, simple_message
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ def blob_bytes(services: Any, envelope: dict[str, Any]) -> bytes:
 
 
 def test_mail_reaches_the_queue_once_byte_exact_in_uid_order(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
 ) -> None:
     address = new_address()
     consent(address)
@@ -59,7 +60,7 @@ def test_mail_reaches_the_queue_once_byte_exact_in_uid_order(
         jsonschema.validate(envelope, SCHEMA)
         assert envelope["sha256"] == hashlib.sha256(raw).hexdigest()
         assert envelope["mailbox"] == address
-    config = Path(stack["dovecot_config"])
+    config = Path(stack.dovecot_config)
     listed = dovecot.list_flags(config, address)
     assert len(listed) == len(sent)
     assert all("\\Seen" in flags for flags in listed.values())
@@ -72,7 +73,7 @@ def test_mail_reaches_the_queue_once_byte_exact_in_uid_order(
 
 
 def test_the_after_action_waits_for_the_queue(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
 ) -> None:
     address = new_address()
     consent(address, after_action="move", move_to="Collected")
@@ -82,7 +83,7 @@ def test_the_after_action_waits_for_the_queue(
 
     failed = collect(services, address)
 
-    config = Path(stack["dovecot_config"])
+    config = Path(stack.dovecot_config)
     assert failed.outcome == "transient"
     assert len(dovecot.list_uids(config, address)) == 1, "the message left the inbox before it was queued"
     assert services.registry.get(address).last_uid == 0
@@ -96,7 +97,7 @@ def test_the_after_action_waits_for_the_queue(
 
 
 def test_a_non_ascii_nested_move_folder_is_created_once_and_receives_the_mail(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
 ) -> None:
     # imapclient sends the name in modified UTF-7; Dovecot stores it under its UTF-8 name, which doveadm shows.
     address = new_address()
@@ -106,14 +107,14 @@ def test_a_non_ascii_nested_move_folder_is_created_once_and_receives_the_mail(
     assert collect(services, address).messages == 1
     deliver(address, simple_message("two"))
     assert collect(services, address).messages == 1  # the folder exists now: the exact LIST finds it
-    config = Path(stack["dovecot_config"])
+    config = Path(stack.dovecot_config)
     assert len(dovecot.list_uids(config, address, folder)) == 2
     assert dovecot.list_uids(config, address) == []
 
 
 @pytest.mark.parametrize("action", ["leave", "delete"])
 def test_other_after_actions(
-    stack: dict[str, Any],
+    stack: Stack,
     services: Any,
     consent: Any,
     new_address: Any,
@@ -126,7 +127,7 @@ def test_other_after_actions(
     deliver(address, simple_message("one"))
     deliver(address, simple_message("two"))
     assert collect(services, address).messages == 2
-    config = Path(stack["dovecot_config"])
+    config = Path(stack.dovecot_config)
     uids = dovecot.list_uids(config, address)
     if action == "leave":
         listed = dovecot.list_flags(config, address)
@@ -318,7 +319,7 @@ def test_many_mailboxes_fan_out_as_work_items_that_each_collect_one_mailbox(
 
 
 def test_auto_replies_and_bounces_go_to_the_refused_folder(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
 ) -> None:
     address = new_address()
     consent(address, after_action="move", move_to="Accepted", refuse_to="Refused")
@@ -328,7 +329,7 @@ def test_auto_replies_and_bounces_go_to_the_refused_folder(
 
     assert collect(services, address).messages == 3
 
-    config = Path(stack["dovecot_config"])
+    config = Path(stack.dovecot_config)
     assert dovecot.list_uids(config, address) == []
     assert len(dovecot.list_uids(config, address, "Accepted")) == 1
     assert len(dovecot.list_uids(config, address, "Refused")) == 2

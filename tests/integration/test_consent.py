@@ -20,17 +20,19 @@ from shared.errors import NeedsReconsentError, TransientError
 from shared.mailboxes import mailbox_key
 from shared.registry import NEEDS_RECONSENT, MailboxRegistry, utcnow
 from tests.support.signin import sign_in
+from tests.support.stack import Stack
+from tests.support.standins import tls_session
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def redirect_uri(stack: dict[str, Any]) -> str:
-    return f"{stack['host_origin']}/api/auth/callback"
+def redirect_uri(stack: Stack) -> str:
+    return f"{stack.host_origin}/api/auth/callback"
 
 
 @pytest.fixture
-def signed_in(stack: dict[str, Any], services: Any, redirect_uri: str, entra_session: requests.Session) -> Any:
+def signed_in(stack: Stack, services: Any, redirect_uri: str, entra_session: requests.Session) -> Any:
     """Start a flow and sign in at the stand-in; return the fields it posts back (not yet completed)."""
 
     def run(address: str, *, login: str | None = None, delegate: str = "", accept: bool = True) -> dict[str, str]:
@@ -38,7 +40,7 @@ def signed_in(stack: dict[str, Any], services: Any, redirect_uri: str, entra_ses
         return sign_in(
             auth_uri,
             login=login or delegate or address,
-            password=stack["user_password"],
+            password=stack.user_password,
             redirect_uri=redirect_uri,
             session=entra_session,
             accept=accept,
@@ -56,7 +58,7 @@ def nothing_stored(services: Any, address: str) -> bool:
 
 
 def test_consent_stores_the_token_in_key_vault_and_registers_the_mailbox(
-    services: Any, signed_in: Any, new_address: Any, keyvault_control: Any, stack: dict[str, Any]
+    services: Any, signed_in: Any, new_address: Any, keyvault_control: Any, stack: Stack
 ) -> None:
     address = new_address()
     result = services.consent.complete(signed_in(address))
@@ -297,18 +299,14 @@ def test_domains_outside_the_allowed_list_are_refused(app_env: dict[str, str], r
     assert problem.value.title == "Invalid delegate address" and "ALLOWED_MAIL_DOMAINS" in problem.value.detail
 
 
-def test_fifty_concurrent_consents_all_land(
-    stack: dict[str, Any], services: Any, redirect_uri: str, new_address: Any
-) -> None:
+def test_fifty_concurrent_consents_all_land(stack: Stack, services: Any, redirect_uri: str, new_address: Any) -> None:
     addresses = [new_address() for _ in range(50)]
 
     def one(address: str) -> str:
-        with requests.Session() as session:
-            session.trust_env = False
-            session.verify = stack["ca_bundle"]
+        with tls_session(stack.ca_bundle) as session:
             auth_uri = services.consent.start(address, redirect_uri=redirect_uri)
             fields = sign_in(
-                auth_uri, login=address, password=stack["user_password"], redirect_uri=redirect_uri, session=session
+                auth_uri, login=address, password=stack.user_password, redirect_uri=redirect_uri, session=session
             )
             return str(services.consent.complete(fields).address)
 
@@ -321,7 +319,7 @@ def test_fifty_concurrent_consents_all_land(
 
 
 def test_no_token_code_or_secret_reaches_the_logs(
-    stack: dict[str, Any], services: Any, signed_in: Any, new_address: Any, caplog: pytest.LogCaptureFixture
+    stack: Stack, services: Any, signed_in: Any, new_address: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # MSAL and azure-core log request details at DEBUG
     redaction.install()  # as function_app does at import: the filter sits in front of every handler
@@ -329,7 +327,7 @@ def test_no_token_code_or_secret_reaches_the_logs(
     fields = signed_in(address)
     services.consent.complete(fields)
     cache = services.tokens._store.load(address).serialized
-    secrets = {fields["code"], stack["client_secret"], *re.findall(r'"secret": "([^"]+)"', cache)}
+    secrets = {fields["code"], stack.client_secret, *re.findall(r'"secret": "([^"]+)"', cache)}
     assert len(secrets) >= 4  # code, client secret, access token, refresh token, id token
     text = "\n".join(r.getMessage() for r in caplog.records)
     leaked = [s[:6] for s in secrets if s in text]

@@ -12,6 +12,7 @@ from collectors.imap_session import ImapSession
 from devstack.browser import consent_in_browser
 from tests.support.app_host import LocalApp
 from tests.support.secret_scan import record_page
+from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -21,14 +22,14 @@ def authorize_link(host: LocalApp, address: str) -> str:
 
 
 def test_an_admin_authorizes_a_mailbox_in_chromium_and_its_token_logs_in_to_imap(
-    stack: dict[str, Any], local_host: LocalApp, services: Any, new_address: Any, tmp_path: Path
+    stack: Stack, local_host: LocalApp, services: Any, new_address: Any, tmp_path: Path
 ) -> None:
     address = new_address()
     page = consent_in_browser(
         authorize_link(local_host, address),
         login=address,
-        password=stack["user_password"],
-        trust_cert=Path(stack["tls_cert"]),
+        password=stack.user_password,
+        trust_cert=Path(stack.tls_cert),
         screenshot=tmp_path / "done.png",
     )
     record_page("browser consent page", page.text)
@@ -46,21 +47,21 @@ def test_an_admin_authorizes_a_mailbox_in_chromium_and_its_token_logs_in_to_imap
         ca_bundle=services.settings.ca_bundle,
     ) as imap:
         assert imap.select("INBOX") > 0
-    for secret in (token.token, stack["client_secret"]):
+    for secret in (token.token, stack.client_secret):
         assert secret not in page.text
         assert secret not in local_host.log.read_text()
 
 
 def test_declining_in_chromium_shows_why_and_stores_nothing(
-    stack: dict[str, Any], local_host: LocalApp, services: Any, new_address: Any
+    stack: Stack, local_host: LocalApp, services: Any, new_address: Any
 ) -> None:
     address = new_address()
     page = consent_in_browser(
         authorize_link(local_host, address),
         login=address,
-        password=stack["user_password"],
+        password=stack.user_password,
         accept=False,
-        trust_cert=Path(stack["tls_cert"]),
+        trust_cert=Path(stack.tls_cert),
     )
     record_page("browser consent page", page.text)
     assert (page.status, page.title) == (403, "Consent declined")

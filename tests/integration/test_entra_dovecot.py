@@ -10,10 +10,8 @@ from __future__ import annotations
 import base64
 import imaplib
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -31,7 +29,10 @@ import pytest
 import requests
 
 from devstack import certs, dovecot
+from tests.support.net import free_port, https_ok, wait_until
+from tests.support.processes import stop_process
 from tests.support.signin import sign_in
+from tests.support.standins import ControlClient, tls_session
 
 pytestmark = pytest.mark.integration
 
@@ -58,21 +59,6 @@ class Parts:
     folder: Path  # logs: entra.log, dovecot.log
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_until(check: Any, what: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while not check():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start; its log ends with:\n{log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.2)
-
-
 def start_entra(
     folder: Path, *, port: int, tls: dict[str, Path], signing: tuple[Path, Path, str], identity: dict[str, str]
 ) -> subprocess.Popen[bytes]:
@@ -97,14 +83,13 @@ def start_entra(
         stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
 
-    def healthy() -> bool:
-        try:
-            r = requests.get(f"https://localhost:{port}/_control/health", verify=str(tls["ca"]), timeout=2)
-        except requests.RequestException:
-            return False
-        return r.status_code == 200
-
-    wait_until(healthy, "the Entra stand-in", process, log)
+    wait_until(
+        lambda: https_ok(f"https://localhost:{port}/_control/health", tls["ca"]),
+        START_TIMEOUT,
+        "the Entra stand-in",
+        process=process,
+        log=log,
+    )
     return process
 
 
@@ -126,18 +111,8 @@ def start_dovecot(
         except OSError:
             return False
 
-    wait_until(greets, "Dovecot", process, log)
+    wait_until(greets, START_TIMEOUT, "Dovecot", process=process, log=log)
     return process, config
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -163,27 +138,22 @@ def parts() -> Iterator[Parts]:
                     identity["password"], tls["ca"], tls["bundle"], imap_port, config, folder)  # fmt: skip
     finally:
         for process in reversed(started):
-            stop(process)
+            stop_process(process, group=True)
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def session(parts: Parts) -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False  # REQUESTS_CA_BUNDLE on this machine would override verify
-    s.verify = str(parts.bundle)
-    return s
+    return tls_session(parts.bundle)
 
 
 def control(parts: Parts, path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:
-    r = session(parts).request(method, f"{parts.origin}/_control/{path}", json=body, timeout=10)
-    r.raise_for_status()
-    return r.json() if r.content else None
+    return ControlClient(parts.origin, parts.bundle)(path, body, method)
 
 
 @pytest.fixture(autouse=True)
 def clean_faults(parts: Parts) -> Iterator[None]:
     yield
-    control(parts, "faults", method="DELETE")
+    ControlClient(parts.origin, parts.bundle).clear_faults()
 
 
 def new_app(parts: Parts, cache: msal.SerializableTokenCache) -> msal.ConfidentialClientApplication:

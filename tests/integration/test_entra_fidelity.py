@@ -17,6 +17,8 @@ import pytest
 import requests
 
 from tests.support.signin import sign_in
+from tests.support.stack import Stack
+from tests.support.standins import tls_session
 
 pytestmark = pytest.mark.integration
 
@@ -25,33 +27,29 @@ EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"
 
 
 @pytest.fixture
-def entra(stack: dict[str, Any], entra_control: Callable[..., Any]) -> Callable[..., Any]:
+def entra(stack: Stack, entra_control: Callable[..., Any]) -> Callable[..., Any]:
     # No test here changes the stand-in's global settings: lifetimes and strict rotation are set per account.
     return entra_control
 
 
-def app_for(
-    stack: dict[str, Any], cache: msal.TokenCache, credential: Any = None
-) -> msal.ConfidentialClientApplication:
-    session = requests.Session()
-    session.trust_env = False
-    session.verify = stack["ca_bundle"]
+def app_for(stack: Stack, cache: msal.TokenCache, credential: Any = None) -> msal.ConfidentialClientApplication:
+    session = tls_session(stack.ca_bundle)
     return msal.ConfidentialClientApplication(
-        stack["client_id"],
-        client_credential=credential or stack["client_secret"],
-        authority=f"{stack['entra_origin']}/{stack['tenant_id']}",
+        stack.client_id,
+        client_credential=credential or stack.client_secret,
+        authority=f"{stack.entra_origin}/{stack.tenant_id}",
         instance_discovery=False,
         http_client=session,
         token_cache=cache,
     )
 
 
-def consented(stack: dict[str, Any], entra_session: requests.Session, user: str) -> msal.SerializableTokenCache:
+def consented(stack: Stack, entra_session: requests.Session, user: str) -> msal.SerializableTokenCache:
     cache = msal.SerializableTokenCache()
     app = app_for(stack, cache)
-    redirect = f"{stack['host_origin']}/api/auth/callback"
+    redirect = f"{stack.host_origin}/api/auth/callback"
     flow = app.initiate_auth_code_flow([IMAP_SCOPE], redirect_uri=redirect, login_hint=user, response_mode="form_post")
-    fields = sign_in(flow["auth_uri"], login=user, password=stack["user_password"], redirect_uri=redirect,
+    fields = sign_in(flow["auth_uri"], login=user, password=stack.user_password, redirect_uri=redirect,
                      session=entra_session)  # fmt: skip
     result = app.acquire_token_by_auth_code_flow(flow, fields)
     assert "access_token" in result, result.get("error_description")
@@ -63,7 +61,7 @@ def refresh_token(cache: msal.SerializableTokenCache) -> str:
     return str(item["secret"])
 
 
-def redeem(stack: dict[str, Any], token: str) -> dict[str, Any]:
+def redeem(stack: Stack, token: str) -> dict[str, Any]:
     """Redeem one refresh token on a fresh cache (no MSAL replay of an earlier answer)."""
     result: dict[str, Any] = app_for(stack, msal.SerializableTokenCache()).acquire_token_by_refresh_token(
         token, [IMAP_SCOPE]
@@ -72,7 +70,7 @@ def redeem(stack: dict[str, Any], token: str) -> dict[str, Any]:
 
 
 def test_a_redeemed_refresh_token_stays_valid_and_each_redemption_rotates(
-    stack: dict[str, Any], entra: Any, entra_session: requests.Session, new_address: Any
+    stack: Stack, entra: Any, entra_session: requests.Session, new_address: Any
 ) -> None:
     cache = consented(stack, entra_session, new_address())
     first = refresh_token(cache)
@@ -87,7 +85,7 @@ def test_a_redeemed_refresh_token_stays_valid_and_each_redemption_rotates(
 
 
 def test_the_strict_mode_refuses_a_redeemed_refresh_token(
-    stack: dict[str, Any], entra: Any, entra_session: requests.Session, new_address: Any
+    stack: Stack, entra: Any, entra_session: requests.Session, new_address: Any
 ) -> None:
     user, bystander = new_address(), new_address()
     cache, other = consented(stack, entra_session, user), consented(stack, entra_session, bystander)
@@ -109,7 +107,7 @@ def test_the_strict_mode_refuses_a_redeemed_refresh_token(
     [("password_reset", 50173), ("revoke_sessions", 50173), ("sign_in_frequency", 70043), ("inactivity", 700082)],
 )
 def test_a_revocation_kills_every_refresh_token_of_the_account_with_its_code(
-    stack: dict[str, Any], entra: Any, entra_session: requests.Session, new_address: Any, reason: str, code: int
+    stack: Stack, entra: Any, entra_session: requests.Session, new_address: Any, reason: str, code: int
 ) -> None:
     user = new_address()
     cache = consented(stack, entra_session, user)
@@ -125,7 +123,7 @@ def test_a_revocation_kills_every_refresh_token_of_the_account_with_its_code(
 
 
 def test_access_tokens_live_a_random_60_to_90_minutes(
-    stack: dict[str, Any], entra: Any, entra_session: requests.Session, new_address: Any
+    stack: Stack, entra: Any, entra_session: requests.Session, new_address: Any
 ) -> None:
     # The stack's stand-in keeps Entra's random lifetimes; tests that need another set it for their own account.
     first = refresh_token(consented(stack, entra_session, new_address()))
@@ -138,7 +136,7 @@ def test_access_tokens_live_a_random_60_to_90_minutes(
     ("code", "suberror"), [(53003, "message_only"), (50076, "basic_action"), (50079, "basic_action")]
 )
 def test_conditional_access_and_mfa_errors_carry_suberror_and_a_claims_challenge(
-    stack: dict[str, Any], entra: Any, entra_session: requests.Session, new_address: Any, code: int, suberror: str
+    stack: Stack, entra: Any, entra_session: requests.Session, new_address: Any, code: int, suberror: str
 ) -> None:
     user = new_address()
     first = refresh_token(consented(stack, entra_session, user))
@@ -151,32 +149,28 @@ def test_conditional_access_and_mfa_errors_carry_suberror_and_a_claims_challenge
     assert '"capolids"' in refused["claims"]
 
 
-def managed_identity_token(stack: dict[str, Any], resource: str = EXCHANGE_AUDIENCE, **query: str) -> requests.Response:
-    session = requests.Session()
-    session.trust_env = False
-    session.verify = stack["ca_bundle"]
-    params = {"api-version": "2019-08-01", "resource": resource, "client_id": stack["managed_identity_client_id"]}
-    return session.get(stack["identity_endpoint"], params={**params, **query},
-                       headers={"X-IDENTITY-HEADER": stack["identity_header"]}, timeout=10)  # fmt: skip
+def managed_identity_token(stack: Stack, resource: str = EXCHANGE_AUDIENCE, **query: str) -> requests.Response:
+    session = tls_session(stack.ca_bundle)
+    params = {"api-version": "2019-08-01", "resource": resource, "client_id": stack.managed_identity_client_id}
+    return session.get(stack.identity_endpoint, params={**params, **query},
+                       headers={"X-IDENTITY-HEADER": stack.identity_header}, timeout=10)  # fmt: skip
 
 
-def forged_assertion(stack: dict[str, Any], **claims: Any) -> str:
+def forged_assertion(stack: Stack, **claims: Any) -> str:
     now = int(time.time())
-    payload = {"iss": stack["issuer"], "sub": stack["managed_identity_principal_id"], "aud": EXCHANGE_AUDIENCE,
+    payload = {"iss": stack.issuer, "sub": stack.managed_identity_principal_id, "aud": EXCHANGE_AUDIENCE,
                "iat": now, "nbf": now, "exp": now + 600, **claims}  # fmt: skip
-    with open(stack["signing_key"], "rb") as fh:
+    with open(stack.signing_key, "rb") as fh:
         key = fh.read()
-    return jwt.encode(payload, key, algorithm="RS256", headers={"kid": stack["signing_kid"]})
+    return jwt.encode(payload, key, algorithm="RS256", headers={"kid": stack.signing_kid})
 
 
-def test_a_managed_identity_token_is_a_client_assertion_the_app_registration_trusts(
-    stack: dict[str, Any], entra: Any
-) -> None:
+def test_a_managed_identity_token_is_a_client_assertion_the_app_registration_trusts(stack: Stack, entra: Any) -> None:
     answer = managed_identity_token(stack)
     assert answer.status_code == 200
     assertion = answer.json()["access_token"]
     claims = jwt.decode(assertion, options={"verify_signature": False})
-    assert (claims["aud"], claims["sub"]) == (EXCHANGE_AUDIENCE, stack["managed_identity_principal_id"])
+    assert (claims["aud"], claims["sub"]) == (EXCHANGE_AUDIENCE, stack.managed_identity_principal_id)
 
     result = app_for(stack, msal.TokenCache(), {"client_assertion": lambda: assertion}).acquire_token_for_client(
         ["https://vault.azure.net/.default"]
@@ -195,7 +189,7 @@ def test_a_managed_identity_token_is_a_client_assertion_the_app_registration_tru
     ids=["issuer", "audience", "subject", "expired"],
 )
 def test_an_assertion_that_matches_no_federated_credential_gets_its_code(
-    stack: dict[str, Any], entra: Any, claims: dict[str, Any], code: int
+    stack: Stack, entra: Any, claims: dict[str, Any], code: int
 ) -> None:
     assertion = forged_assertion(stack, **claims)
     credential = {"client_assertion": lambda: assertion}
@@ -206,12 +200,12 @@ def test_an_assertion_that_matches_no_federated_credential_gets_its_code(
 
 
 def test_the_managed_identity_endpoint_refuses_an_unknown_identity_and_a_missing_header(
-    stack: dict[str, Any], entra: Any
+    stack: Stack, entra: Any
 ) -> None:
     unknown = managed_identity_token(stack, client_id=str(uuid.uuid4()))
     assert unknown.status_code == 400 and "Managed Identity" in unknown.json()["message"]
-    no_header = requests.get(stack["identity_endpoint"], params={"resource": EXCHANGE_AUDIENCE},
-                             verify=stack["ca_bundle"], timeout=10)  # fmt: skip
+    no_header = requests.get(stack.identity_endpoint, params={"resource": EXCHANGE_AUDIENCE},
+                             verify=stack.ca_bundle, timeout=10)  # fmt: skip
     assert no_header.status_code == 401
     entra("faults", {"endpoint": "msi", "status": 503})
     assert managed_identity_token(stack).status_code == 503

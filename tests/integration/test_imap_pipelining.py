@@ -12,12 +12,13 @@ import pytest
 from collectors.imap_session import ImapSession
 from devstack import dovecot
 from tests.conftest import simple_message
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 
 
 def test_batches_arrive_whole_and_in_order_with_after_actions_in_between(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any
 ) -> None:
     address = new_address()
     consent(address)
@@ -27,7 +28,7 @@ def test_batches_arrive_whole_and_in_order_with_after_actions_in_between(
     token = services.tokens.access_token(address, signed_in_as=address).token
 
     with ImapSession(
-        stack["imap_host"], stack["imap_port"], address=address, access_token=token, ca_bundle=stack["ca_bundle"]
+        stack.imap_host, stack.imap_port, address=address, access_token=token, ca_bundle=stack.ca_bundle
     ) as imap:
         imap.select("INBOX")
         uids = imap.uids_after(0)
@@ -42,13 +43,13 @@ def test_batches_arrive_whole_and_in_order_with_after_actions_in_between(
             imap.after_action(batch, "seen")  # a UID STORE while the next FETCH is on the wire
 
     assert got == sent
-    flags = dovecot.list_flags(Path(stack["dovecot_config"]), address)
+    flags = dovecot.list_flags(Path(stack.dovecot_config), address)
     assert len(flags) == len(sent)
     assert all("\\Seen" in f for f in flags.values())
 
 
 def test_leaving_early_leaves_the_session_usable(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any
 ) -> None:
     address = new_address()
     consent(address)
@@ -58,7 +59,7 @@ def test_leaving_early_leaves_the_session_usable(
     token = services.tokens.access_token(address, signed_in_as=address).token
 
     with ImapSession(
-        stack["imap_host"], stack["imap_port"], address=address, access_token=token, ca_bundle=stack["ca_bundle"]
+        stack.imap_host, stack.imap_port, address=address, access_token=token, ca_bundle=stack.ca_bundle
     ) as imap:
         imap.select("INBOX")
         uids = imap.uids_after(0)

@@ -13,17 +13,14 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,35 +30,17 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
 from devstack.host import MAX_REQUEST_BODY_BYTES, HostError, LocalHost
+from tests.support.azurite import Azurite
+from tests.support.net import free_port, wait_until
+from tests.support.processes import stop_process
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-AZURITE = REPO / "devstack" / "node_modules" / ".bin" / "azurite"
-# Azurite's published development account and key: well-known constants, not secrets.
-AZURITE_ACCOUNT = "devstoreaccount1"
-AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 HOST_LOGGER = "devstack.host"
 
 
 # ------------------------------------------------------------------------------------------------ support
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _events(path: Path, function: str | None = None) -> list[dict[str, Any]]:
@@ -441,7 +420,7 @@ def test_async_functions_are_awaited(served: Served) -> None:
 
 
 def test_run_on_startup_fires_once_at_start(served: Served) -> None:
-    fired = _wait_until(lambda: _events(served.events, "at_startup"), 10, "the startup run")
+    fired = wait_until(lambda: _events(served.events, "at_startup"), 10, "the startup run")
     assert [event["past_due"] for event in fired] == [False]
 
 
@@ -452,7 +431,7 @@ def test_admin_endpoint_fires_a_function_in_the_background(served: Served) -> No
     assert served.session.post(url, json={}, headers={"x-functions-key": served.function_key}).status_code == 401
     accepted = served.session.post(url, json={}, headers={"x-functions-key": served.master_key}, timeout=10)
     assert accepted.status_code == 202
-    fired = _wait_until(lambda: _events(served.events, "manual")[before:], 10, "the admin run")
+    fired = wait_until(lambda: _events(served.events, "manual")[before:], 10, "the admin run")
     assert fired[0]["past_due"] is False
 
     master = {"x-functions-key": served.master_key}
@@ -507,7 +486,7 @@ def test_timers_fire_on_schedule_and_never_overlap(
     settings, events = _write_app(tmp_path / "timer-app", TIMER_APP, {"TICK_SCHEDULE": "*/1 * * * * *"})
     host = LocalHost(settings.parent, settings, 0).start()
     try:
-        _wait_until(
+        wait_until(
             lambda: len([e for e in _events(events, "overlapping") if e["phase"] == "start"]) >= 2,
             12,
             "two runs of the overlapping timer",
@@ -570,48 +549,8 @@ MAX_DEQUEUE = 3
 @pytest.fixture(scope="module")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private Azurite on free ports; yields its connection string."""
-    assert AZURITE.exists(), f"{AZURITE} is missing: run npm ci in devstack"
-    assert shutil.which("node"), "node is not on PATH"
-    folder = tmp_path_factory.mktemp("azurite")
-    blob, queue, table = _free_port(), _free_port(), _free_port()
-    process = subprocess.Popen(
-        [
-            str(AZURITE),
-            "--silent",
-            "--location",
-            str(folder),
-            "--blobPort",
-            str(blob),
-            "--queuePort",
-            str(queue),
-            "--tablePort",
-            str(table),
-            "--skipApiVersionCheck",
-            "--disableTelemetry",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-    def listening() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"azurite exited: {process.stderr.read().decode() if process.stderr else ''}")
-        with socket.socket() as probe:
-            return probe.connect_ex(("127.0.0.1", queue)) == 0
-
-    try:
-        _wait_until(listening, 30, "azurite")
-        yield (
-            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-            f"QueueEndpoint=http://127.0.0.1:{queue}/{AZURITE_ACCOUNT};"
-        )
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with Azurite(tmp_path_factory.mktemp("azurite")) as own:
+        yield own.connection_string
 
 
 @pytest.fixture(scope="module")
@@ -659,7 +598,7 @@ def test_a_base64_message_reaches_the_function_decoded_and_is_deleted(
     text = "héllo queue " + uuid.uuid4().hex
     sender = _queue(azurite, WORK_QUEUE, message_encode_policy=TextBase64EncodePolicy())
     sent = sender.send_message(text)
-    seen = _wait_until(lambda: [e for e in _events(events, "consume") if e["body"] == text], 15, "the message")
+    seen = wait_until(lambda: [e for e in _events(events, "consume") if e["body"] == text], 15, "the message")
     assert seen == [
         {
             "function": "consume",
@@ -672,7 +611,7 @@ def test_a_base64_message_reaches_the_function_decoded_and_is_deleted(
             "at": seen[0]["at"],
         }
     ]
-    _wait_until(lambda: _queue_is_empty(azurite), 10, "the message to be deleted")
+    wait_until(lambda: _queue_is_empty(azurite), 10, "the message to be deleted")
 
 
 def test_a_failing_message_is_retried_then_moved_to_the_poison_queue(
@@ -682,10 +621,10 @@ def test_a_failing_message_is_retried_then_moved_to_the_poison_queue(
     text = "fail-" + uuid.uuid4().hex
     _queue(azurite, WORK_QUEUE, message_encode_policy=TextBase64EncodePolicy()).send_message(text)
     encoded = base64.b64encode(text.encode()).decode()
-    _wait_until(lambda: encoded in _poisoned(azurite), 30, "the poison queue")
+    wait_until(lambda: encoded in _poisoned(azurite), 30, "the poison queue")
     attempts = [e["dequeue_count"] for e in _events(events, "consume") if e["body"] == text]
     assert attempts == list(range(1, MAX_DEQUEUE + 1))
-    _wait_until(lambda: _queue_is_empty(azurite), 10, "the original to be deleted")
+    wait_until(lambda: _queue_is_empty(azurite), 10, "the original to be deleted")
     # The poison copy is still base64, so a consumer of the poison queue decodes it like the original.
     decoder = _queue(azurite, WORK_QUEUE + "-poison", message_decode_policy=TextBase64DecodePolicy())
     assert text in [message.content for message in decoder.peek_messages(max_messages=32)]
@@ -697,7 +636,7 @@ def test_a_message_that_is_not_base64_is_poisoned_without_a_call(
     _, events = queue_host
     text = "plain text, not base64! " + uuid.uuid4().hex
     _queue(azurite, WORK_QUEUE).send_message(text)
-    _wait_until(lambda: text in _poisoned(azurite), 15, "the poison queue")
+    wait_until(lambda: text in _poisoned(azurite), 15, "the poison queue")
     assert not [e for e in _events(events, "consume") if text in e["body"]]
 
 
@@ -713,7 +652,7 @@ def test_the_admin_endpoint_fires_a_queue_function_with_its_input(queue_host: tu
         timeout=10,
     )
     assert response.status_code == 202
-    seen = _wait_until(lambda: [e for e in _events(events, "consume") if e["body"] == text], 10, "the admin run")
+    seen = wait_until(lambda: [e for e in _events(events, "consume") if e["body"] == text], 10, "the admin run")
     assert seen[0]["dequeue_count"] == 1
 
 
@@ -742,7 +681,7 @@ CLI_APP = (
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_the_command_line_host_generates_keys_and_stops_cleanly_on_a_signal(tmp_path: Path, signum: int) -> None:
     settings, events = _write_app(tmp_path / "cli-app", CLI_APP, {})
-    port = _free_port()
+    port = free_port()
     environ = {
         name: value for name, value in os.environ.items() if name not in ("LOCAL_FUNCTION_KEY", "LOCAL_MASTER_KEY")
     }
@@ -766,7 +705,7 @@ def test_the_command_line_host_generates_keys_and_stops_cleanly_on_a_signal(tmp_
             return False
 
     try:
-        _wait_until(ping, 30, "the host to listen")
+        wait_until(ping, 30, "the host to listen")
         keys_file = settings.parent / ".host-keys.json"
         assert stat.S_IMODE(keys_file.stat().st_mode) == 0o600
         keys = json.loads(keys_file.read_text())
@@ -780,7 +719,7 @@ def test_the_command_line_host_generates_keys_and_stops_cleanly_on_a_signal(tmp_
 
         caller = threading.Thread(target=call_slow)
         caller.start()
-        _wait_until(lambda: _events(events, "slow"), 10, "the slow call to start")
+        wait_until(lambda: _events(events, "slow"), 10, "the slow call to start")
         process.send_signal(signum)
         caller.join(20)
         # The invocation that was running when the signal came still answers.
@@ -788,9 +727,7 @@ def test_the_command_line_host_generates_keys_and_stops_cleanly_on_a_signal(tmp_
         assert in_flight["response"].text == "finished"
         assert process.wait(15) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop_process(process)
     output = process.stdout.read().decode() if process.stdout else ""
     assert "host stopped" in output
     assert "function=hello status=401" in output
@@ -804,7 +741,7 @@ def test_the_command_line_host_generates_keys_and_stops_cleanly_on_a_signal(tmp_
 def test_the_command_line_refuses_a_broken_app(tmp_path: Path) -> None:
     settings, _ = _write_app(tmp_path / "broken", RECORD + "\n    app = 1\n", {})
     result = subprocess.run(
-        [sys.executable, "-m", "devstack.host", "--app-dir", str(settings.parent), "--port", str(_free_port())],
+        [sys.executable, "-m", "devstack.host", "--app-dir", str(settings.parent), "--port", str(free_port())],
         cwd=REPO,
         capture_output=True,
         text=True,

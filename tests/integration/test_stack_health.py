@@ -3,34 +3,31 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from devstack import stack as devstack
 from tests.conftest import dead_parts
+from tests.support.net import free_port
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.timeout(30)
-def test_dead_parts_are_named_without_hanging(stack: dict[str, Any]) -> None:
+def test_dead_parts_are_named_without_hanging(stack: Stack) -> None:
     assert dead_parts(stack) == []
-    broken = {**stack, "ports": {**stack["ports"], "imaps": _closed_port()}}
-    broken["key_vault_uri"] = f"https://localhost:{_closed_port()}"
+    broken = replace(
+        stack, ports=replace(stack.ports, imaps=free_port()), key_vault_uri=f"https://localhost:{free_port()}"
+    )
     assert dead_parts(broken) == ["keyvault", "dovecot"]
 
 
 @pytest.mark.timeout(60)
 def test_a_part_that_cannot_start_is_named_with_its_log(
-    stack: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", 0))

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,9 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.net import free_port
+from tests.support.processes import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 START_TIMEOUT_SECONDS = 30.0
@@ -40,12 +42,6 @@ class LocalApp:
     @property
     def callback(self) -> str:
         return f"{self.origin}/api/auth/callback"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -79,12 +75,7 @@ def serve_app(env: Mapping[str, str], folder: Path, *, port: int | None = None) 
                 time.sleep(0.2)
         yield LocalApp(origin, env["LOCAL_FUNCTION_KEY"], env["LOCAL_MASTER_KEY"], log_path)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=STOP_TIMEOUT_SECONDS)
         secret_scan.record_file(log_path, f"local host log {log_path.name}")
 
 

@@ -6,35 +6,24 @@ account with the same blobs, queues and tables, as a storage outage that ends do
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
 
+from devstack.stack import AZURITE_ACCOUNT, AZURITE_KEY, azurite_connection_string
+from tests.support.net import free_port, port_open, wait_until
+from tests.support.processes import STOP_TIMEOUT_SECONDS, stop_process
+
 REPO = Path(__file__).resolve().parent.parent.parent
 AZURITE = REPO / "devstack" / "node_modules" / ".bin" / "azurite"
-# Azurite's published development account and key: well-known constants, not secrets.
-ACCOUNT = "devstoreaccount1"
-ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+# The development account and its published key (well-known constants, not secrets), for tests that need them.
+ACCOUNT, ACCOUNT_KEY = AZURITE_ACCOUNT, AZURITE_KEY
 START_TIMEOUT = 30.0  # seconds
-STOP_TIMEOUT = 10.0  # seconds before a graceful stop becomes a kill
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+    return port_open(port, timeout=0.5)
 
 
 class Azurite:
@@ -47,10 +36,7 @@ class Azurite:
 
     @property
     def connection_string(self) -> str:
-        endpoints = "".join(
-            f"{kind.capitalize()}Endpoint=http://127.0.0.1:{port}/{ACCOUNT};" for kind, port in self.ports.items()
-        )
-        return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};{endpoints}"
+        return azurite_connection_string(self.ports["blob"], self.ports["queue"], self.ports["table"])
 
     @property
     def running(self) -> bool:
@@ -69,24 +55,21 @@ class Azurite:
         self._process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not all(map(_listening, self.ports.values())):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"azurite did not start; see {self.folder / 'azurite.log'}")
-            time.sleep(0.1)
+        wait_until(
+            lambda: all(map(_listening, self.ports.values())),
+            START_TIMEOUT,
+            "azurite",
+            process=self._process,
+            log=self.folder / "azurite.log",
+        )
 
     def stop(self) -> None:
         """Stop it as an outage would: gracefully (its data stays on disk), killed if it does not go."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        deadline = time.monotonic() + STOP_TIMEOUT
+        stop_process(process, group=True)
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
         while any(map(_listening, self.ports.values())) and time.monotonic() < deadline:
             time.sleep(0.1)
 

@@ -20,6 +20,7 @@ import msal
 
 from shared import azure_clients
 from shared.mailboxes import mailbox_key
+from tests.support.stack import Stack
 
 
 @dataclass
@@ -159,10 +160,10 @@ def secret_name(address: str) -> str:
     return mailbox_key(address)
 
 
-def doveadm(stack: dict[str, Any], *args: str) -> str:
+def doveadm(stack: Stack, *args: str) -> str:
     """Run doveadm against the stack's Dovecot (for what the devstack helpers do not cover)."""
     result = subprocess.run(
-        [shutil.which("doveadm") or "/usr/bin/doveadm", "-c", stack["dovecot_config"], *args],
+        [shutil.which("doveadm") or "/usr/bin/doveadm", "-c", stack.dovecot_config, *args],
         capture_output=True,
         timeout=30,
         check=False,

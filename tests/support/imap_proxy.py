@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from tests.support.stack import Stack
+
 THROTTLE_TEXT = "Request is throttled. Suggested Backoff Time: {ms} milliseconds"  # Exchange Online's wording
 CHUNK = 64 * 1024
 _LITERAL = re.compile(rb"\{(\d+)\+?\}\r\n$")
@@ -258,12 +260,12 @@ class ImapProxy:
 
 
 @contextlib.contextmanager
-def proxy_for(stack: dict[str, object]) -> Iterator[ImapProxy]:
+def proxy_for(stack: Stack) -> Iterator[ImapProxy]:
     """A proxy in front of the shared stack's Dovecot."""
     with ImapProxy(
-        int(stack["imap_port"]),  # type: ignore[call-overload]
-        cert=str(stack["tls_cert"]),
-        key=str(stack["tls_key"]),
-        ca=str(stack["ca_bundle"]),
+        stack.imap_port,
+        cert=stack.tls_cert,
+        key=stack.tls_key,
+        ca=stack.ca_bundle,
     ) as proxy:
         yield proxy
