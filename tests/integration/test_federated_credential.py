@@ -16,27 +16,28 @@ from shared.errors import ConfigurationError, TransientError
 from shared.settings import load_settings
 from tests.conftest import simple_message
 from tests.support.signin import sign_in
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def federated_env(stack: dict[str, Any], app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def federated_env(stack: Stack, app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """As deployed in federated mode: AZURE_CLIENT_ID is the managed identity, no secret; the platform sets the
     identity endpoint and its header in the environment."""
-    monkeypatch.setenv("IDENTITY_ENDPOINT", stack["identity_endpoint"])
-    monkeypatch.setenv("IDENTITY_HEADER", stack["identity_header"])
+    monkeypatch.setenv("IDENTITY_ENDPOINT", stack.identity_endpoint)
+    monkeypatch.setenv("IDENTITY_HEADER", stack.identity_header)
     env = {
         k: v for k, v in app_env.items() if k not in ("ENTRA_CLIENT_SECRET", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID")
     }
-    env["AZURE_CLIENT_ID"] = stack["managed_identity_client_id"]
+    env["AZURE_CLIENT_ID"] = stack.managed_identity_client_id
     return env
 
 
-def authorize(stack: dict[str, Any], services: Any, session: requests.Session, address: str) -> None:
-    redirect_uri = f"{stack['host_origin']}/api/auth/callback"
+def authorize(stack: Stack, services: Any, session: requests.Session, address: str) -> None:
+    redirect_uri = f"{stack.host_origin}/api/auth/callback"
     auth_uri = services.consent.start(address, redirect_uri=redirect_uri)
-    fields = sign_in(auth_uri, login=address, password=stack["user_password"], redirect_uri=redirect_uri,
+    fields = sign_in(auth_uri, login=address, password=stack.user_password, redirect_uri=redirect_uri,
                      session=session)  # fmt: skip
     services.consent.complete(fields)
 
@@ -47,7 +48,7 @@ def federated(federated_env: dict[str, str]) -> Iterator[Any]:
 
 
 def test_consent_and_collection_run_with_the_managed_identity_as_the_only_credential(
-    stack: dict[str, Any], federated: Any, entra_session: requests.Session, entra_control: Callable[..., Any],
+    stack: Stack, federated: Any, entra_session: requests.Session, entra_control: Callable[..., Any],
     new_address: Any, deliver: Any,
 ) -> None:  # fmt: skip
     before = entra_control("stats", method="GET")
@@ -69,7 +70,7 @@ def test_consent_and_collection_run_with_the_managed_identity_as_the_only_creden
 
 
 def test_a_failing_identity_endpoint_is_transient_and_an_unknown_identity_is_configuration(
-    stack: dict[str, Any], federated_env: dict[str, str], entra_session: requests.Session,
+    stack: Stack, federated_env: dict[str, str], entra_session: requests.Session,
     entra_control: Callable[..., Any], new_address: Any,
 ) -> None:  # fmt: skip
     from collectors.entra import confidential_app

@@ -21,6 +21,7 @@ from consumers.glpi.service import build_consumer
 from consumers.glpi.state import message_key
 from shared import azure_clients
 from tests.support.glpi import glpi_control, glpi_state, post_mail, tickets_with
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +87,7 @@ def consumer(glpi_settings: Any) -> Iterator[Any]:
     made.close()
 
 
-def one_ticket(stack: dict[str, Any], word: str) -> dict[str, Any]:
+def one_ticket(stack: Stack, word: str) -> dict[str, Any]:
     found = tickets_with(stack, word)
     assert len(found) == 1, f"{len(found)} tickets hold {word!r}"
     return found[0]
@@ -96,7 +97,7 @@ def one_ticket(stack: dict[str, Any], word: str) -> dict[str, Any]:
 
 
 def test_a_new_mail_becomes_one_ticket_with_requester_title_and_text(
-    stack: dict[str, Any], glpi_settings: Any, drain: Any
+    stack: Stack, glpi_settings: Any, drain: Any
 ) -> None:
     word = _id()
     envelope = post_mail(
@@ -118,7 +119,7 @@ def test_a_new_mail_becomes_one_ticket_with_requester_title_and_text(
 
 
 def test_a_known_user_is_the_requester_and_cc_become_observers_when_asked(
-    stack: dict[str, Any], app_env: dict[str, str], drain: Any
+    stack: Stack, app_env: dict[str, str], drain: Any
 ) -> None:
     from shared.settings import load_settings
 
@@ -146,7 +147,7 @@ def test_a_known_user_is_the_requester_and_cc_become_observers_when_asked(
     assert (ticket["entities_id"], ticket["itilcategories_id"]) == (3, 7)
 
 
-def test_reply_to_can_be_the_requester(stack: dict[str, Any], app_env: dict[str, str]) -> None:
+def test_reply_to_can_be_the_requester(stack: Stack, app_env: dict[str, str]) -> None:
     from shared.settings import load_settings
 
     word = _id()
@@ -170,7 +171,7 @@ def test_reply_to_can_be_the_requester(stack: dict[str, Any], app_env: dict[str,
     ],
 )
 def test_every_charset_reaches_the_ticket_without_replacement_characters(
-    stack: dict[str, Any], glpi_settings: Any, drain: Any, label: str, charset: str, text: str
+    stack: Stack, glpi_settings: Any, drain: Any, label: str, charset: str, text: str
 ) -> None:
     word = _id()
     codec = {"iso-8859-8-i": "iso-8859-8", "ks_c_5601-1987": "cp949"}.get(charset, charset)
@@ -184,7 +185,7 @@ def test_every_charset_reaches_the_ticket_without_replacement_characters(
 
 
 def test_a_part_without_charset_falls_back_as_glpi_does_and_a_bom_wins(
-    stack: dict[str, Any], glpi_settings: Any, drain: Any
+    stack: Stack, glpi_settings: Any, drain: Any
 ) -> None:
     word = _id()
     latin = mail(f"nocharset {word}", "Problème réglé".encode("latin-1"), content_type="text/plain")
@@ -206,7 +207,7 @@ def test_a_part_without_charset_falls_back_as_glpi_does_and_a_bom_wins(
 
 
 def test_html_is_sanitized_and_inline_images_point_at_their_documents(
-    stack: dict[str, Any], glpi_settings: Any, drain: Any
+    stack: Stack, glpi_settings: Any, drain: Any
 ) -> None:
     word = _id()
     markup = (
@@ -237,7 +238,7 @@ def test_html_is_sanitized_and_inline_images_point_at_their_documents(
     assert 'href="https://example.org/kb"' in ticket["content"]
 
 
-def test_many_attachments_and_one_too_large_for_the_cap(stack: dict[str, Any], app_env: dict[str, str]) -> None:
+def test_many_attachments_and_one_too_large_for_the_cap(stack: Stack, app_env: dict[str, str]) -> None:
     from shared.settings import load_settings
 
     word = _id()
@@ -266,7 +267,7 @@ def test_many_attachments_and_one_too_large_for_the_cap(stack: dict[str, Any], a
     assert "Too large attached file: huge.zip" in ticket["content"]
 
 
-def test_long_empty_and_encoded_subjects(stack: dict[str, Any], glpi_settings: Any, drain: Any) -> None:
+def test_long_empty_and_encoded_subjects(stack: Stack, glpi_settings: Any, drain: Any) -> None:
     word = _id()
     long_subject = f"{word} " + "very long subject " * 40
     post_mail(glpi_settings, mail(long_subject), mailbox="s@x.test", uid=1)
@@ -286,7 +287,7 @@ def test_long_empty_and_encoded_subjects(stack: dict[str, Any], glpi_settings: A
 
 @pytest.mark.parametrize("sender", ["", "undisclosed-recipients:;", "not an address", "<@>", "a@b"])
 def test_an_empty_or_invalid_sender_makes_a_ticket_without_requester_and_says_so(
-    stack: dict[str, Any], glpi_settings: Any, drain: Any, sender: str
+    stack: Stack, glpi_settings: Any, drain: Any, sender: str
 ) -> None:
     word = _id()
     post_mail(glpi_settings, mail(f"Sender {word}", sender=sender), mailbox="s@x.test", uid=1)
@@ -306,7 +307,7 @@ def test_an_empty_or_invalid_sender_makes_a_ticket_without_requester_and_says_so
     ],
 )
 def test_auto_replies_bounces_and_loops_are_refused_and_logged(
-    stack: dict[str, Any], glpi_settings: Any, drain: Any, headers: str, reason: str, caplog: pytest.LogCaptureFixture
+    stack: Stack, glpi_settings: Any, drain: Any, headers: str, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     word = _id()
     envelope = post_mail(glpi_settings, mail(f"Out of office {word}", headers=headers), mailbox="s@x.test", uid=1)
@@ -322,7 +323,7 @@ def test_auto_replies_bounces_and_loops_are_refused_and_logged(
     assert row is not None and row["status"] == "refused" and row["reason"].startswith(reason)
 
 
-def test_glpis_own_notification_is_refused_as_a_loop(stack: dict[str, Any], glpi_settings: Any, drain: Any) -> None:
+def test_glpis_own_notification_is_refused_as_a_loop(stack: Stack, glpi_settings: Any, drain: Any) -> None:
     word = _id()
     raw = mail(f"[GLPI #0000001] New ticket {word}", message_id="<GLPI_3c2a1b-Ticket-1/new@glpi.example>")
     post_mail(glpi_settings, raw, mailbox="s@x.test", uid=1)
@@ -333,7 +334,7 @@ def test_glpis_own_notification_is_refused_as_a_loop(stack: dict[str, Any], glpi
 # --- follow-ups ----------------------------------------------------------------------------------------------
 
 
-def _new_ticket(stack: dict[str, Any], settings: Any, word: str, message_id: str | None = None) -> dict[str, Any]:
+def _new_ticket(stack: Stack, settings: Any, word: str, message_id: str | None = None) -> dict[str, Any]:
     post_mail(
         settings, mail(f"Original {word}", f"first text {word}", message_id=message_id), mailbox="s@x.test", uid=1
     )
@@ -353,7 +354,7 @@ def _new_ticket(stack: dict[str, Any], settings: Any, word: str, message_id: str
     ],
 )
 def test_a_reply_becomes_a_followup_without_its_quoted_history(
-    stack: dict[str, Any], glpi_settings: Any, drain: Any, how: str
+    stack: Stack, glpi_settings: Any, drain: Any, how: str
 ) -> None:
     word = _id()
     original_id = f"<{uuid.uuid4().hex}@example.org>"
@@ -388,9 +389,7 @@ def test_a_reply_becomes_a_followup_without_its_quoted_history(
     assert tickets_with(stack, f"{word}-reply") == []
 
 
-def test_a_reply_to_a_closed_or_unknown_ticket_opens_a_new_one(
-    stack: dict[str, Any], glpi_settings: Any, drain: Any
-) -> None:
+def test_a_reply_to_a_closed_or_unknown_ticket_opens_a_new_one(stack: Stack, glpi_settings: Any, drain: Any) -> None:
     word = _id()
     ticket = _new_ticket(stack, glpi_settings, word)
     consumer = build_consumer(glpi_settings)
@@ -405,9 +404,7 @@ def test_a_reply_to_a_closed_or_unknown_ticket_opens_a_new_one(
     assert one_ticket(stack, f"{word}-unknown")
 
 
-def test_a_reply_to_another_glpi_is_not_threaded_when_our_uuid_is_known(
-    stack: dict[str, Any], app_env: dict[str, str]
-) -> None:
+def test_a_reply_to_another_glpi_is_not_threaded_when_our_uuid_is_known(stack: Stack, app_env: dict[str, str]) -> None:
     from shared.settings import load_settings
 
     word = _id()
@@ -425,7 +422,7 @@ def test_a_reply_to_another_glpi_is_not_threaded_when_our_uuid_is_known(
 
 
 def test_the_same_envelope_twice_and_the_same_mail_under_a_new_id_make_one_ticket(
-    stack: dict[str, Any], glpi_settings: Any, drain: Any
+    stack: Stack, glpi_settings: Any, drain: Any
 ) -> None:
     word = _id()
     raw = mail(f"Twice {word}")
@@ -438,7 +435,7 @@ def test_the_same_envelope_twice_and_the_same_mail_under_a_new_id_make_one_ticke
 
 
 def test_a_lost_answer_after_glpi_created_the_ticket_is_found_by_its_marker(
-    stack: dict[str, Any], glpi_settings: Any, drain: Any
+    stack: Stack, glpi_settings: Any, drain: Any
 ) -> None:
     word = _id()
     parts = [
@@ -456,7 +453,7 @@ def test_a_lost_answer_after_glpi_created_the_ticket_is_found_by_its_marker(
 
 @pytest.mark.parametrize("status", [500, 503, 429])
 def test_glpi_failing_sends_the_message_back_and_it_is_handled_later(
-    stack: dict[str, Any], glpi_settings: Any, drain: Any, status: int
+    stack: Stack, glpi_settings: Any, drain: Any, status: int
 ) -> None:
     word = _id()
     post_mail(glpi_settings, mail(f"Flaky {word}"), mailbox="s@x.test", uid=1)
@@ -466,7 +463,7 @@ def test_glpi_failing_sends_the_message_back_and_it_is_handled_later(
 
 
 def test_an_expired_session_is_renewed_without_failing_the_message(
-    stack: dict[str, Any], glpi_settings: Any, consumer: Any
+    stack: Stack, glpi_settings: Any, consumer: Any
 ) -> None:
     word = _id()
     consumer.client.search("User", [(5, "equals", "warm@example.org")])  # a session is open
@@ -481,7 +478,7 @@ def test_an_expired_session_is_renewed_without_failing_the_message(
 
 
 def test_a_slow_glpi_is_a_retry_not_a_duplicate(
-    stack: dict[str, Any], glpi_settings: Any, consumer: Any, monkeypatch: pytest.MonkeyPatch
+    stack: Stack, glpi_settings: Any, consumer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import json
 
@@ -501,7 +498,7 @@ def test_a_slow_glpi_is_a_retry_not_a_duplicate(
 
 
 def test_after_the_last_attempt_the_message_is_poisoned_with_its_reason_and_replay_brings_it_back(
-    stack: dict[str, Any], glpi_settings: Any, drain: Any
+    stack: Stack, glpi_settings: Any, drain: Any
 ) -> None:
     from consumers.glpi.__main__ import replay
 
@@ -528,7 +525,7 @@ def test_after_the_last_attempt_the_message_is_poisoned_with_its_reason_and_repl
 
 @pytest.mark.parametrize("point", ["after_upload", "after_create", "after_save", "after_links", "after_done"])
 def test_a_consumer_killed_at_each_step_never_makes_a_second_ticket(
-    stack: dict[str, Any], glpi_settings: Any, app_env: dict[str, str], drain: Any, tmp_path: Any, point: str
+    stack: Stack, glpi_settings: Any, app_env: dict[str, str], drain: Any, tmp_path: Any, point: str
 ) -> None:
     import json
     import subprocess

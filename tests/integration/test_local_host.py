@@ -14,11 +14,13 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import requests
+from tests.support.stack import Stack
+from tests.support.standins import ControlClient
 
 KILLED = 137
 POINTS = ("after_upload", "after_create", "after_save", "after_links", "after_done")
@@ -49,23 +50,21 @@ def post_mail(settings: Any, raw: bytes, *, mailbox: str, uid: int, uidvalidity:
     return envelope
 
 
-def glpi_state(stack: dict[str, Any]) -> dict[str, Any]:
+def _control(stack: Stack) -> ControlClient:
+    return ControlClient(stack.glpi_url.split("/apirest.php", 1)[0], stack.ca_bundle)
+
+
+def glpi_state(stack: Stack) -> dict[str, Any]:
     """Every ticket in the stand-in with its actors, follow-ups and documents."""
-    origin = stack["glpi_url"].split("/apirest.php", 1)[0]
-    r = requests.get(f"{origin}/_control/state", verify=stack["ca_bundle"], timeout=10)
-    r.raise_for_status()
-    result: dict[str, Any] = r.json()
+    result: dict[str, Any] = _control(stack)("state", method="GET")
     return result
 
 
-def glpi_control(stack: dict[str, Any], path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:
-    origin = stack["glpi_url"].split("/apirest.php", 1)[0]
-    r = requests.request(method, f"{origin}/_control/{path}", json=body, verify=stack["ca_bundle"], timeout=10)
-    r.raise_for_status()
-    return r.json() if r.content else None
+def glpi_control(stack: Stack, path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:
+    return _control(stack)(path, body, method)
 
 
-def tickets_with(stack: dict[str, Any], needle: str) -> list[dict[str, Any]]:
+def tickets_with(stack: Stack, needle: str) -> list[dict[str, Any]]:
     """The tickets whose title or text contains ``needle`` (tests use a unique word per test)."""
     return [t for t in glpi_state(stack)["tickets"] if needle in t["name"] or needle in t["content"]]
 

@@ -22,6 +22,7 @@ class Stack:
     tls_cert: str
     tls_key: str
     signing_key: str
+    signing_public_key: str
     signing_kid: str
     entra_origin: str
     issuer: str
@@ -38,6 +39,7 @@ class Stack:
     imap_port: int
     storage_connection_string: str = field(repr=False)
     host_origin: str
+    glpi_url: str  # the GLPI stand-in's apirest.php
     dovecot_config: str
 
     @classmethod
