@@ -16,6 +16,7 @@ from consumers.glpi.__main__ import run
 from shared import azure_clients
 from tests.support.app_host import serve_app
 from tests.support.glpi import glpi_state, tickets_with
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,7 @@ def _collect(services: Any, address: str) -> None:
 
 
 def test_dovecot_to_collector_to_queue_to_a_ticket_and_a_followup(
-    stack: dict[str, Any], services: Any, settings: Any, consent: Any, new_address: Any, deliver: Any
+    stack: Stack, services: Any, settings: Any, consent: Any, new_address: Any, deliver: Any
 ) -> None:
     word = uuid.uuid4().hex[:10]
     address = new_address()
@@ -59,7 +60,7 @@ def test_dovecot_to_collector_to_queue_to_a_ticket_and_a_followup(
 
 
 def test_the_function_app_makes_tickets_from_the_queue_when_enabled(
-    stack: dict[str, Any], services: Any, app_env: dict[str, str], consent: Any, new_address: Any, deliver: Any,
+    stack: Stack, services: Any, app_env: dict[str, str], consent: Any, new_address: Any, deliver: Any,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     word = uuid.uuid4().hex[:10]
@@ -83,7 +84,7 @@ def test_the_function_app_makes_tickets_from_the_queue_when_enabled(
 
 
 def test_the_function_stays_off_by_default_and_leaves_the_queue_alone(
-    stack: dict[str, Any], services: Any, app_env: dict[str, str], tmp_path: Path
+    stack: Stack, services: Any, app_env: dict[str, str], tmp_path: Path
 ) -> None:
     from tests.support.glpi import post_mail
 
