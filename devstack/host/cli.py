@@ -9,6 +9,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from devstack.host import worker_logs
 from devstack.host.errors import HostError
 from devstack.host.local_host import REPO_ROOT, LocalHost
 
@@ -26,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=7071)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    worker_logs.install()
     # The SDKs log every request at INFO; queue polling would drown the invocation lines.
     logging.getLogger("azure").setLevel(logging.WARNING)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import azure.functions as func
 
+from devstack.host import worker_logs
 from devstack.host.indexing import FunctionEntry
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ class InvocationContext(func.Context):
         self._invocation_id = str(uuid.uuid4())
         self._function_name = function_name
         self._function_directory = function_directory
-        self._thread_local_storage = threading.local()
-        self._thread_local_storage.invocation_id = self._invocation_id
 
     @property
     def invocation_id(self) -> str:
@@ -61,7 +60,9 @@ class InvocationContext(func.Context):
 
     @property
     def thread_local_storage(self) -> Any:
-        return self._thread_local_storage
+        # The worker's one thread-local, as in Azure: setting its invocation_id on a thread the app started
+        # carries the invocation's logs from that thread (see worker_logs).
+        return worker_logs.INVOCATION_LOCAL
 
     @property
     def trace_context(self) -> Any:
@@ -120,7 +121,7 @@ class Invoker:
             arguments["context"] = context
         invocation = Invocation(context=context, duration_ms=0)
         started = time.monotonic()
-        with self.busy():
+        with self.busy(), worker_logs.running(context.invocation_id):
             try:
                 result = entry.target(**arguments)
                 if inspect.isawaitable(result):
