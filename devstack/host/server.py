@@ -229,6 +229,18 @@ class _HttpHandler(BaseHTTPRequestHandler):
         if body and self.command != "HEAD":
             self.wfile.write(body)
 
+    def body_or_refusal(self, function: str) -> bytes | None:
+        """The request body, read whole (the request deadline ends then); None when it was refused, after the
+        refusal (413, 400 or 501) was answered and logged."""
+        try:
+            body = self.read_body()
+            self.request_received()
+        except _RequestRejectedError as rejected:
+            logger.info("http rejected function=%s status=%d reason=body", function, rejected.status)
+            self.answer_status(rejected.status)
+            return None
+        return body
+
     def answer_status(self, status: int, *, headers: Sequence[tuple[str, str]] = ()) -> None:
         phrase = HTTPStatus(status).phrase.encode("ascii")
         self.answer(status, phrase, [*headers, ("Content-Type", "text/plain; charset=utf-8"), *HOST_PAGE_HEADERS])
@@ -269,12 +281,8 @@ def handle_http(host: LocalHost, handler: _HttpHandler) -> None:
         logger.info("http rejected function=%s status=401 reason=key", entry.name)
         handler.answer_status(HTTPStatus.UNAUTHORIZED)
         return
-    try:
-        body = handler.read_body()
-        handler.request_received()
-    except _RequestRejectedError as rejected:
-        logger.info("http rejected function=%s status=%d reason=body", entry.name, rejected.status)
-        handler.answer_status(rejected.status)
+    body = handler.body_or_refusal(entry.name)
+    if body is None:
         return
     request = func.HttpRequest(
         method=method,
@@ -340,11 +348,8 @@ def _handle_admin(host: LocalHost, handler: _HttpHandler, path: str, query: Sequ
     except KeyError:
         handler.answer_status(HTTPStatus.NOT_FOUND)
         return
-    try:
-        body = handler.read_body()
-        handler.request_received()
-    except _RequestRejectedError as rejected:
-        handler.answer_status(rejected.status)
+    body = handler.body_or_refusal(f"admin/{entry.name}")
+    if body is None:
         return
     try:
         document = json.loads(body) if body.strip() else {}
