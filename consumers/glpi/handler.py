@@ -2,12 +2,12 @@
 
 The order of the steps is what makes it once:
 
-1. The ``message`` row (SHA-256 + Message-ID) is claimed; a done or refused message is dropped.
+1. The ``message`` row (SHA-256 + Message-ID) is claimed (pending); a done or refused message is dropped.
 2. Attachments are uploaded as documents and their ids saved with the claim, so a retry does not upload them again.
 3. Before creating the ticket or follow-up, a retry (``resumed``) looks in GLPI for the marker that the first
    attempt wrote into the text: a create whose answer was lost (crash, timeout) is found, not repeated.
-4. The ticket or follow-up id is saved at once; documents are linked (a retry links only what is missing).
-5. The row becomes done, then the envelope row and the thread map are written.
+4. Documents are linked (a retry links only what is missing).
+5. The message row becomes done, with the envelope row and the thread map, in one transaction.
 
 A failure of GLPI or storage raises TransientError: the message goes back to the queue (host.json
 ``visibilityTimeout``) and after ``maxDequeueCount`` attempts to the poison queue, with the reason kept in the
@@ -149,10 +149,11 @@ class TicketConsumer:
             state = self.state.read(key) or MessageState(key=key, envelope_id=envelope_id)
             if state.status in (DONE, REFUSED):
                 return
-            state.status, state.reason = FAILED, reason
-            self.state.record_envelope(envelope_id, state)
+            state.status, state.reason, state.envelope_id = FAILED, reason, envelope_id
             if state.etag is not None:
                 self.state.finish(state, FAILED, reason=reason)
+            else:
+                self.state.record_envelope(envelope_id, state)
             logger.error(
                 "glpi message poisoned envelope=%s reason=%s next=fix the cause, then replay the poison queue "
                 "(python -m consumers.glpi replay)",
@@ -186,7 +187,6 @@ class TicketConsumer:
         refusal = self._refusal(envelope, options)
         if refusal:
             self.state.finish(state, REFUSED, reason=refusal)
-            self.state.record_envelope(envelope["id"], state)
             logger.info("glpi message refused %s reason=%s", log, refusal)
             return Outcome("refused", reason=refusal)
 
@@ -201,8 +201,6 @@ class TicketConsumer:
         mail = mail_content.parse_message(
             raw, max_attachment_bytes=options.max_attachment_bytes, reply=state.kind == "followup"
         )
-        self.state.save(state)
-        self.state.record_envelope(envelope["id"], state)
         self._upload_documents(state, mail, options)
         text = self._text(envelope, mail, state, key)
         if state.kind == "ticket":
@@ -210,10 +208,8 @@ class TicketConsumer:
         else:
             outcome = self._followup(state, text, options, key)
         self._link_documents(state, mail)
-        self.state.finish(state, DONE)
-        self.state.record_envelope(envelope["id"], state)
-        if envelope.get("message_id") and state.ticket_id:
-            self.state.remember_thread([str(envelope["message_id"])], state.ticket_id)
+        message_id = envelope.get("message_id")
+        self.state.finish(state, DONE, threads=[message_id] if isinstance(message_id, str) else [])
         logger.info(
             "glpi message done %s kind=%s ticket=%s followup=%s documents=%d",
             log,
@@ -407,8 +403,8 @@ class TicketConsumer:
                 "type": 1,  # incident, as GLPI's receiver
                 **self._actors(envelope, options),
             }
+            # Not saved here: a crash before the message is finished is resumed by the marker search above.
             state.ticket_id = self.client.create("Ticket", fields).id
-            self.state.save(state)
         return Outcome("ticket", state.ticket_id)
 
     def _followup(self, state: MessageState, text: str, options: TicketOptions, key: str) -> Outcome:
@@ -428,5 +424,4 @@ class TicketConsumer:
                 "requesttypes_id": options.followup_requesttypes_id,
             }
             state.followup_id = self.client.create("ITILFollowup", fields).id
-            self.state.save(state)
         return Outcome("followup", state.ticket_id, state.followup_id)

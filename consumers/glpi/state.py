@@ -1,16 +1,17 @@
 """What the consumer remembers, in one Azure table: which message became which ticket, and who is handling what.
 
-Three kinds of row (partition keys):
+Three kinds of row, in one partition so that the rows of one step are written in one transaction:
 
-- ``message``: keyed by SHA-256 of the raw bytes plus the Message-ID, so a message collected again under a new
+- ``message-…``: keyed by SHA-256 of the raw bytes plus the Message-ID, so a message collected again under a new
   envelope id (after a UIDVALIDITY change) is the same row. It holds the claim (``claim``, ``claimed_until``),
   the status (``pending`` -> ``done`` or ``refused``, or ``failed`` with its ``reason``) and the GLPI ids, and
   is the only row whose writes are conditional (ETag): two invocations never both hold a message.
-- ``envelope``: keyed by the envelope id, ``pending`` then ``done`` with the GLPI ids, for the operator who looks
-  up an envelope.
-- ``thread``: keyed by a Message-ID that became a ticket or follow-up, the ticket id: replies to it are threaded.
+- ``envelope-…``: keyed by the envelope id, the outcome (``done``, ``refused``, ``failed``) with the GLPI ids,
+  for the operator who looks up an envelope; while a message is pending, its ``message`` row names the envelope.
+- ``thread-…``: keyed by a Message-ID that became a ticket or follow-up, the ticket id: replies are threaded.
 
-Row keys are hashes: envelope ids hold ``/`` and Message-IDs anything, which table keys may not.
+Row keys are hashes: envelope ids hold ``/`` and Message-IDs anything, which table keys may not. One partition
+takes a few thousand writes a second, far above a helpdesk's mail; a message costs two writes (three with files).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableClient, UpdateMode
+from azure.data.tables import TableClient, TableTransactionError, UpdateMode
 
 from shared.errors import TransientError
 
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 CLAIM_SECONDS = 60  # a claim not renewed for this long is taken over: its invocation crashed or was killed
 PENDING, DONE, REFUSED, FAILED = "pending", "done", "refused", "failed"
+PARTITION = "glpi"
 
 
 def _key(text: str) -> str:
@@ -63,8 +65,8 @@ class MessageState:
 
     def entity(self) -> dict[str, Any]:
         return {
-            "PartitionKey": "message",
-            "RowKey": self.key,
+            "PartitionKey": PARTITION,
+            "RowKey": f"message-{self.key}",
             "envelope_id": self.envelope_id,
             "status": self.status,
             "kind": self.kind,
@@ -81,7 +83,7 @@ class MessageState:
     @classmethod
     def from_entity(cls, entity: Any) -> MessageState:
         return cls(
-            key=str(entity["RowKey"]),
+            key=str(entity["RowKey"]).removeprefix("message-"),
             envelope_id=str(entity.get("envelope_id", "")),
             status=str(entity.get("status", PENDING)),
             kind=str(entity.get("kind", "")),
@@ -104,6 +106,27 @@ def _transient(action: str, error: AzureError) -> TransientError:
     return TransientError(f"consumer state table unavailable while {action}: {type(error).__name__}")
 
 
+def _envelope_entity(envelope_id: str, state: MessageState) -> dict[str, Any]:
+    return {
+        "PartitionKey": PARTITION,
+        "RowKey": f"envelope-{_key(envelope_id)}",
+        "envelope_id": envelope_id,
+        "message_key": state.key,
+        "status": state.status,
+        "kind": state.kind,
+        "ticket_id": state.ticket_id or 0,
+        "followup_id": state.followup_id or 0,
+        "reason": state.reason[:1000],
+    }
+
+
+def _thread_entity(message_id: str, ticket_id: int) -> dict[str, Any]:
+    return {"PartitionKey": PARTITION, "RowKey": f"thread-{_key(message_id.strip().lower())}", "ticket_id": ticket_id}
+
+
+_REPLACE = {"mode": UpdateMode.REPLACE}
+
+
 class StateStore:
     """The table of one consumer. Every method raises TransientError when storage fails, ClaimLost on a race."""
 
@@ -112,7 +135,7 @@ class StateStore:
 
     def read(self, key: str) -> MessageState | None:
         try:
-            return MessageState.from_entity(self._table.get_entity("message", key))
+            return MessageState.from_entity(self._table.get_entity(PARTITION, f"message-{key}"))
         except ResourceNotFoundError:
             return None
         except AzureError as e:
@@ -126,15 +149,16 @@ class StateStore:
         token = secrets.token_hex(8)
         state = MessageState(key=key, envelope_id=envelope_id, claim=token, attempts=1)
         try:
-            metadata = self._table.create_entity(state.entity())
-            state.etag = metadata.get("etag")
+            # One insert: the envelope row is written when the message is finished (a pending message is
+            # visible in its message row, which names the envelope).
+            state.etag = self._table.create_entity(state.entity()).get("etag")
             return state
         except ResourceExistsError:
             pass
         except AzureError as e:
             raise _transient("claiming a message", e) from e
         try:
-            entity = self._table.get_entity("message", key)
+            entity = self._table.get_entity(PARTITION, f"message-{key}")
         except AzureError as e:
             raise _transient("claiming a message", e) from e
         current = MessageState.from_entity(entity)
@@ -142,7 +166,7 @@ class StateStore:
             return current
         if current.claim and float(entity.get("claimed_until") or 0) > time.time():
             raise ClaimLost(f"message {key[:12]} is being handled by another invocation")
-        current.claim, current.resumed = token, True
+        current.claim, current.resumed, current.status = token, True, PENDING
         current.attempts += 1
         self._write(current, "taking over a message")
         return current
@@ -151,12 +175,13 @@ class StateStore:
         """Write the row if this invocation still holds it (renewing the claim). Raises ClaimLost otherwise."""
         self._write(state, "saving progress")
 
-    def finish(self, state: MessageState, status: str, *, reason: str = "") -> None:
-        state.status, state.reason = status, reason or state.reason
-        if status != FAILED:
-            state.reason = reason
+    def finish(self, state: MessageState, status: str, *, reason: str = "", threads: list[str] | None = None) -> None:
+        """The message's final status, its envelope row and the thread rows, in one transaction."""
+        state.status = status
+        state.reason = reason or (state.reason if status == FAILED else "")
         state.claim = ""
-        self._write(state, "finishing a message")
+        extra = [("upsert", _thread_entity(m, state.ticket_id), _REPLACE) for m in threads or [] if state.ticket_id]
+        self._commit(state, [self._update(state), *extra], state.envelope_id, "finishing a message")
 
     def release(self, state: MessageState) -> None:
         """Drop this invocation's claim after a failure (best effort: a claim left behind lapses by itself)."""
@@ -165,6 +190,26 @@ class StateStore:
             self._write(state, "releasing a message")
         except TransientError as e:
             logger.warning("glpi claim not released message=%s error=%s", state.key[:12], e)
+
+    def _update(self, state: MessageState) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        return (
+            "update",
+            state.entity(),
+            {**_REPLACE, "etag": state.etag, "match_condition": MatchConditions.IfNotModified},
+        )
+
+    def _commit(self, state: MessageState, operations: list[Any], envelope_id: str, action: str) -> None:
+        """The message row's operations plus the envelope row, in one transaction; the new ETag kept."""
+        batch = [*operations, ("upsert", _envelope_entity(envelope_id, state), _REPLACE)]
+        try:
+            results = self._table.submit_transaction(batch)
+        except TableTransactionError as e:
+            if e.status_code in (404, 409, 412):
+                raise ClaimLost(f"message {state.key[:12]} was taken over by another invocation") from e
+            raise _transient(action, e) from e
+        except AzureError as e:
+            raise _transient(action, e) from e
+        state.etag = results[0].get("etag")
 
     def _write(self, state: MessageState, action: str) -> None:
         try:
@@ -178,44 +223,25 @@ class StateStore:
         state.etag = metadata.get("etag")
 
     def record_envelope(self, envelope_id: str, state: MessageState) -> None:
-        """The operator's view by envelope id (unconditional: it only mirrors the message row)."""
-        entity = {
-            "PartitionKey": "envelope",
-            "RowKey": _key(envelope_id),
-            "envelope_id": envelope_id,
-            "message_key": state.key,
-            "status": state.status,
-            "kind": state.kind,
-            "ticket_id": state.ticket_id or 0,
-            "followup_id": state.followup_id or 0,
-            "reason": state.reason[:1000],
-        }
+        """The operator's view by envelope id, for a duplicate or a failure (unconditional: a mirror)."""
         try:
-            self._table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+            self._table.upsert_entity(_envelope_entity(envelope_id, state), mode=UpdateMode.REPLACE)
         except AzureError as e:
             raise _transient("recording an envelope", e) from e
 
     def envelope(self, envelope_id: str) -> dict[str, Any] | None:
         try:
-            return dict(self._table.get_entity("envelope", _key(envelope_id)))
+            return dict(self._table.get_entity(PARTITION, f"envelope-{_key(envelope_id)}"))
         except ResourceNotFoundError:
             return None
         except AzureError as e:
             raise _transient("reading an envelope", e) from e
 
-    def remember_thread(self, message_ids: list[str], ticket_id: int) -> None:
-        for message_id in message_ids:
-            entity = {"PartitionKey": "thread", "RowKey": _key(message_id.strip().lower()), "ticket_id": ticket_id}
-            try:
-                self._table.upsert_entity(entity, mode=UpdateMode.REPLACE)
-            except AzureError as e:
-                raise _transient("remembering a thread", e) from e
-
     def thread_ticket(self, message_ids: list[str]) -> int | None:
         """The ticket of the first of ``message_ids`` that became a ticket or follow-up here."""
         for message_id in message_ids:
             try:
-                entity = self._table.get_entity("thread", _key(message_id.strip().lower()))
+                entity = self._table.get_entity(PARTITION, _thread_entity(message_id, 0)["RowKey"])
             except ResourceNotFoundError:
                 continue
             except AzureError as e:
@@ -226,8 +252,11 @@ class StateStore:
     def release_failed(self) -> int:
         """Make every failed message claimable again (before a poison-queue replay). Returns how many."""
         count = 0
+        query = f"PartitionKey eq '{PARTITION}' and status eq 'failed'"
         try:
-            for entity in self._table.query_entities("PartitionKey eq 'message' and status eq 'failed'"):
+            for entity in self._table.query_entities(query):
+                if not str(entity["RowKey"]).startswith("message-"):
+                    continue
                 state = MessageState.from_entity(entity)
                 state.status, state.claim, state.attempts = PENDING, "", 0
                 self._write(state, "releasing a failed message")
