@@ -113,3 +113,28 @@ def ensure_signing_key(folder: Path) -> tuple[Path, Path, str]:
     canonical = json.dumps({"e": b64(numbers.e), "kty": "RSA", "n": b64(numbers.n)}, separators=(",", ":"))
     kid = base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
     return private_path, public_path, kid
+
+
+def ensure_client_certificate(folder: Path) -> tuple[Path, Path, str]:
+    """The app registration's certificate credential: private key PEM, self-signed certificate PEM, and the
+    certificate's SHA-1 thumbprint in hex (what MSAL's ``thumbprint`` and the portal show). Made once, renewed when
+    it expires within a day."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key_path, cert_path = folder / "app-credential.key.pem", folder / "app-credential.pem"
+    if not key_path.exists() or not cert_path.exists() or not _still_valid(cert_path):
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        _write_key(key_path, key)
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name("mail collector app credential"))
+            .issuer_name(_name("mail collector app credential"))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + VALIDITY)
+            .sign(key, hashes.SHA256())
+        )
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return key_path, cert_path, cert.fingerprint(hashes.SHA1()).hex()  # noqa: S303 - x5t is defined as SHA-1

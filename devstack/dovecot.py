@@ -13,6 +13,8 @@ on a loaded machine: call ``warm_up`` once before timing anything.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import imaplib
 import json
@@ -25,7 +27,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,6 +36,10 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 TEMPLATE = Path(__file__).resolve().parent / "dovecot.conf.in"
 MAIL_USER = "mail"  # an existing unprivileged system user; Dovecot refuses to run mail processes as root
 IMAP_AUDIENCE = "https://outlook.office.com"  # the `aud` Exchange expects in delegated IMAP tokens
+# App tokens for the scope https://outlook.office365.com/.default carry the resource as it was asked for.
+IMAP_APP_AUDIENCE = "https://outlook.office365.com"
+IMAP_APP_ROLE = "IMAP.AccessAsApp"
+APP_GRANTS_FILE = "app-grants"  # under the instance's folder: the mailbox permissions of applications
 SOCKET_DIR_MAX = 60  # characters; unix socket paths under base_dir must stay below the kernel's 108
 DOVEADM_TIMEOUT = 30.0  # seconds; doveadm starts its own auth lookup and the first one is slow
 WARM_UP_USER = "warm-up@devstack.invalid"
@@ -81,11 +87,13 @@ def write_config(
     signing_public_key: Path,
     signing_kid: str,
     issuer: str,
+    other_issuers: Sequence[str] = (),
 ) -> Path:
     """Render the instance's configuration under ``run_dir/dovecot/`` and return the path of dovecot.conf.
 
-    Idempotent: rendering again rewrites the files and keeps the mail. Raises PermissionError when the mail
-    user cannot reach ``run_dir``.
+    ``other_issuers``: the token issuers of further tenants (a multitenant app's customers) that Exchange, like this
+    instance, accepts as well. Idempotent: rendering again rewrites the files and keeps the mail and the grant list.
+    Raises PermissionError when the mail user cannot reach ``run_dir``.
     """
     account = pwd.getpwnam(MAIL_USER)
     root = (run_dir / "dovecot").resolve()
@@ -105,16 +113,36 @@ def write_config(
     key_file.write_bytes(Path(signing_public_key).read_bytes())
     key_file.chmod(0o644)
 
+    issuers = " ".join([issuer, *other_issuers])
     oauth2_conf = root / "dovecot-oauth2.conf.ext"
     oauth2_conf.write_text(
         "# Local validation of the Entra stand-in's access tokens (no introspection round trip).\n"
         "introspection_mode = local\n"
         f"local_validation_key_dict = fs:posix:prefix={keys}/\n"
         "username_attribute = preferred_username\n"
-        f"issuers = {issuer}\n"
+        f"issuers = {issuers}\n"
         "# With local validation, client_id is matched against the token's aud: only IMAP tokens get in.\n"
         f"client_id = {IMAP_AUDIENCE}\n"
     )
+    oauth2_app_conf = root / "dovecot-oauth2-app.conf.ext"
+    oauth2_app_conf.write_text(
+        "# App-only tokens: no user claim to compare, so the user check compares a constant; the grant list that\n"
+        "# follows decides which mailboxes the application (its service principal, the token's oid) may open.\n"
+        "introspection_mode = local\n"
+        f"local_validation_key_dict = fs:posix:prefix={keys}/\n"
+        "username_attribute = oid\n"
+        "username_format = application\n"
+        f"issuers = {issuers}\n"
+        f"client_id = {IMAP_APP_AUDIENCE}\n"
+        "# The grant list is keyed by <role>/<service principal>/<mailbox>: a token without the role (the\n"
+        "# application permission has no admin consent: no roles claim) matches no grant. Dovecot 2.3 cannot\n"
+        "# read the JSON array roles, so the stand-in repeats it as text in x_stand_in_roles.\n"
+        "pass_attrs = imap_app=%{oauth2:x_stand_in_roles}/%{oauth2:oid}\n"
+    )
+    grants = root / APP_GRANTS_FILE
+    if not grants.exists():
+        grants.write_text("")
+    grants.chmod(0o644)
 
     base_dir = _base_dir(root)
     # A penalty socket left by an older configuration would be found and refused: see dovecot.conf.in.
@@ -127,6 +155,8 @@ def write_config(
         "tls_cert": str(Path(tls_cert).resolve()),
         "tls_key": str(Path(tls_key).resolve()),
         "oauth2_conf": str(oauth2_conf),
+        "oauth2_app_conf": str(oauth2_app_conf),
+        "app_grants": str(grants),
         "mail_user": MAIL_USER,
         "mail_group": MAIL_USER,
         "mail_uid": str(account.pw_uid),
@@ -201,6 +231,60 @@ def list_flags(config: Path, user: str, folder: str = "INBOX") -> dict[int, set[
         elif line.startswith("flags:"):
             flags[uid] = set(line[6:].split())
     return flags
+
+
+def _grants_path(config: Path) -> Path:
+    return Path(config).parent / APP_GRANTS_FILE
+
+
+def _grant_line(service_principal_id: str, mailbox: str) -> str:
+    # passwd-file: user:password:uid:gid:gecos:home:shell:extra fields. No password to check: the token was.
+    return f"{IMAP_APP_ROLE}/{service_principal_id.lower()}/{mailbox.lower()}:::::::nopassword=y"
+
+
+def grant_app(config: Path, service_principal_id: str, *mailboxes: str) -> None:
+    """Give an application's service principal Full Access to ``mailboxes`` (Add-MailboxPermission).
+
+    ``service_principal_id`` is the object id in the application's tokens (``oid``). Idempotent. Returns once
+    Dovecot sees the change.
+    """
+    for value in (service_principal_id, *mailboxes):
+        if not re.fullmatch(r"[A-Za-z0-9@._+-]+", value):
+            raise ValueError(f"{value!r}: only letters, digits and @._+- in a grant")
+    path = _grants_path(config)
+    new = [_grant_line(service_principal_id, mailbox) for mailbox in mailboxes]
+    with _grants_lock(path):
+        lines = path.read_text().splitlines() if path.exists() else []
+        _write_grants(path, [*lines, *(line for line in new if line not in lines)])
+
+
+def revoke_app(config: Path, service_principal_id: str, *mailboxes: str) -> None:
+    """Take the permission back (Remove-MailboxPermission). Succeeds when there was none; returns once Dovecot sees
+    the change."""
+    path = _grants_path(config)
+    gone = {_grant_line(service_principal_id, mailbox) for mailbox in mailboxes}
+    with _grants_lock(path):
+        lines = path.read_text().splitlines() if path.exists() else []
+        _write_grants(path, [x for x in lines if x not in gone])
+
+
+@contextlib.contextmanager
+def _grants_lock(path: Path) -> Iterator[None]:
+    """Test processes running side by side change the one list: one at a time."""
+    with path.with_suffix(".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _write_grants(path: Path, lines: list[str]) -> None:
+    # Replaced whole (write, then rename): the auth process never reads half a list.
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text("".join(f"{line}\n" for line in lines))
+    temporary.chmod(0o644)
+    temporary.replace(path)
+    # The passwd-file passdb looks at its file at most once per second (by clock second): a login in the second
+    # of the change could still see the old list.
+    time.sleep(1.05 - time.time() % 1)
 
 
 def _mint_token(signing_key: Path, kid: str, issuer: str, user: str, ttl: int = 300) -> str:

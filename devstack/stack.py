@@ -97,6 +97,10 @@ def _identity(folder: Path) -> dict[str, str]:
         # The GLPI stand-in's API client App-Token and API user token (GLPI's are 40 characters of [a-z0-9]).
         "glpi_app_token": lambda: secrets.token_hex(20),
         "glpi_user_token": lambda: secrets.token_hex(20),
+        # Tenants of a multitenant app's customers: one where an admin consented IMAP.AccessAsApp, one where the
+        # app was consented without that application permission (its app tokens carry no roles claim).
+        "other_tenant_id": lambda: str(uuid.uuid4()),
+        "unconsented_tenant_id": lambda: str(uuid.uuid4()),
     }
     missing = {name: make() for name, make in made.items() if name not in data}
     if missing:  # a run folder from before a field existed keeps its other values
@@ -126,6 +130,7 @@ def describe() -> dict[str, Any]:
     ports = Ports()
     paths = certs.ensure_certificates(folder / "tls")
     signing_key, signing_public, kid = certs.ensure_signing_key(folder / "tls")
+    app_key, app_cert, app_thumbprint = certs.ensure_client_certificate(folder / "tls")
     ident = _identity(folder)
     entra_origin = f"https://localhost:{ports.entra}"
     storage = azurite_connection_string(ports.blob, ports.queue, ports.table)
@@ -139,6 +144,10 @@ def describe() -> dict[str, Any]:
         "signing_key": str(signing_key),
         "signing_public_key": str(signing_public),
         "signing_kid": kid,
+        # The app registration's certificate credential (the alternative to its secret and federated credential).
+        "app_certificate": str(app_cert),
+        "app_certificate_key": str(app_key),
+        "app_certificate_thumbprint": app_thumbprint,
         "entra_origin": entra_origin,
         "issuer": f"{entra_origin}/{ident['tenant_id']}/v2.0",
         # App Service's managed-identity endpoint (IDENTITY_ENDPOINT), served by the Entra stand-in.
@@ -154,9 +163,16 @@ def describe() -> dict[str, Any]:
     }
 
 
-def app_object_id(info: dict[str, Any]) -> str:
-    """The object id in the Entra stand-in's app-only tokens for the app registration (see server.mjs oidFor)."""
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"mailto:{info['client_id']}@apps.{info['tenant_id']}".lower()))
+def app_object_id(info: dict[str, Any], tenant_id: str | None = None) -> str:
+    """The object id of the app's enterprise application (service principal) in ``tenant_id`` (default: the home
+    tenant): the ``oid`` of the Entra stand-in's app-only tokens (see server.mjs oidFor)."""
+    tenant = tenant_id or info["tenant_id"]
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"mailto:{info['client_id']}@apps.{tenant}".lower()))
+
+
+def issuer_of(info: dict[str, Any], tenant_id: str) -> str:
+    """The token issuer of a tenant of the Entra stand-in."""
+    return f"{info['entra_origin']}/{tenant_id}/v2.0"
 
 
 def app_settings(info: dict[str, Any]) -> dict[str, str]:
@@ -289,6 +305,10 @@ def _parts(info: dict[str, Any]) -> list[Part]:
                             "client_id": info["client_id"],
                             "client_secret": info["client_secret"],
                             "redirect_uris": [f"http://localhost:{ports.host}/api/auth/callback"],
+                            # Admin consent for the application permission in the home tenant (azd up's
+                            # ENTRA_APP_ONLY), and the certificate credential's public half.
+                            "app_roles": ["IMAP.AccessAsApp"],
+                            "certificates": [Path(info["app_certificate"]).read_text()],
                             # The app registration trusts the function app's managed identity (federated mode).
                             "federated_credentials": [
                                 {
@@ -298,6 +318,13 @@ def _parts(info: dict[str, Any]) -> list[Part]:
                                 }
                             ],
                         }
+                    ],
+                    "other_tenants": [
+                        {
+                            "tenant_id": info["other_tenant_id"],
+                            "consented_apps": {info["client_id"]: ["IMAP.AccessAsApp"]},
+                        },
+                        {"tenant_id": info["unconsented_tenant_id"], "consented_apps": {info["client_id"]: []}},
                     ],
                 },
                 indent=2,
@@ -325,6 +352,10 @@ def _parts(info: dict[str, Any]) -> list[Part]:
             signing_public_key=Path(info["signing_public_key"]),
             signing_kid=info["signing_kid"],
             issuer=info["issuer"],
+            other_issuers=[
+                issuer_of(info, info["other_tenant_id"]),
+                issuer_of(info, info["unconsented_tenant_id"]),
+            ],
         )
         return ["dovecot", "-F", "-c", str(conf)]
 

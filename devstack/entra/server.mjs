@@ -24,6 +24,8 @@ import { parseArgs } from 'node:util';
 
 import Provider, { errors, interactionPolicy } from 'oidc-provider';
 
+import { createAppTokens } from './app_tokens.mjs';
+
 const { values: args } = parseArgs({ options: { config: { type: 'string' } } });
 if (!args.config) {
   console.error('usage: node server.mjs --config <config.json>');
@@ -729,6 +731,23 @@ function revokeAccount(email, code) {
   return { refresh_tokens: tokens, grants: grants.length };
 }
 
+// The public half of the signing key, which every tenant's key document lists.
+function publicJwk() {
+  const { kty, n, e } = signingJwk;
+  return { kty, n, e, kid: config.signing_kid, use: 'sig', alg: 'RS256' };
+}
+
+const appTokens = createAppTokens({
+  config,
+  origin: ORIGIN,
+  homeTenant: TENANT,
+  signJwt: (claims) => signJwt(claims),
+  oidFor,
+  sendEntraError,
+  defaultTtl: () => accessTokenTtl(),
+});
+provider.use(appTokens.routes(readJson, () => ({ keys: [publicJwk()] })));
+
 provider.use(async (ctx, next) => {
   if (!ctx.path.startsWith('/_control/')) return next();
   ctx.set('cache-control', 'no-store');
@@ -1090,7 +1109,9 @@ function verifiedJwt(jwt) {
   return { payload, valid };
 }
 
-function clientAssertionRefusal(params) {
+function clientAssertionRefusal(params, path) {
+  const byCertificate = appTokens.certificateAssertion(params, path);
+  if (byCertificate) return byCertificate.refusal;
   const clientId = params.get('client_id') ?? '';
   const parsed = verifiedJwt(params.get('client_assertion') ?? '');
   if (!parsed || typeof parsed.payload !== 'object' || parsed.payload === null) {
@@ -1218,11 +1239,12 @@ function decodeJwtPayload(jwt) {
 }
 
 provider.use(async (ctx, next) => {
-  if (ctx.method !== 'POST' || ![PATHS.token, PATHS.revocation].includes(ctx.path)) return next();
+  if (ctx.method !== 'POST' || !([PATHS.token, PATHS.revocation].includes(ctx.path)
+    || appTokens.isOtherTenantTokenPath(ctx.path))) return next();
   const params = new URLSearchParams(await readBody(ctx.req));
   basicToPost(ctx, params);
   if (ctx.path === PATHS.token && params.get('client_assertion_type') === JWT_BEARER) {
-    const refused = clientAssertionRefusal(params);
+    const refused = clientAssertionRefusal(params, ctx.path);
     if (refused) {
       state.stats.assertions_refused += 1;
       const error = refused.error ?? 'invalid_client';
@@ -1278,7 +1300,7 @@ provider.use(async (ctx, next) => {
 
   const body = ctx.body;
   if (!body || typeof body !== 'object' || Buffer.isBuffer(body)) return undefined;
-  if (body.error) {
+  if (body.error && !body.error_codes) { // oidc-provider's own errors; Entra-shaped ones stay as they are
     const code = DEFAULT_AADSTS[body.error] ?? 50000;
     sendEntraError(ctx, ctx.status, body.error, code, `${AADSTS_MESSAGES[code] ?? body.error} `
       + `(${body.error_description ?? body.error})`);
@@ -1292,6 +1314,9 @@ provider.use(async (ctx, next) => {
   }
   return undefined;
 });
+
+// App-only tokens (client credentials for Exchange, other tenants): devstack/entra/app_tokens.mjs.
+provider.use(appTokens.tokenEndpoint);
 
 // ---------------------------------------------------------------------------------------------------------
 
