@@ -4,19 +4,24 @@
 2. authorize the demo mailbox in headless Chromium: admin link -> sign-in -> consent -> callback;
 3. deliver sample mail to the mailbox in Dovecot;
 4. fire the collector's timer through the host's admin endpoint;
-5. print the envelopes that reached the queue, and the mailbox's status.
+5. print the envelopes that reached the queue, and the mailbox's status;
+6. run the GLPI consumer (the code of the glpi_tickets function) over the queue and print the tickets it made in
+   the GLPI stand-in;
+7. deliver a reply carrying the first ticket's tag, collect and consume again, and print the follow-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +32,7 @@ from azure.storage.queue import QueueClient, TextBase64DecodePolicy  # noqa: E40
 
 from devstack import dovecot  # noqa: E402
 from devstack.browser import consent_in_browser  # noqa: E402
+from devstack.glpi import control as glpi_control  # noqa: E402
 from devstack.stack import describe  # noqa: E402
 
 SAMPLES = [
@@ -56,6 +62,66 @@ def sample(sender: str, subject: str, body: str) -> bytes:
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
         f"{body}\r\n"
     ).encode()
+
+
+def fire_collector(origin: str, master_key: str) -> None:
+    request = urllib.request.Request(  # noqa: S310
+        f"{origin}/admin/functions/collect_mail",
+        data=b"{}",
+        method="POST",
+        headers={"x-functions-key": master_key, "content-type": "application/json"},
+    )
+    urllib.request.urlopen(request, timeout=10).close()  # noqa: S310
+
+
+def wait_for_queue(queue: QueueClient, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list(queue.peek_messages(max_messages=32))) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def tickets(info: dict[str, Any], values: dict[str, str], origin: str, mailbox: str, subjects: list[str]) -> int:
+    """Steps 7 and 8: the GLPI consumer makes tickets of the queued mail, then a follow-up of a reply."""
+    from consumers.glpi.__main__ import run
+    from shared.settings import load_settings
+
+    settings = load_settings(values)
+    counts = run(settings, retry_visibility=0)
+    print(f"7. GLPI consumer over the queue: {counts} (the bounce is refused, as GLPI's collector refuses it)")
+    made = [
+        t
+        for t in glpi_control(info["glpi_url"], "GET", "state", cafile=info["ca_bundle"])["tickets"]
+        if t["name"] in subjects
+    ]
+    for t in made:
+        requester = next((a for a in t["actors"] if a["type"] == 1), {})
+        text = re.sub(r"<[^>]+>", " ", t["content"].split("<p>Mail reference")[0]).strip()
+        print(
+            f"   - GLPI ticket #{t['id']}: {t['name']!r}, requester {requester.get('alternative_email') or '?'}: {text}"
+        )
+    if not made:
+        return 1
+    first = made[0]
+    reply = sample(
+        "Alice Martin <alice@customer.example>",
+        f"Re: [GLPI #{first['id']:07d}] {first['name']}",
+        "It works again after the restart, thank you!\r\n\r\nOn Sun, 29 Nov 2026, Support wrote:\r\n> We restarted it.",
+    )
+    dovecot.deliver(Path(info["dovecot_config"]), mailbox, reply)
+    queue = QueueClient.from_connection_string(values["AzureWebJobsStorage"], values["MAIL_QUEUE_NAME"])
+    fire_collector(origin, values["LOCAL_MASTER_KEY"])
+    wait_for_queue(queue, 1)
+    counts = run(settings, retry_visibility=0)
+    ticket = next(
+        t
+        for t in glpi_control(info["glpi_url"], "GET", "state", cafile=info["ca_bundle"])["tickets"]
+        if t["id"] == first["id"]
+    )
+    print(f"8. a reply with the tag [GLPI #{first['id']:07d}] was collected and consumed: {counts}")
+    for followup in ticket["followups"]:
+        text = followup["content"].split("<p>Mail reference")[0]
+        print(f"   - follow-up #{followup['id']} on ticket #{ticket['id']}: {text}")
+    return 0 if ticket["followups"] else 1
 
 
 def main() -> int:
@@ -102,13 +168,7 @@ def main() -> int:
             dovecot.deliver(Path(info["dovecot_config"]), args.mailbox, sample(sender, subject, body))
         print(f"3. delivered {len(SAMPLES)} messages to {args.mailbox}")
 
-        request = urllib.request.Request(  # noqa: S310
-            f"{origin}/admin/functions/collect_mail",
-            data=b"{}",
-            method="POST",
-            headers={"x-functions-key": settings["LOCAL_MASTER_KEY"], "content-type": "application/json"},
-        )
-        urllib.request.urlopen(request, timeout=10).close()  # noqa: S310
+        fire_collector(origin, settings["LOCAL_MASTER_KEY"])
         print("4. fired the collect_mail timer")
 
         envelopes: list[dict[str, object]] = []
@@ -132,7 +192,9 @@ def main() -> int:
         print(
             f"6. mailbox status: {row['status']}, last_uid={row['last_uid']}, collected_total={row['collected_total']}"
         )
-        return 0 if len(envelopes) >= len(SAMPLES) else 1
+        if len(envelopes) < len(SAMPLES):
+            return 1
+        return tickets(info, settings, origin, args.mailbox, [subject for _, subject, _ in SAMPLES])
     finally:
         host.terminate()
         host.wait(timeout=15)
