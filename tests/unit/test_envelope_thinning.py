@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-import collectors.envelope as envelope_module
-from collectors.envelope import THIN_ABOVE, build_envelope
+import collectors.envelope.mime as envelope_mime
+from collectors.envelope import build_envelope
+from collectors.envelope.mime import THIN_ABOVE
+from collectors.envelope.notes import Notes
 
 MB = 1024 * 1024
 
@@ -33,7 +35,7 @@ def envelope(raw: bytes) -> dict[str, Any]:
 
 def full_parse(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     with monkeypatch.context() as m:
-        m.setattr(envelope_module, "THIN_ABOVE", 1 << 60)
+        m.setattr(envelope_mime, "THIN_ABOVE", 1 << 60)
         return envelope(raw)
 
 
@@ -91,8 +93,8 @@ def mixed_message() -> bytes:
 )
 def test_a_thinned_parse_gives_the_same_envelope(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(raw) > THIN_ABOVE
-    notes = envelope_module._Notes()
-    assert len(envelope_module._thin(raw, notes)) < len(raw) // 2, "nothing was cut: the test proves nothing"
+    notes = Notes()
+    assert len(envelope_mime.thin(raw, notes)) < len(raw) // 2, "nothing was cut: the test proves nothing"
     assert envelope(raw) == full_parse(raw, monkeypatch)
 
 
