@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from shared import redaction
 from shared.errors import CollectorError
+from shared.logging_setup import configure_logging
 
 
 def _load_settings_file(path: Path) -> None:
@@ -32,16 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["collect", "list"])
     parser.add_argument("--settings", type=Path, help="a local.settings.json whose Values to use")
     parser.add_argument("--mailbox", help="collect only this mailbox")
-    parser.add_argument("--verbose", action="store_true", help="debug logging (still redacted)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    parser.add_argument(
+        "--verbose", action="store_true", help="debug logging, Azure SDK requests too (redacted; never mail content)"
     )
-    if not args.verbose:
-        # As in function_app.py: at INFO the Azure SDK logs every request and response with its headers (2.5 MB
-        # for a run of a thousand messages), burying the one line per mailbox that an operator reads.
-        logging.getLogger("azure").setLevel(logging.WARNING)
-    redaction.install()
+    args = parser.parse_args(argv)
+    # --verbose adds the Azure SDK's request lines, never mail content (see configure_logging).
+    configure_logging(level=logging.DEBUG if args.verbose else logging.INFO, sdk_requests=args.verbose)
     if args.settings:
         _load_settings_file(args.settings)
 

@@ -17,9 +17,12 @@ _PATTERNS: tuple[re.Pattern[str], ...] = (
     # Bearer credentials in headers or SASL strings.
     re.compile(r"(?i)(bearer\s+)[^\s\"',;\x01]+"),
     # key=value and "key": "value" forms of OAuth secrets, in query strings, form bodies and JSON.
+    # The key must start a word: ``status_code=503``, ``error_code=AADSTS50173`` and ``postcode: 12345`` are not
+    # secrets (and the Entra error code is what an admin needs), while any ``*_token``, ``*secret`` or
+    # ``*password`` key is.
     re.compile(
-        r"(?i)((?:refresh_token|access_token|id_token|client_secret|client_assertion|code_verifier|"
-        r"code|state|nonce|password|secret|assertion|sig|AccountKey)[\"']?\s*[=:]\s*[\"']?)[^&\s\"',;]+"
+        r"(?i)(?<![\w-])((?:\w*(?:token|secret|password)|client_assertion|code_verifier|"
+        r"code|state|nonce|assertion|sig|AccountKey)[\"']?\s*[=:]\s*[\"']?)[^&\s\"',;]+"
     ),
     # base64 of a SASL XOAUTH2 / OAUTHBEARER initial response ("user=" / "n,a=" prefixes).
     re.compile(r"(?:dXNlcj|bixhPS|biwsYT)[A-Za-z0-9+/=]{16,}"),
@@ -66,11 +69,10 @@ class RedactingFilter(logging.Filter):
 def install(logger: logging.Logger | None = None) -> None:
     """Put the filter on ``logger``'s handlers (default: the root logger's), once each.
 
-    Filters on handlers see records from every library logger that propagates to them.
+    Filters on handlers see records from every library logger that propagates to them. Entry points call
+    ``shared.logging_setup.configure_logging``, which creates the handler first when there is none.
     """
     target = logger or logging.getLogger()
-    if not target.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for handler in target.handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())

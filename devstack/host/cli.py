@@ -12,6 +12,7 @@ from types import FrameType
 from devstack.host import worker_logs
 from devstack.host.errors import HostError
 from devstack.host.local_host import REPO_ROOT, LocalHost
+from shared.logging_setup import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to listen on")
     parser.add_argument("--port", type=int, default=7071)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # As the app itself: redacted, the SDKs' per-request lines muted (queue polling would drown the invocations).
+    configure_logging()
     worker_logs.install()
-    # The SDKs log every request at INFO; queue polling would drown the invocation lines.
-    logging.getLogger("azure").setLevel(logging.WARNING)
 
     stop_requested = threading.Event()
 

@@ -23,6 +23,12 @@ SASL = base64.b64encode(f"user=a@example.test\x01auth=Bearer {JWT}\x01\x01".enco
         (f"AUTHENTICATE XOAUTH2 {SASL}", SASL),
         ("AccountKey=Eby8vdM02xNOcqF==;", "Eby8vdM02xNOcqF=="),
         ("rt 0.ARoAv4j5cvGGr0GRqy180BHbR1234567890abcdefghijklmnopqrstuv", "0.ARoAv4j5cvGGr0GRqy180BHbR1234567890"),
+        ("GET /callback?code=M.C507_BAY.2.U.opaque&state=af0ifjsldkj", "M.C507_BAY.2.U.opaque"),
+        ("GET /callback?code=M.C507_BAY.2.U.opaque&state=af0ifjsldkj", "af0ifjsldkj"),
+        ("user_password=hunter2-correct-horse", "hunter2-correct-horse"),
+        ("sas_token=sv-2021-sig-opaque-value", "sv-2021-sig-opaque-value"),
+        ('{"code": "opaque-authorization-code"}', "opaque-authorization-code"),
+        ("nonce: n-0S6_WzA2Mj", "n-0S6_WzA2Mj"),
     ],
 )
 def test_secrets_are_replaced(text: str, secret: str) -> None:
@@ -31,8 +37,18 @@ def test_secrets_are_replaced(text: str, secret: str) -> None:
     assert "[redacted]" in cleaned
 
 
-def test_ordinary_fields_survive() -> None:
-    line = "collect mailbox=support@contoso.com outcome=ok messages=3 bytes=1200 duration_ms=52"
+@pytest.mark.parametrize(
+    "line",
+    [
+        "collect mailbox=support@contoso.com outcome=ok messages=3 bytes=1200 duration_ms=52",
+        "Key Vault write failed status_code=503 retry_after=2",
+        "token renewal refused error_code=AADSTS50173 mailbox=support@contoso.com",
+        "address postcode: 12345 city: Lyon",
+        "outcome=token_save_pending error=TransientError",
+        "imap barcode=12 encode=utf-8 statement=ok",
+    ],
+)
+def test_ordinary_fields_survive(line: str) -> None:
     assert redact(line) == line
 
 
