@@ -10,14 +10,20 @@ are more than one instance should take, puts one work item per mailbox on %WORK_
 
 from __future__ import annotations
 
+import logging
+
 import azure.functions as func
 
 from api import admin, consent
 from collectors.scheduled import run_scheduled
 from collectors.services import get_services
-from shared.logging_setup import configure_logging
+from shared import redaction
 
-configure_logging()  # redaction in front of every handler; no SDK request lines, no mail content
+redaction.install()
+# The Azure SDKs log every HTTP request at INFO; keep Application Insights for the app's own lines.
+logging.getLogger("azure").setLevel(logging.WARNING)
+# At DEBUG imapclient logs every line it reads, whole messages included: mail content stays out of the logs.
+logging.getLogger("imapclient").setLevel(logging.INFO)
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(consent.blueprint)

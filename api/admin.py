@@ -11,7 +11,7 @@ from api.identity import acting_admin
 from api.pages import json_answer
 from api.statuses import bad_request, not_found, service_failure
 from collectors.services import get_services
-from shared.errors import CollectorError
+from shared.errors import CollectorError, NotFoundError
 from shared.mailboxes import InvalidMailboxError, normalize_address
 
 MAX_JSON_BYTES = 8 * 1024
@@ -66,7 +66,7 @@ def mailbox(req: func.HttpRequest) -> func.HttpResponse:
             return json_answer(413, {"error": "too_large"})
         changed = services.consent.change_options(address, _options_patch(body), admin=acting_admin(req))
         return json_answer(200, changed.to_public())
-    except KeyError:  # revoked between the read and the change
+    except NotFoundError:  # revoked between the read and the change
         return not_found(req.route_params.get("address", ""))
     except (InvalidMailboxError, ValueError) as e:
         return bad_request(str(e))

@@ -216,7 +216,8 @@ class Workspace:
 
     def reset_checkpoint(self, address: str) -> None:
         """Make the next run collect the whole folder again (the messages stay on the server)."""
-        self.services.registry.update(address, last_uid=0)
+        uidvalidity = self.services.registry.get(address).uidvalidity
+        self.services.registry.record_checkpoint(address, uidvalidity=uidvalidity, last_uid=0)
 
     def clear_queue(self) -> None:
         from shared import azure_clients

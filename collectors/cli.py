@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.errors import CollectorError
+from shared.errors import CollectorError, NotFoundError
 from shared.logging_setup import configure_logging
 
 
@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
             results = [services.collector.collect_mailbox(mailbox, deadline=deadline)]
         else:
             results = services.collector.run()
-    except KeyError as e:
-        print(f"error: mailbox {e.args[0]} is not authorized", file=sys.stderr)
+    except NotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except CollectorError as e:
         print(f"error: {e.describe()}", file=sys.stderr)
         return 1
     for r in results:
         print(f"{r.address}: {r.outcome}, {r.messages} messages, {r.bytes} bytes{' -- ' + r.error if r.error else ''}")
-    return 0 if all(r.outcome in ("ok", "busy", "deferred") for r in results) else 1
+    return 1 if any(r.outcome.failed for r in results) else 0

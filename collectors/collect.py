@@ -25,11 +25,12 @@ from azure.storage.blob import BlobClient, ContainerClient, ContentSettings
 from azure.storage.queue import QueueClient
 
 from collectors.envelope import build_envelope, encode_for_queue
+from collectors.envelope.classification import refused
 from collectors.imap_session import ImapSession
 from collectors.tokens import TokenService
-from shared.errors import CollectorError, NeedsReconsentError, TransientError
+from shared.errors import CollectorError, NeedsReconsentError, NotFoundError, RunOutcome, TransientError
 from shared.lease import MailboxLease
-from shared.registry import ACTIVE, NEEDS_RECONSENT, Mailbox, MailboxRegistry, utcnow
+from shared.registry import Mailbox, MailboxRegistry, MailboxStatus, utcnow
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -40,14 +41,13 @@ BATCH_BYTES = 16 * 1024 * 1024  # and at most this much mail per FETCH (one larg
 # out one work item per mailbox and queue-triggered instances collect them in parallel.
 FANOUT_FACTOR = 4
 WORK_ITEM_TTL = 600  # seconds: a work item not taken by then is dropped; the next tick schedules the mailbox again
-REFUSED_CLASSES = ("auto_reply", "bounce", "loop")  # what the refuse_to folder receives, as GLPI refuses it
 STORE_THREADS = 8  # concurrent blob uploads, shared by the mailboxes of a worker
 
 
 @dataclass
 class MailboxResult:
     address: str
-    outcome: str = "ok"  # ok | busy | deferred | <error class>
+    outcome: RunOutcome = RunOutcome.OK
     messages: int = 0
     bytes: int = 0
     duration: float = 0.0
@@ -55,12 +55,12 @@ class MailboxResult:
     more: bool = False  # caps or the time budget left mail for the next run
 
     def log(self, consecutive_failures: int) -> None:
-        level = logging.INFO if self.outcome in ("ok", "busy", "deferred") else logging.WARNING
+        level = logging.WARNING if self.outcome.failed else logging.INFO
         logger.log(
             level,
             "collect mailbox=%s outcome=%s messages=%d bytes=%d duration_ms=%d more=%s consecutive_failures=%d%s",
             self.address,
-            self.outcome,
+            self.outcome.value,
             self.messages,
             self.bytes,
             int(self.duration * 1000),
@@ -87,6 +87,15 @@ def blob_name(mailbox_key: str, uidvalidity: int, uid: int) -> str:
 class _Batch:
     uids: list[int]
     messages: dict[int, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    """A batch's storage outcome: every message in ``stored`` has its blob and its envelope on the queue (in this
+    order); ``refused`` are those the refuse rule applies to (auto-replies, bounces, loops)."""
+
+    stored: tuple[int, ...]
+    refused: frozenset[int]
 
 
 class Collector:
@@ -117,7 +126,9 @@ class Collector:
         """Active mailboxes whose throttling backoff, if any, has passed."""
         now = utcnow()
         return [
-            m for m in self._registry.list() if m.status == ACTIVE and (m.retry_after is None or m.retry_after <= now)
+            m
+            for m in self._registry.list()
+            if m.status is MailboxStatus.ACTIVE and (m.retry_after is None or m.retry_after <= now)
         ]
 
     def fan_out_needed(self, count: int) -> bool:
@@ -142,7 +153,7 @@ class Collector:
             logger.warning("work item dropped: not a JSON object with a mailbox")
             return None
         mailbox = self._registry.find(address)
-        if mailbox is None or mailbox.status != ACTIVE:
+        if mailbox is None or mailbox.status is not MailboxStatus.ACTIVE:
             return None
         return self.collect_mailbox(mailbox, deadline=self._clock() + self._settings.time_budget_seconds)
 
@@ -167,20 +178,22 @@ class Collector:
         try:
             with MailboxLease(self._leases, mailbox.key) as lease:
                 if not lease.held:
-                    result.outcome = "busy"
+                    result.outcome = RunOutcome.BUSY
                 else:
                     # Re-read under the lease: the checkpoint may have moved since the list was taken.
-                    current = self._registry.get(mailbox.address)
-                    if current.status != ACTIVE:
-                        result.outcome = "deferred"
+                    current = self._registry.find(mailbox.address)
+                    if current is None or current.status is not MailboxStatus.ACTIVE:
+                        result.outcome = RunOutcome.DEFERRED  # revoked or disabled while the run was starting
                     else:
                         self._collect(current, lease, deadline, result)
         except CollectorError as e:
             result.outcome = e.error_class
             result.error = e.describe()
             self._record_failure(mailbox, e)
-        except KeyError:
-            result.outcome = "deferred"  # revoked while the run was starting
+        except NotFoundError:
+            # Revoked during the run: what reached the queue stays there (at least once); no row to record into.
+            logger.info("mailbox revoked during its run mailbox=%s", mailbox.address)
+            result.outcome = RunOutcome.DEFERRED
         except Exception as e:
             # A defect must cost this mailbox one run, not stop the others: record it and go on.
             logger.exception("collect failed unexpectedly mailbox=%s error=%s", mailbox.address, type(e).__name__)
@@ -192,9 +205,9 @@ class Collector:
             result.error = unexpected.describe()
             self._record_failure(mailbox, unexpected)
         result.duration = self._clock() - started
-        if result.outcome == "ok":
+        if result.outcome is RunOutcome.OK:
             failures = 0
-        elif result.outcome in ("busy", "deferred"):
+        elif not result.outcome.failed:
             failures = mailbox.consecutive_failures
         else:
             failures = mailbox.consecutive_failures + 1
@@ -207,7 +220,7 @@ class Collector:
         options = mailbox.options
         token = self._tokens.access_token(mailbox.address, signed_in_as=mailbox.signed_in_as)
         if token.saved_at is not None:
-            self._registry.update(mailbox.address, token_saved_at=token.saved_at)
+            self._registry.record_token_saved(mailbox.address, token.saved_at)
         with ImapSession(
             self._settings.imap_host,
             self._settings.imap_port,
@@ -228,7 +241,7 @@ class Collector:
             sizes = imap.sizes(imap.uids_after(last_uid))
             batches = list(self._plan(sizes, options.max_messages, options.max_bytes))
             result.more = sum(len(b) for b in batches) < len(sizes)
-            pending: tuple[_Batch, Future[list[int]]] | None = None
+            pending: tuple[_Batch, Future[Enqueued]] | None = None
             # The next batch's FETCH is already on the wire while this one is handled: that hides one round trip
             # to the server per batch. Batches arrive in order; the after-actions in between stay safe.
             for uids, messages in imap.fetch_batches(batches):
@@ -241,15 +254,10 @@ class Collector:
                 pending = (batch, self._store(mailbox, uidvalidity, batch))
             if pending is not None:
                 last_uid = self._finish(mailbox, imap, lease, uidvalidity, *pending, result)
-        self._registry.update(
+        self._registry.record_success(
             mailbox.address,
             uidvalidity=uidvalidity,
             last_uid=last_uid,
-            last_run_at=utcnow(),
-            last_success_at=utcnow(),
-            last_error_class="",
-            last_error="",
-            consecutive_failures=0,
             collected_total=mailbox.collected_total + result.messages,
         )
 
@@ -272,7 +280,7 @@ class Collector:
         if batch:
             yield batch
 
-    def _store(self, mailbox: Mailbox, uidvalidity: int, batch: _Batch) -> Future[list[int]]:
+    def _store(self, mailbox: Mailbox, uidvalidity: int, batch: _Batch) -> Future[Enqueued]:
         """Upload the batch's blobs and build their envelopes concurrently; send the envelopes one by one in UID
         order as they are ready."""
         writes = []
@@ -312,22 +320,23 @@ class Collector:
             blob_name=blob.blob_name,
             collected_at=datetime.now(UTC),
         )
-        flags = envelope["classification"]
-        return encode_for_queue(envelope), any(flags[name] for name in REFUSED_CLASSES)
+        return encode_for_queue(envelope), refused(envelope["classification"])
 
     def _enqueue_in_order(
         self, mailbox: Mailbox, writes: list[tuple[int, Future[None], Future[tuple[str, bool]]]]
-    ) -> list[int]:
-        """Send the envelopes in UID order; return the UIDs the refuse rule applies to."""
-        refused = []
+    ) -> Enqueued:
+        """Send the envelopes in UID order, each after its blob is written."""
+        stored: list[int] = []
+        refused_uids: set[int] = set()
         try:
             for uid, upload, envelope in writes:
                 upload.result()  # a failed upload stops here: no envelope without its blob
                 text, refuse = envelope.result()
                 with self._storage_errors(mailbox, uid):
                     self._sinks.queue.send_message(text)
+                stored.append(uid)
                 if refuse:
-                    refused.append(uid)
+                    refused_uids.add(uid)
         except BaseException:
             # The run stops at this batch. Its uploads still waiting for a thread would only retry against failing
             # storage, holding the shared pool (and the next run, and the other mailboxes) for a minute or more.
@@ -335,7 +344,7 @@ class Collector:
                 upload.cancel()
                 envelope.cancel()
             raise
-        return refused
+        return Enqueued(tuple(stored), frozenset(refused_uids))
 
     @staticmethod
     @contextlib.contextmanager
@@ -356,42 +365,37 @@ class Collector:
         lease: MailboxLease,
         uidvalidity: int,
         batch: _Batch,
-        writes: Future[list[int]],
+        writes: Future[Enqueued],
         result: MailboxResult,
     ) -> int:
         """Wait for the batch's blobs and envelopes, then apply the after-action, then move the checkpoint."""
         error = writes.exception()  # waits for the batch's envelopes
         if error is not None:
             raise error  # storage trouble arrives as TransientError; anything else is a defect, reported as such
+        enqueued = writes.result()
         lease.check()
-        done = [uid for uid in batch.uids if uid in batch.messages]
-        options = mailbox.options
-        if options.after_action == "move" and options.refuse_to:
-            refused = set(writes.result())
-            imap.after_action([u for u in done if u not in refused], "move", options.move_to)
-            imap.after_action([u for u in done if u in refused], "move", options.refuse_to)
-        else:
-            imap.after_action(done, options.after_action, options.move_to)
+        for step in mailbox.options.after_steps(enqueued.stored, enqueued.refused):
+            imap.apply(step)
         lease.check()
         # Missing UIDs were deleted by someone else between SEARCH and FETCH: nothing to collect, move past them.
         checkpoint = batch.uids[-1]
-        self._registry.update(mailbox.address, uidvalidity=uidvalidity, last_uid=checkpoint)
-        result.messages += len(done)
-        result.bytes += sum(len(batch.messages[uid]) for uid in done)
+        self._registry.record_checkpoint(mailbox.address, uidvalidity=uidvalidity, last_uid=checkpoint)
+        result.messages += len(enqueued.stored)
+        result.bytes += sum(len(batch.messages[uid]) for uid in enqueued.stored)
         return checkpoint
 
     def _record_failure(self, mailbox: Mailbox, error: CollectorError) -> None:
-        fields: dict[str, object] = {
-            "last_run_at": utcnow(),
-            "last_error_class": error.error_class,
-            "last_error": error.describe()[:1000],
-            "consecutive_failures": mailbox.consecutive_failures + 1,
-        }
-        if isinstance(error, NeedsReconsentError):
-            fields["status"] = NEEDS_RECONSENT
+        retry_after = None
         if isinstance(error, TransientError) and error.retry_after:
-            fields["retry_after"] = utcnow() + timedelta(seconds=error.retry_after)
+            retry_after = utcnow() + timedelta(seconds=error.retry_after)
         try:
-            self._registry.update(mailbox.address, **fields)
-        except CollectorError as e:
+            self._registry.record_failure(
+                mailbox.address,
+                error_class=error.error_class,
+                error=error.describe(),
+                consecutive_failures=mailbox.consecutive_failures + 1,
+                needs_reconsent=isinstance(error, NeedsReconsentError),
+                retry_after=retry_after,
+            )
+        except (CollectorError, NotFoundError) as e:
             logger.warning("cannot record the outcome mailbox=%s error=%s", mailbox.address, e)

@@ -36,7 +36,7 @@ from collectors.tokens import TokenService
 from shared import audit
 from shared.errors import CollectorError, ConfigurationError, TransientError
 from shared.mailboxes import InvalidMailboxError, normalize_address
-from shared.registry import ACTIVE, Mailbox, MailboxOptions, MailboxRegistry, utcnow
+from shared.registry import Mailbox, MailboxOptions, MailboxRegistry, MailboxStatus, utcnow
 from shared.settings import Settings
 from shared.token_store import TokenCacheStore
 
@@ -254,7 +254,7 @@ class ConsentService:
         self._registry.put(
             Mailbox(
                 address=address,
-                status=ACTIVE,
+                status=MailboxStatus.ACTIVE,
                 options=options,
                 signed_in_as=signed_in,
                 consented_by=str(entity.get("admin") or ""),
@@ -274,14 +274,14 @@ class ConsentService:
             mailbox=address,
             who=str(entity.get("admin") or audit.FUNCTION_KEY),
             before={"status": previous.status, "signed_in_as": previous.signed_in_as} if previous else {},
-            after={"status": ACTIVE, "signed_in_as": signed_in},
+            after={"status": MailboxStatus.ACTIVE, "signed_in_as": signed_in},
         )
         return ConsentResult(address, signed_in, reconsent=previous is not None)
 
     def change_options(self, address: str, changes: Mapping[str, Any], *, admin: str) -> Mailbox:
         """Apply an admin's option changes to a registered mailbox and audit them. Returns the updated row.
 
-        Raises KeyError when the mailbox is not registered, ValueError (in plain words) for a bad option.
+        Raises NotFoundError when the mailbox is not registered, ValueError (in plain words) for a bad option.
         """
         current = self._registry.get(address)
         options = MailboxOptions.from_mapping(changes, current.options)

@@ -16,6 +16,7 @@ from imapclient import IMAPClient, SocketTimeout
 from imapclient import exceptions as imap_errors
 from imapclient.response_parser import parse_fetch_response
 
+from shared.after_action import AfterAction, Step
 from shared.errors import MailboxAccessError, TransientError
 
 logger = logging.getLogger(__name__)
@@ -285,29 +286,33 @@ class ImapSession:
         for tag in list(self._in_flight):
             self._complete(tag)
 
-    def after_action(self, uids: list[int], action: str, move_to: str = "") -> None:
-        """Apply the mailbox's after-action to messages that are already on the queue."""
-        if not uids or action == "leave":
+    def apply(self, step: Step) -> None:
+        """Carry out one after-action step on messages that are already stored and queued."""
+        if not step.uids:
             return
-        client = self.client
+        uids = list(step.uids)
         try:
-            if action == "seen":
-                client.add_flags(uids, [SEEN], silent=True)
-            elif action == "move":
-                self._ensure_folder(move_to)
-                if client.has_capability("MOVE"):
-                    client.move(uids, move_to)
-                else:
-                    client.copy(uids, move_to)
-                    self._delete(uids)
-            elif action == "delete":
+            if step.action is AfterAction.SEEN:
+                self.client.add_flags(uids, [SEEN], silent=True)
+            elif step.action is AfterAction.MOVE:
+                self._move(uids, step.folder)
+            elif step.action is AfterAction.DELETE:
                 self._delete(uids)
-            else:
-                raise ValueError(f"unknown after-action {action!r}")
+            else:  # LEAVE is never a step (shared.after_action.plan)
+                raise ValueError(f"not an after-action step: {step.action}")
         except (MailboxAccessError, ValueError):
             raise
         except Exception as e:
             raise self._translate(e) from e
+
+    def _move(self, uids: list[int], folder: str) -> None:
+        self._ensure_folder(folder)
+        client = self.client
+        if client.has_capability("MOVE"):
+            client.move(uids, folder)
+        else:
+            client.copy(uids, folder)
+            self._delete(uids)
 
     def _delete(self, uids: list[int]) -> None:
         client = self.client

@@ -20,7 +20,7 @@ def run_scheduled(services: Services, *, past_due: bool) -> None:
         services.collector.fan_out(due, services.work_queue())
         return
     results = services.collector.run(due)
-    failed = [r for r in results if r.outcome not in ("ok", "busy", "deferred")]
+    failed = [r for r in results if r.outcome.failed]
     logger.info(
         "collect run mailboxes=%d messages=%d failed=%d",
         len(results),

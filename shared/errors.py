@@ -7,11 +7,46 @@ mailbox registry deal with four outcomes only.
 
 from __future__ import annotations
 
+from enum import StrEnum
+from typing import ClassVar
+
+
+class RunOutcome(StrEnum):
+    """How one mailbox's run ended, as logged (``outcome=``) and as the registry's ``last_error_class``."""
+
+    OK = "ok"
+    BUSY = "busy"  # another run holds the mailbox's lease
+    DEFERRED = "deferred"  # the mailbox was revoked or disabled while the run was starting
+    TRANSIENT = "transient"
+    NEEDS_RECONSENT = "needs_reconsent"
+    MAILBOX_ACCESS = "mailbox_access"
+    CONFIGURATION = "configuration"
+    ERROR = "error"  # a defect: reported with its traceback
+
+    @property
+    def failed(self) -> bool:
+        """An outcome that counts as a failure (and alerts); ok, busy and deferred do not."""
+        return self not in _NOT_FAILED
+
+
+_NOT_FAILED = frozenset({RunOutcome.OK, RunOutcome.BUSY, RunOutcome.DEFERRED})
+
+
+class NotFoundError(LookupError):
+    """The named mailbox is not registered (never authorized, or revoked). ``get`` raises it; ``find`` returns None.
+
+    Not a CollectorError: nothing failed, there is nothing to collect; authorize the mailbox to collect it.
+    """
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"mailbox {address} is not authorized")
+        self.address = address
+
 
 class CollectorError(Exception):
     """Base class. ``error_class`` is the stable name written to the registry and to logs."""
 
-    error_class = "error"
+    error_class: ClassVar[RunOutcome] = RunOutcome.ERROR
     remedy = "see the log line for details"
 
     def __init__(self, message: str, *, remedy: str | None = None) -> None:
@@ -26,14 +61,14 @@ class CollectorError(Exception):
 class ConfigurationError(CollectorError):
     """A setting, the app registration or the deployment is wrong; retrying will not help until it is fixed."""
 
-    error_class = "configuration"
+    error_class = RunOutcome.CONFIGURATION
     remedy = "fix the configuration named in the message, then run again"
 
 
 class TransientError(CollectorError):
     """Network, throttling or a 5xx: nothing is lost and the next run retries. ``retry_after`` in seconds."""
 
-    error_class = "transient"
+    error_class = RunOutcome.TRANSIENT
     remedy = "nothing to do: the next run retries"
 
     def __init__(self, message: str, *, remedy: str | None = None, retry_after: float | None = None) -> None:
@@ -44,12 +79,12 @@ class TransientError(CollectorError):
 class NeedsReconsentError(CollectorError):
     """The stored grant is definitively unusable (``invalid_grant``): an admin must authorize the mailbox again."""
 
-    error_class = "needs_reconsent"
+    error_class = RunOutcome.NEEDS_RECONSENT
     remedy = "open the mailbox's authorize link and sign in as the mailbox again"
 
 
 class MailboxAccessError(CollectorError):
     """The token is valid but the server refuses the mailbox (wrong account, missing permission, folder gone)."""
 
-    error_class = "mailbox_access"
+    error_class = RunOutcome.MAILBOX_ACCESS
     remedy = "check that the signed-in account has access to the mailbox and that the folder exists"

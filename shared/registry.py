@@ -10,15 +10,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
-from shared.errors import TransientError
+from shared.after_action import AfterAction, Step, check_folder_name
+from shared.after_action import plan as plan_after_action
+from shared.after_action import validate as validate_after_action
+from shared.errors import NotFoundError, TransientError
 from shared.folders import check_folder, same_folder
 from shared.mailboxes import mailbox_key
 
@@ -26,14 +30,14 @@ logger = logging.getLogger(__name__)
 
 PARTITION = "mailbox"
 
-ACTIVE = "active"
-NEEDS_RECONSENT = "needs_reconsent"
-DISABLED = "disabled"
-STATUSES = (ACTIVE, NEEDS_RECONSENT, DISABLED)
 
-AFTER_ACTIONS = ("leave", "seen", "move", "delete")
+class MailboxStatus(StrEnum):
+    ACTIVE = "active"  # collected by every run
+    NEEDS_RECONSENT = "needs_reconsent"  # the grant is gone: not collected until an admin authorizes it again
+    DISABLED = "disabled"  # kept, not collected
+
+
 DEFAULT_FOLDER = "INBOX"
-DEFAULT_AFTER_ACTION = "seen"
 DEFAULT_MAX_MESSAGES = 500
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024  # per mailbox and run; at least one message is always taken
 NUMERIC_RANGES = {"max_messages": (1, 100_000), "max_bytes": (1, 10 * 1024**3)}
@@ -60,25 +64,19 @@ class MailboxOptions:
     """What an admin chooses per mailbox: where to read, what to do with collected mail, and per-run caps."""
 
     folder: str = DEFAULT_FOLDER
-    after_action: str = DEFAULT_AFTER_ACTION
+    after_action: AfterAction = AfterAction.SEEN
     move_to: str = ""
     refuse_to: str = ""  # with "move": auto-replies, bounces and loops go here instead (GLPI's refused folder)
     max_messages: int = DEFAULT_MAX_MESSAGES
     max_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
-        if self.after_action not in AFTER_ACTIONS:
-            raise ValueError(f"after_action must be one of {', '.join(AFTER_ACTIONS)}")
-        if self.after_action == "move" and not self.move_to:
-            raise ValueError("after_action 'move' needs move_to (the folder to move collected mail to)")
-        if not self.folder or any(c in self.folder for c in '\r\n"\0') or len(self.folder) > 200:
+        # Options come from admins' input and from stored rows: the after-action policy checks its own fields.
+        kind = validate_after_action(self.after_action, move_to=self.move_to, refuse_to=self.refuse_to)
+        object.__setattr__(self, "after_action", kind)
+        if not self.folder:
             raise ValueError("folder must be a plain folder name")
-        for name in ("move_to", "refuse_to"):
-            value = getattr(self, name)
-            if value and (any(c in value for c in '\r\n"\0') or len(value) > 200):
-                raise ValueError(f"{name} must be a plain folder name")
-        if self.refuse_to and self.after_action != "move":
-            raise ValueError("refuse_to works with after_action 'move'")
+        check_folder_name(self.folder, "folder")
         for name, (low, high) in NUMERIC_RANGES.items():
             if not low <= getattr(self, name) <= high:
                 raise ValueError(f"{name} must be a whole number between {low} and {high}")
@@ -95,6 +93,12 @@ class MailboxOptions:
                     # again: a new ticket per message and run, with nothing failing.
                     raise ValueError(f"{name} {value!r} is the collected folder {self.folder!r}: choose another folder")
         return self
+
+    def after_steps(self, stored: Sequence[int], refused: Collection[int]) -> list[Step]:
+        """The after-action steps for messages that are stored and queued (see ``shared.after_action.plan``)."""
+        return plan_after_action(
+            stored, refused, action=self.after_action, move_to=self.move_to, refuse_to=self.refuse_to
+        )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], base: MailboxOptions | None = None) -> MailboxOptions:
@@ -117,7 +121,7 @@ class MailboxOptions:
 @dataclass(frozen=True)
 class Mailbox:
     address: str
-    status: str = ACTIVE
+    status: MailboxStatus = MailboxStatus.ACTIVE
     options: MailboxOptions = MailboxOptions()
     signed_in_as: str = ""
     consented_by: str = ""
@@ -132,6 +136,9 @@ class Mailbox:
     token_saved_at: datetime | None = None
     retry_after: datetime | None = None
     collected_total: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", MailboxStatus(self.status))  # a stored row holds the plain text
 
     @property
     def key(self) -> str:
@@ -148,6 +155,8 @@ class Mailbox:
 
 _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(MailboxOptions))
 _ROW_FIELDS = tuple(f.name for f in dataclasses.fields(Mailbox) if f.name != "options")
+_COLUMNS = frozenset(_ROW_FIELDS) | {f"opt_{name}" for name in _OPTION_FIELDS}
+MAX_ERROR_CHARS = 1000  # of last_error: the message and its remedy, not a traceback
 
 
 def _to_entity(mailbox: Mailbox) -> dict[str, Any]:
@@ -180,16 +189,16 @@ class MailboxRegistry:
         self._table = table
 
     def get(self, address: str) -> Mailbox:
-        """Raises KeyError when the mailbox is not registered."""
+        """Raises NotFoundError when the mailbox is not registered."""
         try:
             return _from_entity(self._call(self._table.get_entity, PARTITION, mailbox_key(address)))
         except ResourceNotFoundError:
-            raise KeyError(address) from None
+            raise NotFoundError(address) from None
 
     def find(self, address: str) -> Mailbox | None:
         try:
             return self.get(address)
-        except KeyError:
+        except NotFoundError:
             return None
 
     def list(self) -> list[Mailbox]:
@@ -204,18 +213,70 @@ class MailboxRegistry:
         """Create or fully replace a row."""
         self._call(self._table.upsert_entity, _to_entity(mailbox), mode=UpdateMode.REPLACE)
 
-    def update(self, address: str, **fields: Any) -> None:
-        """Merge the named fields into an existing row (status, checkpoint, counters)."""
-        entity: dict[str, Any] = {"PartitionKey": PARTITION, "RowKey": mailbox_key(address)}
-        entity.update({k: v for k, v in fields.items() if v is not None})
-        self._call(self._table.update_entity, entity, mode=UpdateMode.MERGE)
+    # Named updates: each writes the fields of one event and nothing else. All raise NotFoundError when the row is
+    # gone (the mailbox was revoked meanwhile) and TransientError when storage fails.
+
+    def record_token_saved(self, address: str, saved_at: datetime) -> None:
+        """A renewed token cache reached Key Vault at ``saved_at`` (the token age an admin watches)."""
+        self._merge(address, token_saved_at=saved_at)
+
+    def record_checkpoint(self, address: str, *, uidvalidity: int, last_uid: int) -> None:
+        """Messages up to ``last_uid`` are stored, queued and their after-action done: never collect them again."""
+        self._merge(address, uidvalidity=uidvalidity, last_uid=last_uid)
+
+    def record_success(self, address: str, *, uidvalidity: int, last_uid: int, collected_total: int) -> None:
+        """A run ended well: the final checkpoint, and the failure status cleared."""
+        now = utcnow()
+        self._merge(
+            address,
+            uidvalidity=uidvalidity,
+            last_uid=last_uid,
+            last_run_at=now,
+            last_success_at=now,
+            last_error_class="",
+            last_error="",
+            consecutive_failures=0,
+            collected_total=collected_total,
+        )
+
+    def record_failure(
+        self,
+        address: str,
+        *,
+        error_class: str,
+        error: str,
+        consecutive_failures: int,
+        needs_reconsent: bool = False,
+        retry_after: datetime | None = None,
+    ) -> None:
+        """A run failed: what and how often; ``needs_reconsent`` stops collection until the next consent;
+        ``retry_after`` skips the mailbox until then (throttling)."""
+        fields: dict[str, Any] = {
+            "last_run_at": utcnow(),
+            "last_error_class": str(error_class),
+            "last_error": error[:MAX_ERROR_CHARS],
+            "consecutive_failures": consecutive_failures,
+        }
+        if needs_reconsent:
+            fields["status"] = MailboxStatus.NEEDS_RECONSENT.value
+        if retry_after is not None:
+            fields["retry_after"] = retry_after
+        self._merge(address, **fields)
 
     def set_options(self, address: str, options: MailboxOptions) -> None:
         """Replace the mailbox's options (folder, after-action, caps)."""
-        entity = {
-            k: v for k, v in _to_entity(Mailbox(address=address, options=options)).items() if k.startswith("opt_")
-        }
-        self.update(address, **entity)
+        entity = _to_entity(Mailbox(address=address, options=options))
+        self._merge(address, **{k: v for k, v in entity.items() if k.startswith("opt_")})
+
+    def _merge(self, address: str, **fields: Any) -> None:
+        unknown = set(fields) - _COLUMNS
+        if unknown:  # a misspelled field would be written as a new column, silently
+            raise ValueError(f"not registry columns: {', '.join(sorted(unknown))}")
+        entity: dict[str, Any] = {"PartitionKey": PARTITION, "RowKey": mailbox_key(address), **fields}
+        try:
+            self._call(self._table.update_entity, entity, mode=UpdateMode.MERGE)
+        except ResourceNotFoundError:
+            raise NotFoundError(address) from None
 
     def delete(self, address: str) -> None:
         """Succeeds when the row is already absent."""

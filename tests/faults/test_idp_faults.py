@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import collectors.entra as entra
-from shared.registry import ACTIVE, NEEDS_RECONSENT
+from shared.registry import MailboxStatus
 from tests.conftest import simple_message
 from tests.support.faults import LEDGER, check_delivery, collect, expire_access_tokens, stored_version
 from tests.support.standins import ControlClient
@@ -73,7 +73,7 @@ def test_token_endpoint_server_errors_are_transient_and_keep_the_token(
     assert idp.pending(address) == 0
     assert failed.outcome == "transient" and "Entra ID" in failed.error
     row = services.registry.get(address)
-    assert (row.status, row.last_error_class) == (ACTIVE, "transient")
+    assert (row.status, row.last_error_class) == (MailboxStatus.ACTIVE, "transient")
     assert stored_version(services, address) == version, "a transient failure must not touch the stored token"
 
     time.sleep(1.2)
@@ -121,7 +121,7 @@ def test_each_dead_grant_asks_for_re_consent_with_its_reason_and_the_others_go_o
     for code, address in dead.items():
         assert results[address].outcome == "needs_reconsent", (code, results[address])
         row = services.registry.get(address)
-        assert row.status == NEEDS_RECONSENT and row.last_error_class == "needs_reconsent"
+        assert row.status == MailboxStatus.NEEDS_RECONSENT and row.last_error_class == "needs_reconsent"
         assert f"AADSTS{code}" in row.last_error and DEAD_GRANTS[code] in row.last_error, row.last_error
         assert "authorize link" in row.last_error
         assert stored_version(services, address) == sent[address][1], "the stored token is kept for the record"
@@ -143,7 +143,7 @@ def test_an_expired_client_secret_is_a_configuration_error_that_says_to_renew_it
     assert results[other].messages == 1
     assert results[address].outcome == "configuration"
     row = services.registry.get(address)
-    assert row.status == ACTIVE, "a configuration problem is not the mailbox's: no re-consent"
+    assert row.status == MailboxStatus.ACTIVE, "a configuration problem is not the mailbox's: no re-consent"
     assert row.last_error_class == "configuration" and "AADSTS7000222" in row.last_error
     assert "client secret has expired" in row.last_error and "create a new one" in row.last_error
     assert "ENTRA_CLIENT_SECRET" in row.last_error

@@ -16,7 +16,7 @@ import pytest
 
 import collectors.imap_session as imap_session
 from devstack import dovecot
-from shared.registry import ACTIVE, utcnow
+from shared.registry import MailboxStatus, utcnow
 from tests.conftest import simple_message
 from tests.support.faults import check_delivery, collect, doveadm, stored_version
 from tests.support.imap_proxy import ImapProxy, proxy_for
@@ -75,7 +75,7 @@ def test_a_connection_cut_in_the_middle_of_a_fetch_batch_loses_nothing(
     assert cut.fired == 1
     assert failed.outcome == "transient" and "connection" in failed.error and "was lost" in failed.error
     row = services.registry.get(address)
-    assert (row.status, row.last_error_class, row.last_uid) == (ACTIVE, "transient", 0)
+    assert (row.status, row.last_error_class, row.last_uid) == (MailboxStatus.ACTIVE, "transient", 0)
     assert "next run" in row.last_error
     before = flags(stack, address)
     assert len(before) == len(sent), "the messages must still be listed in the folder"
@@ -192,7 +192,7 @@ def test_throttling_defers_the_mailbox_for_the_suggested_backoff_and_the_others_
 
     assert failed.outcome == "transient" and "throttling" in failed.error and "2.5 s" in failed.error
     row = services.registry.get(throttled)
-    assert row.last_error_class == "transient" and row.status == ACTIVE
+    assert row.last_error_class == "transient" and row.status == MailboxStatus.ACTIVE
     assert row.retry_after is not None
     assert before + timedelta(seconds=2) <= row.retry_after <= utcnow() + timedelta(seconds=3)
 
@@ -223,7 +223,7 @@ def test_a_login_refused_for_a_valid_token_is_explained_and_the_others_go_on(
     refused = results[shared_box]
     assert refused.outcome == "mailbox_access"
     row = services.registry.get(shared_box)
-    assert row.status == ACTIVE and row.last_error_class == "mailbox_access"
+    assert row.status == MailboxStatus.ACTIVE and row.last_error_class == "mailbox_access"
     assert delegate in row.last_error and shared_box in row.last_error
     assert "Full Access" in row.last_error and "Add-MailboxPermission" in row.last_error
     assert stored_version(services, shared_box) == version, "a refused login must not touch the stored token"
@@ -241,7 +241,7 @@ def test_a_missing_folder_is_a_mailbox_access_error_with_its_remedy(
 
     assert failed.outcome == "mailbox_access"
     row = services.registry.get(address)
-    assert row.last_error_class == "mailbox_access" and row.status == ACTIVE
+    assert row.last_error_class == "mailbox_access" and row.status == MailboxStatus.ACTIVE
     assert "'Nope'" in row.last_error and "create the folder or change the mailbox's folder option" in row.last_error
     assert stored_version(services, address) == version
 

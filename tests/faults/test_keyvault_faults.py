@@ -18,7 +18,7 @@ import collectors.tokens as tokens_module
 from collectors.entra import confidential_app
 from collectors.services import build_services
 from shared import azure_clients
-from shared.registry import ACTIVE, NEEDS_RECONSENT
+from shared.registry import MailboxStatus
 from shared.settings import load_settings
 from tests.conftest import simple_message
 from tests.support.faults import (
@@ -88,7 +88,7 @@ def test_key_vault_throttling_and_server_errors_are_transient_and_keep_the_token
     assert failed.outcome == "transient" and f"Key Vault read failed for {address} (HTTP {status})" in failed.error
     assert results[other].messages == 1
     row = services.registry.get(address)
-    assert (row.status, row.last_error_class) == (ACTIVE, "transient")
+    assert (row.status, row.last_error_class) == (MailboxStatus.ACTIVE, "transient")
     if retry_after:
         assert row.retry_after is not None, "Key Vault's Retry-After defers the mailbox"
     assert stored_version(services, address) == version
@@ -137,12 +137,12 @@ def test_a_secret_deleted_behind_the_apps_back_asks_for_re_consent_and_the_other
     assert results[other].messages == 1
     assert results[address].outcome == "needs_reconsent"
     row = services.registry.get(address)
-    assert row.status == NEEDS_RECONSENT and row.last_error_class == "needs_reconsent"
+    assert row.status == MailboxStatus.NEEDS_RECONSENT and row.last_error_class == "needs_reconsent"
     assert "Key Vault secret is missing" in row.last_error and "authorize link" in row.last_error
     assert [r.address for r in services.collector.run()] == [other], "a mailbox that needs re-consent is skipped"
 
     consent(address)  # recovers the soft-deleted secret and stores the new sign-in as its next version
-    assert services.registry.get(address).status == ACTIVE
+    assert services.registry.get(address).status == MailboxStatus.ACTIVE
     assert collect(services, address).messages == 1
     check_delivery(services, [mine, theirs], queue_messages(), case="Key Vault: secret deleted, then re-consent")
 

@@ -17,7 +17,7 @@ from azure.storage.queue import QueueClient
 from devstack import dovecot
 from shared import azure_clients
 from shared.mailboxes import mailbox_key
-from shared.registry import NEEDS_RECONSENT
+from shared.registry import MailboxStatus
 from tests.conftest import ROOT, simple_message
 from tests.support.stack import Stack
 
@@ -224,7 +224,7 @@ def test_invalid_grant_marks_one_mailbox_and_the_others_are_collected(
     assert results[good1].messages == 1 and results[good2].messages == 1
     assert results[bad].outcome == "needs_reconsent" and "AADSTS70043" in results[bad].error
     row = services.registry.get(bad)
-    assert row.status == NEEDS_RECONSENT and row.last_error_class == "needs_reconsent"
+    assert row.status == MailboxStatus.NEEDS_RECONSENT and row.last_error_class == "needs_reconsent"
     assert "authorize" in row.last_error
     assert services.tokens._store.load(bad) is not None, "the stored token must be kept"
     assert sorted(e["mailbox"] for e in queue_messages()) == sorted([good1, good2])

@@ -18,7 +18,7 @@ from collectors.consent import FLOW_PARTITION, ConsentFailure, ConsentProblem, C
 from shared import azure_clients, redaction
 from shared.errors import NeedsReconsentError, TransientError
 from shared.mailboxes import mailbox_key
-from shared.registry import NEEDS_RECONSENT, MailboxRegistry, utcnow
+from shared.registry import MailboxRegistry, MailboxStatus, utcnow
 from tests.support.signin import sign_in
 from tests.support.stack import Stack
 from tests.support.standins import tls_session
@@ -227,7 +227,11 @@ def test_reconsent_replaces_the_token_and_resets_the_failure_status(
 ) -> None:
     address = new_address()
     consent(address)
-    services.registry.update(address, status=NEEDS_RECONSENT, consecutive_failures=4, last_uid=17, uidvalidity=9)
+    services.registry.record_checkpoint(address, uidvalidity=9, last_uid=17)
+    services.registry.record_failure(
+        address, error_class="needs_reconsent", error="revoked", consecutive_failures=4, needs_reconsent=True
+    )
+    assert services.registry.get(address).status is MailboxStatus.NEEDS_RECONSENT
     first = services.tokens._store.load(address)
     result = services.consent.complete(signed_in(address))
     assert result.reconsent

@@ -11,6 +11,7 @@ import pytest
 
 from collectors.imap_session import ImapSession
 from devstack import dovecot
+from shared.after_action import AfterAction, Step
 from tests.conftest import simple_message
 from tests.support.stack import Stack
 
@@ -40,7 +41,7 @@ def test_batches_arrive_whole_and_in_order_with_after_actions_in_between(
                 assert imap._in_flight, "the next FETCH was not sent ahead"
             assert sorted(messages) == batch
             got += [messages[uid] for uid in batch]
-            imap.after_action(batch, "seen")  # a UID STORE while the next FETCH is on the wire
+            imap.apply(Step(AfterAction.SEEN, tuple(batch)))  # a UID STORE while the next FETCH is on the wire
 
     assert got == sent
     flags = dovecot.list_flags(Path(stack.dovecot_config), address)

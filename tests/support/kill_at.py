@@ -65,21 +65,24 @@ def install(point: str, nth: int) -> None:
     elif point == "after_action":
         from collectors.imap_session import ImapSession
 
-        def some_mail(session: Any, uids: list[int], *args: Any, **kwargs: Any) -> bool:
-            return bool(uids)
+        def some_mail(session: Any, step: Any, *args: Any, **kwargs: Any) -> bool:
+            return bool(step.uids)
 
-        ImapSession.after_action = _after(ImapSession.after_action, counter, some_mail)  # type: ignore[method-assign]
+        ImapSession.apply = _after(ImapSession.apply, counter, some_mail)  # type: ignore[method-assign]
     elif point == "before_checkpoint":
         from shared.registry import MailboxRegistry
 
-        real_update = MailboxRegistry.update
+        def before(real: Callable[..., None]) -> Callable[..., None]:
+            def checkpoint(*args: Any, **kwargs: Any) -> None:
+                if counter.reached():
+                    _die()
+                real(*args, **kwargs)
 
-        def update(registry: MailboxRegistry, address: str, **fields: Any) -> None:
-            if "last_uid" in fields and counter.reached():
-                _die()
-            real_update(registry, address, **fields)
+            return checkpoint
 
-        MailboxRegistry.update = update  # type: ignore[method-assign]
+        # Both write the checkpoint: after each batch, and the final one with the run's success.
+        MailboxRegistry.record_checkpoint = before(MailboxRegistry.record_checkpoint)  # type: ignore[method-assign]
+        MailboxRegistry.record_success = before(MailboxRegistry.record_success)  # type: ignore[method-assign]
     else:
         raise ValueError(f"point must be one of {', '.join(POINTS)}")
 

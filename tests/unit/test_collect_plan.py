@@ -31,5 +31,12 @@ def test_the_first_message_is_taken_even_above_the_byte_cap() -> None:
 
 def test_blob_names_derive_from_identity_only() -> None:
     assert blob_name("mbx-a", 42, 7) == "mbx-a/42/0000000007.eml"
-    assert blob_name("mbx-a", 42, 7) == blob_name("mbx-a", 42, 7)
-    assert blob_name("mbx-a", 43, 7) != blob_name("mbx-a", 42, 7)
+    # A retried upload must hit the same blob, and no two messages may share one: every part of the identity counts.
+    names = {blob_name(key, v, uid) for key in ("mbx-a", "mbx-b") for v in (42, 43) for uid in (7, 70, 2**32 - 1)}
+    assert len(names) == 12
+
+
+def test_blob_names_list_in_uid_order() -> None:
+    # The zero padding makes a container listing come back in UID order (UIDs are unsigned 32-bit).
+    uids = [1, 9, 10, 99, 100, 12345, 2**32 - 1]
+    assert sorted(blob_name("mbx-a", 42, uid) for uid in uids) == [blob_name("mbx-a", 42, uid) for uid in uids]

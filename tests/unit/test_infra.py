@@ -1025,8 +1025,10 @@ def _log_formats() -> list[str]:
 def test_alert_fields_are_what_the_collector_logs() -> None:
     formats = _log_formats()
     assert any("outcome=%s" in f and "consecutive_failures=%d" in f for f in formats), formats
-    errors = (ROOT / "shared" / "errors.py").read_text(encoding="utf-8")
-    assert re.search(r'error_class = "needs_reconsent"', errors), "the outcome the re-consent alert looks for"
+    from shared.errors import NeedsReconsentError
+
+    # The outcome the re-consent alert looks for, as the log line writes it.
+    assert f"{NeedsReconsentError.error_class}" == "needs_reconsent"
 
 
 def _render(log_format: str, field: str, value: int) -> str:
