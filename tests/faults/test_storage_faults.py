@@ -53,17 +53,16 @@ def inbox(stack: Stack, address: str, folder: str = "INBOX") -> list[int]:
 
 def after_checkpoint(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None], *, nth: int = 1) -> list[int]:
     """Run ``action`` right after the ``nth`` checkpoint a collection writes (in the collecting thread)."""
-    real_update = MailboxRegistry.update
+    real_record = MailboxRegistry.record_checkpoint
     checkpoints: list[int] = []
 
-    def update(self: MailboxRegistry, address: str, **fields: Any) -> None:
-        real_update(self, address, **fields)
-        if "last_uid" in fields and "last_success_at" not in fields:
-            checkpoints.append(int(fields["last_uid"]))
-            if len(checkpoints) == nth:
-                action()
+    def record_checkpoint(self: MailboxRegistry, address: str, *, uidvalidity: int, last_uid: int) -> None:
+        real_record(self, address, uidvalidity=uidvalidity, last_uid=last_uid)
+        checkpoints.append(last_uid)
+        if len(checkpoints) == nth:
+            action()
 
-    monkeypatch.setattr(MailboxRegistry, "update", update)
+    monkeypatch.setattr(MailboxRegistry, "record_checkpoint", record_checkpoint)
     return checkpoints
 
 
