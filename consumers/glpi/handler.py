@@ -136,7 +136,7 @@ class TicketConsumer:
         log = f"envelope={envelope['id']} attempt={dequeue_count}"
         try:
             return self._handle(envelope, key, log)
-        except (TransientError, ConfigurationError, GlpiRefused) as e:
+        except (TransientError, ConfigurationError, GlpiRefused, BadEnvelope) as e:
             last = dequeue_count >= max_dequeue_count
             level = logging.ERROR if last or isinstance(e, ConfigurationError) else logging.WARNING
             logger.log(level, "glpi message failed %s last_attempt=%s error=%s", log, last, e)

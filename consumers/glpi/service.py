@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 
+from azure.core.exceptions import AzureError, ResourceNotFoundError
+
 from consumers.glpi.client import GlpiClient
-from consumers.glpi.handler import TicketConsumer
+from consumers.glpi.handler import BadEnvelope, TicketConsumer
 from consumers.glpi.options import parse_options
 from consumers.glpi.state import StateStore
 from shared import azure_clients
-from shared.errors import ConfigurationError
+from shared.errors import ConfigurationError, TransientError
 from shared.settings import Settings, get_settings
 
 MAX_DEQUEUE_COUNT = 5  # host.json extensions.queues.maxDequeueCount: the last attempt records its reason
@@ -29,7 +31,12 @@ def build_consumer(settings: Settings) -> TicketConsumer:
 
     def read_blob(container: str | None, name: str) -> bytes:
         blob = azure_clients.blob_service(settings).get_blob_client(container or settings.mail_container, name)
-        data: bytes = blob.download_blob().readall()
+        try:
+            data: bytes = blob.download_blob().readall()
+        except ResourceNotFoundError:
+            raise BadEnvelope(f"the envelope's blob {name[:200]} does not exist") from None
+        except AzureError as e:
+            raise TransientError(f"reading the mail blob failed: {type(e).__name__}") from e
         return data
 
     return TicketConsumer(client, state, options, read_blob)

@@ -557,3 +557,27 @@ def test_a_consumer_killed_at_each_step_never_makes_a_second_ticket(
     ticket = one_ticket(stack, word)
     assert sorted(d["filename"] for d in ticket["documents"]) == ["f0.txt", "f1.txt", "f2.txt"]
     assert ticket["followups"] == []
+
+
+@pytest.mark.parametrize("damage", ["blob-missing", "blob-changed"])
+def test_an_envelope_whose_blob_is_gone_or_changed_is_poisoned_with_its_reason(
+    stack: Any, glpi_settings: Any, drain: Any, damage: str
+) -> None:
+    word = _id()
+    envelope = post_mail(glpi_settings, mail(f"Damaged {word}"), mailbox="s@x.test", uid=1)
+    blob = azure_clients.container(glpi_settings, glpi_settings.mail_container).get_blob_client(
+        envelope["blob"]["name"]
+    )
+    if damage == "blob-missing":
+        blob.delete_blob()
+    else:
+        blob.upload_blob(b"Subject: other\r\n\r\nother", overwrite=True)
+    assert drain() == {"failed": 4, "poisoned": 1}
+    assert tickets_with(stack, word) == []
+    consumer = build_consumer(glpi_settings)
+    try:
+        row = consumer.state.envelope(envelope["id"])
+    finally:
+        consumer.close()
+    assert row is not None and row["status"] == "failed"
+    assert ("does not exist" if damage == "blob-missing" else "do not match") in row["reason"]
