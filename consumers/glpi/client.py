@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5  # seconds
 READ_TIMEOUT = 30  # seconds: a ticket with a large document takes GLPI a while
 POOL_CONNECTIONS = 16  # threads of one worker share one session's connections
+# Pauses before repeating a read that failed: a blip is ridden out here, an outage goes back to the queue.
+READ_RETRY_PAUSES = (0.5, 1.5)  # seconds
 CONFIGURATION_CODES = frozenset(
     {
         "ERROR_APP_TOKEN_PARAMETERS_MISSING",
@@ -178,13 +181,26 @@ class GlpiClient:
             )
         return response
 
+    def _send_with_retry(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """A read is repeated after a short pause when GLPI blips (5xx, timeout, connection reset); a write is not:
+        GLPI may have done it, and only the caller can tell (the message's marker)."""
+        for pause in (*READ_RETRY_PAUSES, None):
+            try:
+                return self._send(method, path, **kwargs)
+            except GlpiUnavailable as e:
+                if method != "GET" or pause is None:
+                    raise
+                logger.info("glpi read retried after=%.1fs error=%s", pause, e)
+                time.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """One API call in the current session, renewing the session once when GLPI says it is invalid.
 
         Raises GlpiUnavailable, GlpiRefused (4xx with GLPI's code) or ConfigurationError (login, rights)."""
         token = self._session_token or self._open_session(None)
         for attempt in (1, 2):
-            response = self._send(method, path, headers=self._headers(token), **kwargs)
+            response = self._send_with_retry(method, path, headers=self._headers(token), **kwargs)
             if response.status_code < 400:
                 return response
             code, message = _error_of(response)

@@ -457,9 +457,22 @@ def test_glpi_failing_sends_the_message_back_and_it_is_handled_later(
 ) -> None:
     word = _id()
     post_mail(glpi_settings, mail(f"Flaky {word}"), mailbox="s@x.test", uid=1)
-    glpi_control(stack, "faults", {"status": status, "count": 2, "path": "/apirest.php/"})
+    glpi_control(stack, "faults", {"status": status, "count": 2, "method": "POST", "path": "/apirest.php/Ticket"})
     assert drain() == {"failed": 2, "ticket": 1}
     assert len(tickets_with(stack, word)) == 1
+
+
+def test_a_read_that_blips_is_repeated_in_place_and_an_outage_is_not(
+    stack: Any, glpi_settings: Any, drain: Any
+) -> None:
+    word = _id()
+    post_mail(glpi_settings, mail(f"Blip {word}", sender=f"blip{word}@example.org"), mailbox="s@x.test", uid=1)
+    glpi_control(stack, "faults", {"status": 502, "count": 2, "method": "GET", "path": "/search/User"})
+    assert drain() == {"ticket": 1}  # two failed searches, repeated after 0.5 and 1.5 s, no trip through the queue
+    post_mail(glpi_settings, mail(f"Outage {word}", sender=f"out{word}@example.org"), mailbox="s@x.test", uid=2)
+    glpi_control(stack, "faults", {"status": 502, "count": 3, "method": "GET", "path": "/search/User"})
+    assert drain() == {"failed": 1, "ticket": 1}
+    assert len(tickets_with(stack, word)) == 2
 
 
 def test_an_expired_session_is_renewed_without_failing_the_message(
