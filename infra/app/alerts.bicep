@@ -1,9 +1,12 @@
 // Log alerts on the stable key=value fields the collector writes into its log lines (Application Insights traces):
-//   outcome=needs_reconsent          a mailbox whose grant was revoked or expired; someone must sign it in again
-//   consecutive_failures=<n>         how many collector runs in a row have failed for a mailbox
+//   collect mailbox=<address> outcome=needs_reconsent ...   a mailbox whose grant was revoked or expired
+//   collect mailbox=<address> ... consecutive_failures=<n>    how many collector runs in a row have failed
 //   credential_expires_in_days=<n>   days left on the Entra client secret (secret mode: the expiry date of its
 //                                    Key Vault secret, read once a day; negative once it has expired)
 // Each alert is split by mailbox where the line names one, so one broken mailbox raises one alert.
+// Kusto's `has` matches whole terms (runs of letters and digits: `needs_reconsent` is two terms), so `has` only
+// narrows by one plain word and `extract` reads each field; tests/unit/test_alert_queries.py runs these queries
+// over the log of a real run.
 param namePrefix string
 param actionGroupName string
 param location string = resourceGroup().location
@@ -41,24 +44,26 @@ var mailboxDimension = [
 
 var reconsentQuery = '''
 traces
-| where message has "outcome=needs_reconsent"
-| extend mailbox = tostring(extract(@"mailbox=([^\s]+)", 1, message))
+| where message has "collect"
+| extend outcome = tostring(extract(@"^collect mailbox=\S+ outcome=(\S+)", 1, message))
+| where outcome == "needs_reconsent"
+| extend mailbox = tostring(extract(@"^collect mailbox=(\S+)", 1, message))
 | project timestamp, mailbox
 '''
 
 var failuresQuery = '''
 traces
-| where message has "consecutive_failures="
-| extend consecutive_failures = toint(extract(@"consecutive_failures=(\d+)", 1, message))
-| extend mailbox = tostring(extract(@"mailbox=([^\s]+)", 1, message))
+| where message has "collect"
+| extend consecutive_failures = toint(extract(@"^collect mailbox=\S+ outcome=\S+ messages=\d+ bytes=\d+ duration_ms=\d+ more=\w+ consecutive_failures=(\d+)", 1, message))
 | where isnotnull(consecutive_failures)
+| extend mailbox = tostring(extract(@"^collect mailbox=(\S+)", 1, message))
 | project timestamp, mailbox, consecutive_failures
 '''
 
 var credentialQuery = '''
 traces
-| where message has "credential_expires_in_days="
-| extend credential_expires_in_days = toint(extract(@"credential_expires_in_days=(-?\d+)", 1, message))
+| where message has "credential"
+| extend credential_expires_in_days = toint(extract(@" credential_expires_in_days=(-?\d+)", 1, message))
 | where isnotnull(credential_expires_in_days)
 | project timestamp, credential_expires_in_days
 '''

@@ -27,6 +27,7 @@ from pycep.models import BicepElement
 
 from api.consent import CALLBACK_ROUTE
 from shared.settings import LOCAL_ONLY_SETTINGS, SETTING_NAMES
+from tests.support import kql
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
@@ -484,6 +485,9 @@ def check_tags(trees: Trees) -> None:
             assert tags == "tags" or "tags" in json.dumps(tags), f"{name}: {symbol} must carry the azd tags"
 
 
+ALERT_FIELDS = ("outcome", "consecutive_failures", "credential_expires_in_days")
+
+
 def check_alerts(trees: Trees) -> None:
     alerts = trees[ALERTS]
     rules = {
@@ -495,15 +499,17 @@ def check_alerts(trees: Trees) -> None:
         queries[symbol] = (alerts["variables"][criterion["query"]]["value"], criterion)
         assert body["properties"]["scopes"] == ["appInsightsId"], symbol
         assert body["properties"]["actions"]["actionGroups"], f"{symbol} notifies nobody"
-    fields = {symbol: re.findall(r'has "([a-z_]+=[a-z_]*)"', query) for symbol, (query, _) in queries.items()}
-    assert sorted(field for found in fields.values() for field in found) == sorted(
-        ["outcome=needs_reconsent", "consecutive_failures=", "credential_expires_in_days="]
-    ), fields
-    by_field = {field: queries[symbol][1] for symbol, found in fields.items() for field in found}
-    assert by_field["consecutive_failures="]["threshold"] == "consecutiveFailureThreshold"
-    assert by_field["consecutive_failures="]["operator"] == "GreaterThanOrEqual"
-    assert by_field["credential_expires_in_days="]["threshold"] == "credentialExpiryWarningDays"
-    assert by_field["credential_expires_in_days="]["operator"] == "LessThanOrEqual"
+    # Each query reads its field with extract (see tests/unit/test_alert_queries.py for what they find).
+    fields = {
+        symbol: [f for f in re.findall(r"\b([a-z_]+)=\(", query) if f in ALERT_FIELDS]
+        for symbol, (query, _) in queries.items()
+    }
+    assert sorted(field for found in fields.values() for field in set(found)) == sorted(ALERT_FIELDS), fields
+    by_field = {field: queries[symbol][1] for symbol, found in fields.items() for field in set(found)}
+    assert by_field["consecutive_failures"]["threshold"] == "consecutiveFailureThreshold"
+    assert by_field["consecutive_failures"]["operator"] == "GreaterThanOrEqual"
+    assert by_field["credential_expires_in_days"]["threshold"] == "credentialExpiryWarningDays"
+    assert by_field["credential_expires_in_days"]["operator"] == "LessThanOrEqual"
     groups = [body for _, kind, _, body in resources(alerts) if kind == "Microsoft.Insights/actionGroups"]
     assert len(groups) == 1
     assert dotted(module_params(trees[MAIN], "alerts")["appInsightsId"]) == "monitoring.outputs.appInsightsId"
@@ -907,7 +913,7 @@ MUTATIONS = [
         "    location: location\n    tags: tags\n    kind: 'StorageV2'\n",
         "    location: location\n    kind: 'StorageV2'\n",
     ),
-    ("alerts", ALERTS, '| where message has "outcome=needs_reconsent"', '| where message has "outcome=failed"'),
+    ("alerts", ALERTS, r"more=\w+ consecutive_failures=(", r"more=\w+ failures=("),
     ("alerts", ALERTS, "          threshold: consecutiveFailureThreshold\n", "          threshold: 1\n"),
     ("no keys", API, "  KEY_VAULT_URI: keyVaultUri\n", "  KEY_VAULT_URI: storageAccount.listKeys().keys[0].value\n"),
     ("no keys", API, "  IMAP_HOST: imapHost\n", "  IMAP_HOST: 'DefaultEndpointsProtocol=https;AccountKey=x'\n"),
@@ -1050,17 +1056,12 @@ def test_credential_alert_reads_what_the_collector_logs() -> None:
     source = "\n".join(path.read_text(encoding="utf-8") for path in sorted((ROOT / "collectors").glob("*.py")))
     formats = re.findall(rf'"([^"\n]*{field}[^"\n]*)"', source)
     assert formats, f"no log line in collectors/ writes {field}"
-    queries = [v["value"] for v in _trees()[ALERTS]["variables"].values() if field in str(v["value"])]
-    assert len(queries) == 1, queries
-    query = queries[0]
-    (term,) = re.findall(r'has "([^"]+)"', query)
-    (pattern,) = re.findall(rf'extract\(@"({field}[^"]+)", 1, message\)', query)
+    query = kql.alert_queries(INFRA / ALERTS)["credentialQuery"]
     for log_format in formats:
         for days in (400, 29, 0, -3):
             line = _render(log_format, field, days)
-            assert term in line, f"the alert filters on {term!r}, which {line!r} lacks"
-            match = re.search(pattern, line)
-            assert match and int(match.group(1)) == days, f"the alert reads {match and match.group(1)} from {line!r}"
+            found = kql.run(query, [{"timestamp": "t", "message": line}])
+            assert [r["credential_expires_in_days"] for r in found] == [days], f"the alert reads {found} from {line!r}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
