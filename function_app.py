@@ -17,7 +17,7 @@ import azure.functions as func
 from api import admin, consent
 from collectors.scheduled import run_scheduled
 from collectors.services import get_services
-from shared import redaction
+from shared import invocation_logs, redaction
 
 redaction.install()
 # The Azure SDKs log every HTTP request at INFO; keep Application Insights for the app's own lines.
@@ -31,24 +31,28 @@ app.register_functions(admin.blueprint)
 
 
 @app.timer_trigger(schedule="%COLLECT_SCHEDULE%", arg_name="timer", run_on_startup=False, use_monitor=True)
-def collect_mail(timer: func.TimerRequest) -> None:
+def collect_mail(timer: func.TimerRequest, context: func.Context) -> None:
     """Collect every active mailbox. Failures are recorded per mailbox; the run itself only fails on configuration."""
-    run_scheduled(get_services(), past_due=timer.past_due)
+    # The collector logs from its own threads: they carry this invocation, or the host drops their lines.
+    with invocation_logs.invocation(context.thread_local_storage, context.invocation_id):
+        run_scheduled(get_services(), past_due=timer.past_due)
 
 
 @app.queue_trigger(arg_name="item", queue_name="%WORK_QUEUE_NAME%", connection="AzureWebJobsStorage")
-def collect_work(item: func.QueueMessage) -> None:
+def collect_work(item: func.QueueMessage, context: func.Context) -> None:
     """Collect the one mailbox a work item names (fan-out across instances; the lease keeps each mailbox single)."""
-    get_services().collector.collect_work_item(item.get_body().decode("utf-8", errors="replace"))
+    with invocation_logs.invocation(context.thread_local_storage, context.invocation_id):
+        get_services().collector.collect_work_item(item.get_body().decode("utf-8", errors="replace"))
 
 
 @app.queue_trigger(arg_name="envelope", queue_name="%MAIL_QUEUE_NAME%", connection="AzureWebJobsStorage")
-def glpi_tickets(envelope: func.QueueMessage) -> None:
+def glpi_tickets(envelope: func.QueueMessage, context: func.Context) -> None:
     """Make the envelope's message a GLPI ticket or follow-up, once. A failure puts it back on the queue."""
     from consumers.glpi.service import MAX_DEQUEUE_COUNT, get_consumer  # imported on first use: import stays cheap
 
-    get_consumer().handle(
-        envelope.get_body().decode("utf-8", errors="replace"),
-        dequeue_count=envelope.dequeue_count or 1,
-        max_dequeue_count=MAX_DEQUEUE_COUNT,
-    )
+    with invocation_logs.invocation(context.thread_local_storage, context.invocation_id):
+        get_consumer().handle(
+            envelope.get_body().decode("utf-8", errors="replace"),
+            dequeue_count=envelope.dequeue_count or 1,
+            max_dequeue_count=MAX_DEQUEUE_COUNT,
+        )

@@ -12,6 +12,7 @@ IMAP round trips and the storage writes overlap.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from collectors.envelope.classification import refused
 from collectors.imap_session import ImapSession
 from collectors.tokens import TokenService
 from shared.errors import CollectorError, NeedsReconsentError, NotFoundError, RunOutcome, TransientError
+from shared.invocation_logs import carried
 from shared.lease import MailboxLease
 from shared.registry import Mailbox, MailboxRegistry, MailboxStatus, utcnow
 from shared.settings import Settings
@@ -169,7 +171,8 @@ class Collector:
             mailboxes = self.due_mailboxes()
         workers = max(1, min(self._settings.max_concurrency, len(mailboxes)))
         with ThreadPoolExecutor(workers, thread_name_prefix="mailbox") as pool:
-            return list(pool.map(lambda m: self.collect_mailbox(m, deadline=deadline), mailboxes))
+            collect = carried(functools.partial(self.collect_mailbox, deadline=deadline))
+            return list(pool.map(collect, mailboxes))
 
     def collect_mailbox(self, mailbox: Mailbox, *, deadline: float) -> MailboxResult:
         """Collect one mailbox under its lease and record the outcome in the registry. Never raises CollectorError."""
@@ -291,10 +294,10 @@ class Collector:
             blob = self._sinks.container.get_blob_client(blob_name(mailbox.key, uidvalidity, uid))
             # Two tasks: the envelope (parsing, CPU) is built while the blob uploads (I/O). For a large message
             # each takes a good part of the time, and a batch of one message has nothing else to overlap with.
-            upload = self._store_pool.submit(self._upload, mailbox, uid, blob, raw)
-            envelope = self._store_pool.submit(self._envelope, mailbox, uidvalidity, uid, blob, raw)
+            upload = self._store_pool.submit(carried(self._upload), mailbox, uid, blob, raw)
+            envelope = self._store_pool.submit(carried(self._envelope), mailbox, uidvalidity, uid, blob, raw)
             writes.append((uid, upload, envelope))
-        return self._enqueue_pool.submit(self._enqueue_in_order, mailbox, writes)
+        return self._enqueue_pool.submit(carried(self._enqueue_in_order), mailbox, writes)
 
     def _upload(self, mailbox: Mailbox, uid: int, blob: BlobClient, raw: bytes) -> None:
         """Write the raw bytes to their blob."""

@@ -16,6 +16,7 @@ from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsE
 from azure.storage.blob import BlobLeaseClient, ContainerClient
 
 from shared.errors import TransientError
+from shared.invocation_logs import carried
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class MailboxLease:
             raise TransientError(f"cannot take the mailbox lease: HTTP {e.status_code}") from e
         except AzureError as e:
             raise TransientError(f"cannot take the mailbox lease: {type(e).__name__}") from e
-        self._thread = threading.Thread(target=self._renew, name=f"lease-{self._blob.blob_name}", daemon=True)
+        self._thread = threading.Thread(target=carried(self._renew), name=f"lease-{self._blob.blob_name}", daemon=True)
         self._thread.start()
         return self
 

@@ -35,6 +35,7 @@ from consumers.glpi.client import GlpiClient, GlpiRefused
 from consumers.glpi.options import MailboxOptions, TicketOptions
 from consumers.glpi.state import DONE, FAILED, REFUSED, ClaimLost, MessageState, StateStore, message_key
 from shared.errors import ConfigurationError, TransientError
+from shared.invocation_logs import carried
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +325,7 @@ class TicketConsumer:
             except GlpiRefused as e:  # GLPI refuses the file (type, size): a note instead of a lost message
                 return str(attachment.index), None, f"{attachment.filename}: {e.code}"
 
-        results = list(self._uploads.map(upload, missing))
+        results = list(self._uploads.map(carried(upload), missing))
         refused: list[str] = []
         for index, document_id, problem in results:
             if document_id is not None:
