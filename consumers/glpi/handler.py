@@ -25,7 +25,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 ENVELOPE_SCHEMA = "mail-envelope/1"
 MARKER_PREFIX = "mailref"
 STATUS_CLOSED = 6  # CommonITILObject::CLOSED
-UPLOAD_THREADS = 4  # documents of one message uploaded side by side
+UPLOAD_THREADS = 16  # documents uploaded, and the blob and requester read, side by side (shared by invocations)
 USER_CACHE_SECONDS = 300.0
 MAX_ENVELOPE_BYTES = 256 * 1024
 _ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"]{1,64}@[A-Za-z0-9.-]{1,255}\.[A-Za-z]{2,63}$")
@@ -165,6 +165,12 @@ class TicketConsumer:
             logger.error("glpi failure not recorded envelope=%s error=%s", envelope_id, e)
 
     def _handle(self, envelope: dict[str, Any], key: str, log: str) -> Outcome:
+        # Reads that do not depend on the claim run while it is taken: the raw mail and the requester's GLPI user.
+        options = self.options.for_mailbox(str(envelope["mailbox"]))
+        blob = self._uploads.submit(self.read_blob, envelope["blob"].get("container"), envelope["blob"]["name"])
+        requester = self._requester_address(envelope, options)
+        if requester:
+            self._uploads.submit(self._user_id, requester)  # fills the cache; its failure shows again when used
         state = self.state.claim(key, envelope["id"])
         if state.status in (DONE, REFUSED):
             logger.info("glpi duplicate dropped %s status=%s ticket=%s", log, state.status, state.ticket_id)
@@ -172,7 +178,7 @@ class TicketConsumer:
                 self.state.record_envelope(envelope["id"], state)
             return Outcome("duplicate", state.ticket_id, state.followup_id, state.reason)
         try:
-            return self._process(envelope, state, key, log)
+            return self._process(envelope, state, key, log, blob)
         except ClaimLost:
             raise
         except Exception:
@@ -181,7 +187,9 @@ class TicketConsumer:
             self.state.release(state)
             raise
 
-    def _process(self, envelope: dict[str, Any], state: MessageState, key: str, log: str) -> Outcome:
+    def _process(
+        self, envelope: dict[str, Any], state: MessageState, key: str, log: str, blob: Future[bytes]
+    ) -> Outcome:
         state.envelope_id = envelope["id"]
         options = self.options.for_mailbox(str(envelope["mailbox"]))
 
@@ -196,7 +204,7 @@ class TicketConsumer:
             target = self._thread_target(envelope, options)
             state.kind = "followup" if target else "ticket"
             state.ticket_id = target
-        raw = self.read_blob(envelope["blob"].get("container"), envelope["blob"]["name"])
+        raw = blob.result()
         if hashlib.sha256(raw).hexdigest() != envelope["sha256"]:
             raise BadEnvelope("the blob's bytes do not match the envelope's sha256")
         mail = mail_content.parse_message(
