@@ -4,6 +4,7 @@ the only one besides ``function_app.py`` that imports ``azure.functions``.
 
 Routes (under /api):
   GET    mailboxes                       list mailboxes with their status          (function key)   admin.py
+  POST   mailboxes                       add an app-mode mailbox (access proven)   (function key)   admin.py
   GET    mailboxes/{address}             one mailbox's status                      (function key)   admin.py
   PATCH  mailboxes/{address}             change its folder, after-action or caps   (function key)   admin.py
   DELETE mailboxes/{address}             revoke: delete its token and row          (function key)   admin.py

@@ -1,4 +1,4 @@
-"""Admin routes: list, read, change and revoke registered mailboxes (JSON, function key)."""
+"""Admin routes: list, add (app mode), read, change and revoke registered mailboxes (JSON, function key)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import azure.functions as func
 
 from api.identity import acting_admin
 from api.pages import json_answer
-from api.statuses import bad_request, not_found, service_failure
+from api.statuses import bad_request, conflict, mailbox_refused, not_found, service_failure
+from collectors.app_mailboxes import MailboxExistsError
 from collectors.services import get_services
 from shared.errors import CollectorError, NotFoundError
 from shared.mailboxes import InvalidMailboxError, normalize_address
+from shared.registry import MailboxMode
 
 MAX_JSON_BYTES = 8 * 1024
 
@@ -37,6 +39,47 @@ def _options_patch(body: bytes) -> dict[str, Any]:
     if not isinstance(changes, dict):
         raise ValueError("the body must be a JSON object")
     return changes
+
+
+ADD_FIELDS = ("address", "mode", "tenant", "options")
+
+
+@blueprint.route(route="mailboxes", methods=["POST"])
+def add_mailbox(req: func.HttpRequest) -> func.HttpResponse:
+    """Add an app-mode mailbox: JSON {"address", "mode": "app", "tenant" (optional), "options" (optional)}.
+
+    Access is proven first (app token, IMAP login as the mailbox, SELECT of the folder); a refusal answers with the
+    step that is missing (403 or 502, its remedy filled in) and stores nothing. 201 with the new row otherwise.
+    """
+    body = req.get_body()
+    if len(body) > MAX_JSON_BYTES:
+        return json_answer(413, {"error": "too_large"})
+    try:
+        request = _options_patch(body)
+        unknown = sorted(set(request) - set(ADD_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field(s): {', '.join(unknown)}; expected {', '.join(ADD_FIELDS)}")
+        mode, tenant, options = request.get("mode", ""), request.get("tenant", ""), request.get("options", {})
+        if mode == MailboxMode.DELEGATED:
+            raise ValueError(
+                "delegated mailboxes are added by signing in as the mailbox: open /api/mailboxes/{address}/authorize"
+            )
+        if mode != MailboxMode.APP:
+            raise ValueError('mode must be "app" (delegated mailboxes are added through their authorize link)')
+        if not isinstance(request.get("address"), str) or not isinstance(tenant, str):
+            raise ValueError("address and tenant must be text")
+        if not isinstance(options, dict):
+            raise ValueError("options must be a JSON object")
+        services = get_services()
+        address = normalize_address(request["address"], allowed_domains=services.settings.allowed_domains)
+        added = services.app_mailboxes.add(address, options, tenant=tenant, admin=acting_admin(req))
+        return json_answer(201, added.to_public())
+    except MailboxExistsError as e:
+        return conflict(str(e))
+    except (InvalidMailboxError, ValueError) as e:
+        return bad_request(str(e))
+    except CollectorError as e:
+        return mailbox_refused(e)
 
 
 @blueprint.route(route="mailboxes/{address}", methods=["GET", "PATCH", "DELETE"])

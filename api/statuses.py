@@ -11,7 +11,7 @@ import azure.functions as func
 
 from api.pages import json_answer, page
 from collectors.consent import ConsentFailure, ConsentProblem
-from shared.errors import CollectorError, ConfigurationError
+from shared.errors import CollectorError, ConfigurationError, MailboxAccessError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,22 @@ def consent_failure(error: Exception) -> func.HttpResponse:
 def service_failure(error: CollectorError) -> func.HttpResponse:
     """The JSON answer of an admin route when storage or Key Vault fails: 503 with the error class and remedy."""
     return json_answer(UNAVAILABLE, {"error": error.error_class, "message": error.describe()})
+
+
+# Why adding a mailbox was refused: the server refused the app for this mailbox (an Exchange admin's step is
+# missing), or Entra ID refused the app itself (its consent or credential): the upstream said no.
+REFUSAL_STATUS: Mapping[type[CollectorError], int] = {MailboxAccessError: 403, ConfigurationError: 502}
+
+
+def mailbox_refused(error: CollectorError) -> func.HttpResponse:
+    """The JSON answer when proving access to a mailbox failed: the error class, what happened and what to do."""
+    status = next((code for kind, code in REFUSAL_STATUS.items() if isinstance(error, kind)), UNAVAILABLE)
+    logger.warning("mailbox not added error_class=%s error=%s", error.error_class, error)
+    return json_answer(status, {"error": error.error_class, "message": str(error), "remedy": error.remedy})
+
+
+def conflict(message: str) -> func.HttpResponse:
+    return json_answer(409, {"error": "conflict", "message": message})
 
 
 def bad_request(message: str) -> func.HttpResponse:

@@ -25,14 +25,23 @@ from azure.core.exceptions import AzureError
 from azure.storage.blob import BlobClient, ContainerClient, ContentSettings
 from azure.storage.queue import QueueClient
 
+from collectors.app_tokens import AppTokenProvider, exchange_refusal
 from collectors.envelope import build_envelope, encode_for_queue
 from collectors.envelope.classification import refused
 from collectors.imap_session import ImapSession
-from collectors.tokens import TokenService
-from shared.errors import CollectorError, NeedsReconsentError, NotFoundError, RunOutcome, TransientError
+from collectors.tokens import AccessToken, TokenService
+from shared.errors import (
+    CollectorError,
+    ConfigurationError,
+    MailboxAccessError,
+    NeedsReconsentError,
+    NotFoundError,
+    RunOutcome,
+    TransientError,
+)
 from shared.invocation_logs import carried
 from shared.lease import MailboxLease
-from shared.registry import Mailbox, MailboxRegistry, MailboxStatus, utcnow
+from shared.registry import Mailbox, MailboxMode, MailboxRegistry, MailboxStatus, utcnow
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -111,11 +120,13 @@ class Collector:
         tokens: TokenService,
         sinks: Sinks,
         leases: ContainerClient,
+        app_tokens: AppTokenProvider | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._registry = registry
         self._tokens = tokens
+        self._app_tokens = app_tokens or AppTokenProvider(settings)
         self._sinks = sinks
         self._leases = leases
         self._clock = clock
@@ -221,7 +232,7 @@ class Collector:
 
     def _collect(self, mailbox: Mailbox, lease: MailboxLease, deadline: float, result: MailboxResult) -> None:
         options = mailbox.options
-        token = self._tokens.access_token(mailbox.address, signed_in_as=mailbox.signed_in_as)
+        token, refused = self._token(mailbox)
         if token.saved_at is not None:
             self._registry.record_token_saved(mailbox.address, token.saved_at)
         with ImapSession(
@@ -231,6 +242,7 @@ class Collector:
             access_token=token.token,
             ca_bundle=self._settings.ca_bundle,
             signed_in_as=mailbox.signed_in_as,
+            refused=refused,
         ) as imap:
             uidvalidity = imap.select(options.folder)
             last_uid = mailbox.last_uid
@@ -263,6 +275,13 @@ class Collector:
             last_uid=last_uid,
             collected_total=mailbox.collected_total + result.messages,
         )
+
+    def _token(self, mailbox: Mailbox) -> tuple[AccessToken, Callable[[], MailboxAccessError] | None]:
+        """The mailbox's access token by its mode, and the error for a refused login when the mode has its own."""
+        if mailbox.mode == MailboxMode.APP:
+            app_token = self._app_tokens.access_token(mailbox)
+            return app_token, lambda: exchange_refusal(mailbox.address, app_token)
+        return self._tokens.access_token(mailbox.address, signed_in_as=mailbox.signed_in_as), None
 
     @staticmethod
     def _plan(sizes: dict[int, int], max_messages: int, max_bytes: int) -> Iterator[list[int]]:
@@ -388,6 +407,9 @@ class Collector:
         return checkpoint
 
     def _record_failure(self, mailbox: Mailbox, error: CollectorError) -> None:
+        if isinstance(error, NeedsReconsentError) and mailbox.mode == MailboxMode.APP:
+            # No one signs in for an app-mode mailbox: re-consent is never the remedy, whatever raised this.
+            error = ConfigurationError(str(error), remedy="check the app's credential and admin consent")
         retry_after = None
         if isinstance(error, TransientError) and error.retry_after:
             retry_after = utcnow() + timedelta(seconds=error.retry_after)

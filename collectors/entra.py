@@ -167,16 +167,20 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0][:300] if text.strip() else "no detail"
 
 
-def confidential_app(settings: Settings, cache: msal.TokenCache | None = None) -> msal.ConfidentialClientApplication:
-    """An MSAL app for the configured Entra app registration, with ``cache`` (a new empty one by default).
+def confidential_app(
+    settings: Settings, cache: msal.TokenCache | None = None, *, tenant_id: str | None = None
+) -> msal.ConfidentialClientApplication:
+    """An MSAL app for the configured Entra app registration, with ``cache`` (a new empty one by default), in
+    ``tenant_id`` (default: ENTRA_TENANT_ID; another tenant for a multitenant app's app-only mailboxes).
 
     Raises TransientError when the authority cannot be reached, ConfigurationError when it is wrong.
     """
+    authority = settings.authority if tenant_id is None else f"{settings.authority_host.rstrip('/')}/{tenant_id}"
     try:
         return msal.ConfidentialClientApplication(
             settings.client_id,
             client_credential=_client_credential(settings),
-            authority=settings.authority,
+            authority=authority,
             token_cache=cache,
             http_client=_http_client(settings),
             http_cache=_http_cache,
@@ -185,7 +189,7 @@ def confidential_app(settings: Settings, cache: msal.TokenCache | None = None) -
     except UNREACHABLE as e:
         raise TransientError(f"Entra ID unreachable ({type(e).__name__}) at {settings.authority_host}") from e
     except ValueError as e:
-        raise ConfigurationError(f"Entra authority {settings.authority} is not usable: {e}") from e
+        raise ConfigurationError(f"Entra authority {authority} is not usable: {e}") from e
 
 
 def aadsts_codes(result: Mapping[str, Any]) -> list[int]:

@@ -9,7 +9,7 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 
 from imapclient import IMAPClient, SocketTimeout
@@ -68,11 +68,14 @@ class ImapSession:
         access_token: str,
         ca_bundle: str | None = None,
         signed_in_as: str = "",
+        refused: Callable[[], MailboxAccessError] | None = None,
     ) -> None:
+        """``refused``: the error for a refused login when the generic one would mislead (an app-only token)."""
         self._host, self._port = host, port
         self._address = address
         self._token = access_token
         self._signed_in_as = signed_in_as or address
+        self._refused = refused
         self._context = _tls_context(ca_bundle)
         self._client: IMAPClient | None = None
         self._created: set[str] = set()
@@ -128,6 +131,8 @@ class ImapSession:
         throttled = _throttle(text)
         if throttled:
             return throttled
+        if self._refused is not None:
+            return self._refused()
         if "not connected" in text.lower():
             return MailboxAccessError(
                 f"IMAP accepted the token of {self._signed_in_as} but cannot open the mailbox {self._address} "

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from azure.storage.queue import QueueClient
 
+from collectors.app_mailboxes import AppMailboxes
+from collectors.app_tokens import AppTokenProvider
 from collectors.collect import Collector, Sinks
 from collectors.consent import ConsentService
 from collectors.credential_check import CredentialExpiryCheck
@@ -29,6 +31,8 @@ class Services:
     consent: ConsentService
     collector: Collector
     credential_check: CredentialExpiryCheck
+    app_tokens: AppTokenProvider
+    app_mailboxes: AppMailboxes
 
     def work_queue(self) -> QueueClient:
         return azure_clients.queue(self.settings, self.settings.work_queue)
@@ -39,6 +43,7 @@ def build_services(settings: Settings) -> Services:
     registry = MailboxRegistry(azure_clients.table(settings, settings.mailbox_table))
     store = TokenCacheStore(azure_clients.secret_client(settings))
     tokens = TokenService(settings, store)
+    app_tokens = AppTokenProvider(settings)  # one per worker: its per-tenant app tokens serve every app-mode mailbox
     consent = ConsentService(
         settings,
         flows=azure_clients.table(settings, settings.consent_table),
@@ -55,9 +60,11 @@ def build_services(settings: Settings) -> Services:
             queue=azure_clients.queue(settings, settings.mail_queue),
         ),
         leases=azure_clients.container(settings, settings.lease_container),
+        app_tokens=app_tokens,
     )
     credential_check = CredentialExpiryCheck(azure_clients.secret_client(settings), settings.client_secret_name)
-    return Services(settings, registry, tokens, consent, collector, credential_check)
+    app_mailboxes = AppMailboxes(settings, registry=registry, tokens=app_tokens)
+    return Services(settings, registry, tokens, consent, collector, credential_check, app_tokens, app_mailboxes)
 
 
 @functools.cache

@@ -37,6 +37,13 @@ class MailboxStatus(StrEnum):
     DISABLED = "disabled"  # kept, not collected
 
 
+class MailboxMode(StrEnum):
+    """How the collector logs in to a mailbox."""
+
+    DELEGATED = "delegated"  # as the account that signed in at consent, with its refresh token from Key Vault
+    APP = "app"  # as the app itself (client credentials, IMAP.AccessAsApp): no sign-in and no token per mailbox
+
+
 DEFAULT_FOLDER = "INBOX"
 DEFAULT_MAX_MESSAGES = 500
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024  # per mailbox and run; at least one message is always taken
@@ -136,9 +143,13 @@ class Mailbox:
     token_saved_at: datetime | None = None
     retry_after: datetime | None = None
     collected_total: int = 0
+    mode: MailboxMode = MailboxMode.DELEGATED
+    tenant_id: str = ""  # app mode: the mailbox's Entra tenant; empty is the deployment's (ENTRA_TENANT_ID)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "status", MailboxStatus(self.status))  # a stored row holds the plain text
+        # A stored row holds plain text.
+        object.__setattr__(self, "status", MailboxStatus(self.status))
+        object.__setattr__(self, "mode", MailboxMode(self.mode))
 
     @property
     def key(self) -> str:

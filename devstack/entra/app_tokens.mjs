@@ -15,7 +15,7 @@
 // Dovecot 2.3 cannot read a JSON array from a JWT, so the token also carries x_stand_in_roles, the roles joined by
 // spaces, for the Exchange stand-in's grant list (docs/fidelity.md); the app reads roles only.
 
-import { createHash, createPublicKey, createVerify, constants } from 'node:crypto';
+import { constants, createHash, createPublicKey, createVerify, randomBytes } from 'node:crypto';
 
 const EXCHANGE_RESOURCES = ['https://outlook.office365.com', 'https://outlook.office.com'];
 const JWT_BEARER = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
@@ -201,6 +201,7 @@ export function createAppTokens({ config, origin, homeTenant, signJwt, oidFor, s
       oid,
       sub: oid,
       tid: tenant,
+      uti: randomBytes(16).toString('base64url'), // Entra's token identifier: no two tokens are alike
       ver: '1.0',
     };
     if (app.roles.length > 0) {

@@ -29,6 +29,7 @@ EXPECTED: dict[str, list[dict[str, Any]]] = {
     "authorize_mailbox": _http("mailboxes/{address}/authorize", ["GET"]),
     "auth_callback": _http("auth/callback", ["POST"], "ANONYMOUS"),
     "list_mailboxes": _http("mailboxes", ["GET"]),
+    "add_mailbox": _http("mailboxes", ["POST"]),
     "mailbox": _http("mailboxes/{address}", ["GET", "PATCH", "DELETE"]),
     "collect_mail": [
         {
@@ -77,7 +78,7 @@ def test_every_function_is_indexed_with_exactly_its_bindings(functions: dict[str
 
 def test_only_the_oauth_callback_is_anonymous(functions: dict[str, list[dict[str, Any]]]) -> None:
     http = {name: bindings[0] for name, bindings in functions.items() if bindings[0]["type"] == "httpTrigger"}
-    assert len(http) == 4
+    assert len(http) == 5
     assert [name for name, trigger in http.items() if trigger["authLevel"] == "ANONYMOUS"] == ["auth_callback"]
 
 
