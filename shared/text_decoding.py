@@ -71,13 +71,20 @@ def codec_for(label: str | None) -> str | None:
     return info.name if _TEXT_CODEC.match(info.name.replace("_", "").replace("-", "")) else None
 
 
-def decode_text(data: bytes, charset: str | None) -> Decoded:
+def _strict(data: bytes, codec: str, final: bool) -> str:
+    """Decode strictly; with ``final`` False a character cut at the end of ``data`` is left out, not an error."""
+    decoder = codecs.getincrementaldecoder(codec)("strict")
+    return str(decoder.decode(data, final=final))
+
+
+def decode_text(data: bytes, charset: str | None, *, final: bool = True) -> Decoded:
     """Decode a text part's bytes. Never raises and never returns U+FFFD for a part that has no charset.
 
     Order: a byte order mark wins over the label (mailers label UTF-16 parts wrongly); then the declared charset,
     strictly; then UTF-8 when the bytes are valid UTF-8 (the commonest mislabel); then, for a part without a
     usable label, ISO-8859-1 as GLPI does; for a labelled part with invalid bytes, the label with each bad byte
-    replaced, so that the rest of the text survives.
+    replaced, so that the rest of the text survives. ``final=False`` says ``data`` is the start of a longer text
+    (a preview): a multibyte character cut at its end is dropped instead of spoiling the guess.
     """
     for bom, bom_codec in _BOMS + _BOMS16:
         if data.startswith(bom):
@@ -86,16 +93,16 @@ def decode_text(data: bytes, charset: str | None) -> Decoded:
     if codec in _LATIN_LABELS and not data.isascii():
         # UTF-8 text labelled Latin-1 or ASCII is a common mislabel; real Latin-1 text is almost never valid UTF-8.
         try:
-            return Decoded(data.decode("utf-8"), "utf-8", f"declared {charset!r} but the bytes are UTF-8")
+            return Decoded(_strict(data, "utf-8", final), "utf-8", f"declared {charset!r} but the bytes are UTF-8")
         except UnicodeDecodeError:
             pass
     if codec is not None:
         try:
-            return Decoded(data.decode(codec), codec)
+            return Decoded(_strict(data, codec, final), codec)
         except UnicodeDecodeError:
             pass
     try:
-        text = data.decode("utf-8")
+        text = _strict(data, "utf-8", final)
     except UnicodeDecodeError:
         pass
     else:

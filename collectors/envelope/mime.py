@@ -20,6 +20,7 @@ from typing import Any
 
 from collectors.envelope.headers import from_8bit, unstructured
 from collectors.envelope.notes import Notes, clip, scrub, short
+from shared.text_decoding import decode_text
 
 PREVIEW_CHARS = 2000  # characters of plain text: enough to triage, small next to the queue limit
 PREVIEW_SOURCE_CHARS = 64 * 1024  # encoded characters read from the body part: a preview never decodes 30 MB
@@ -210,16 +211,16 @@ def _decode_head(part: Message, notes: Notes) -> str | None:
         data = binascii.a2b_qp(head.encode("utf-8", "surrogateescape"))
     else:
         data = head.encode("utf-8", "surrogateescape")
-    charset = "utf-8"
+    charset: str | None = None
     try:
-        charset = part.get_content_charset() or "us-ascii"
+        charset = part.get_content_charset()
     except Exception:  # see _param
-        notes.mime("text part charset could not be parsed; read as UTF-8")
-    try:
-        return data.decode(charset, "replace")
-    except Exception:  # unknown or non-text charsets (LookupError) and codecs that ignore `errors`
-        notes.mime(f"text part in unknown charset {short(charset, 40)!r}; read as UTF-8")
-        return data.decode("utf-8", "replace")
+        notes.mime("text part charset could not be parsed")
+    # The same decoding as the GLPI consumer's (shared.text_decoding): Outlook's labels, no-charset fallback, BOMs.
+    decoded = decode_text(data, charset, final=len(payload) <= PREVIEW_SOURCE_CHARS)
+    if decoded.problem:
+        notes.mime(f"text part: {short(decoded.problem, 120)}")
+    return decoded.text
 
 
 class _TextOfHtml(HTMLParser):
