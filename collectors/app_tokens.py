@@ -109,6 +109,12 @@ class AppTokenProvider:
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
+    def forget(self) -> None:
+        """Drop every cached app token, so that the next call asks Entra ID (after a change of credential or consent,
+        the tokens already issued still carry the old roles)."""
+        with self._lock:
+            self._apps.clear()
+
     def tenant_of(self, mailbox: Mailbox) -> str:
         return mailbox.tenant_id or self._settings.tenant_id
 
