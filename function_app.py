@@ -14,7 +14,7 @@ import logging
 
 import azure.functions as func
 
-from api import admin, consent
+from api import admin, consent, operations
 from collectors.scheduled import run_scheduled
 from collectors.services import get_services
 from shared import invocation_logs, redaction
@@ -28,6 +28,7 @@ logging.getLogger("imapclient").setLevel(logging.INFO)
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(consent.blueprint)
 app.register_functions(admin.blueprint)
+app.register_functions(operations.blueprint)
 
 
 @app.timer_trigger(schedule="%COLLECT_SCHEDULE%", arg_name="timer", run_on_startup=False, use_monitor=True)

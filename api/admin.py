@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 import azure.functions as func
 
 from api.identity import acting_admin
+from api.operations import reconsent_url
 from api.pages import json_answer
 from api.statuses import bad_request, conflict, mailbox_refused, not_found, service_failure
 from collectors.app_mailboxes import MailboxExistsError
-from collectors.services import get_services
+from collectors.operations import DELEGATED, mode_of
+from collectors.services import Services, get_services
 from shared.errors import CollectorError, NotFoundError
 from shared.mailboxes import InvalidMailboxError, normalize_address
-from shared.registry import MailboxMode
+from shared.registry import Mailbox, MailboxMode
 
 MAX_JSON_BYTES = 8 * 1024
 
@@ -28,6 +31,19 @@ def list_mailboxes(req: func.HttpRequest) -> func.HttpResponse:
         return json_answer(200, [m.to_public() for m in get_services().registry.list()])
     except CollectorError as e:
         return service_failure(e)
+
+
+def _reconsent_fields(req: func.HttpRequest, services: Services, mailbox: Mailbox) -> dict[str, Any]:
+    """For a delegated mailbox: a fresh re-consent link for its owner (signed, single use, 7 days). The
+    needs-re-consent alert points here."""
+    if mode_of(mailbox) != DELEGATED:
+        return {"reconsent_link": None}
+    link = services.operations.reconsent_link(mailbox.address, admin=acting_admin(req))
+    parts = urlsplit(req.url)
+    return {
+        "reconsent_link": reconsent_url(f"{parts.scheme}://{parts.netloc}", link.value),
+        "reconsent_link_expires_at": link.expires_at.isoformat(),
+    }
 
 
 def _options_patch(body: bytes) -> dict[str, Any]:
@@ -103,7 +119,7 @@ def mailbox(req: func.HttpRequest) -> func.HttpResponse:
         if current is None:
             return not_found(address)
         if req.method == "GET":
-            return json_answer(200, current.to_public())
+            return json_answer(200, {**current.to_public(), **_reconsent_fields(req, services, current)})
         body = req.get_body()
         if len(body) > MAX_JSON_BYTES:
             return json_answer(413, {"error": "too_large"})

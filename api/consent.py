@@ -17,7 +17,7 @@ CALLBACK_ROUTE = "auth/callback"
 blueprint = func.Blueprint()  # type: ignore[no-untyped-call]  # the library leaves its __init__ untyped
 
 
-def _redirect_uri(req: func.HttpRequest) -> str:
+def callback_uri(req: func.HttpRequest) -> str:
     configured = get_services().settings.redirect_uri
     if configured:
         return configured
@@ -34,7 +34,7 @@ def authorize_mailbox(req: func.HttpRequest) -> func.HttpResponse:
     try:
         auth_uri = get_services().consent.start(
             req.route_params.get("address", ""),
-            redirect_uri=_redirect_uri(req),
+            redirect_uri=callback_uri(req),
             delegate=delegate,
             options=params,
             admin=acting_admin(req),

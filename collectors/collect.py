@@ -89,6 +89,12 @@ class Sinks:
     queue: QueueClient
 
 
+def collected_today(mailbox: Mailbox, messages: int) -> int:
+    """The status page's "collected today" counter after ``messages`` more, restarted each UTC day."""
+    before = mailbox.collected_today if mailbox.collected_day == utcnow().date().isoformat() else 0
+    return before + messages
+
+
 def blob_name(mailbox_key: str, uidvalidity: int, uid: int) -> str:
     """Derived from the message's identity only, so a retried upload overwrites the same blob with the same bytes."""
     return f"{mailbox_key}/{uidvalidity}/{uid:010d}.eml"
@@ -274,6 +280,7 @@ class Collector:
             uidvalidity=uidvalidity,
             last_uid=last_uid,
             collected_total=mailbox.collected_total + result.messages,
+            collected_today=collected_today(mailbox, result.messages),
         )
 
     def _token(self, mailbox: Mailbox) -> tuple[AccessToken, Callable[[], MailboxAccessError] | None]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from collectors.services import Services
+from shared.errors import CollectorError
 
 logger = logging.getLogger(__name__)
 
@@ -18,12 +19,27 @@ def run_scheduled(services: Services, *, past_due: bool) -> None:
     due = services.collector.due_mailboxes()
     if services.collector.fan_out_needed(len(due)):
         services.collector.fan_out(due, services.work_queue())
-        return
-    results = services.collector.run(due)
-    failed = [r for r in results if r.outcome.failed]
-    logger.info(
-        "collect run mailboxes=%d messages=%d failed=%d",
-        len(results),
-        sum(r.messages for r in results),
-        len(failed),
-    )
+        logger.info("collect run completed mode=fan_out mailboxes=%d", len(due))
+    else:
+        results = services.collector.run(due)
+        failed = [r for r in results if r.outcome.failed]
+        # The heartbeat alert reads this line: no "collect run completed" for three periods means the timer, the
+        # app or its deployment is broken, which no per-mailbox line can say.
+        logger.info(
+            "collect run completed mode=in_process mailboxes=%d messages=%d failed=%d",
+            len(results),
+            sum(r.messages for r in results),
+            len(failed),
+        )
+    upkeep(services)
+
+
+def upkeep(services: Services) -> None:
+    """After the collection: keep unused refresh tokens alive and write the daily lines about mailboxes that need
+    someone (re-consent, a token that will expire). A failure here is logged; it never fails the run."""
+    try:
+        mailboxes = services.registry.list()
+        services.operations.keep_alive(mailboxes)
+        services.operations.report_daily(services.registry.list())
+    except CollectorError as e:
+        logger.warning("upkeep failed error_class=%s error=%s", e.error_class, e.describe())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from azure.storage.blob import ContainerClient
 from azure.storage.queue import QueueClient
 
 from collectors.app_mailboxes import AppMailboxes
@@ -16,10 +17,12 @@ from collectors.app_tokens import AppTokenProvider
 from collectors.collect import Collector, Sinks
 from collectors.consent import ConsentService
 from collectors.credential_check import CredentialExpiryCheck
+from collectors.operations import Operations
 from collectors.tokens import TokenService
 from shared import azure_clients
 from shared.registry import MailboxRegistry
 from shared.settings import Settings, get_settings
+from shared.signed_links import LinkSigner
 from shared.token_store import TokenCacheStore
 
 
@@ -33,9 +36,18 @@ class Services:
     credential_check: CredentialExpiryCheck
     app_tokens: AppTokenProvider
     app_mailboxes: AppMailboxes
+    signer: LinkSigner
+    operations: Operations
 
     def work_queue(self) -> QueueClient:
         return azure_clients.queue(self.settings, self.settings.work_queue)
+
+    def mail_queue(self, name: str = "") -> QueueClient:
+        """The envelope queue, or another queue of the account (a replay for a new consumer)."""
+        return azure_clients.queue(self.settings, name or self.settings.mail_queue)
+
+    def mail_container(self) -> ContainerClient:
+        return azure_clients.container(self.settings, self.settings.mail_container)
 
 
 def build_services(settings: Settings) -> Services:
@@ -64,7 +76,12 @@ def build_services(settings: Settings) -> Services:
     )
     credential_check = CredentialExpiryCheck(azure_clients.secret_client(settings), settings.client_secret_name)
     app_mailboxes = AppMailboxes(settings, registry=registry, tokens=app_tokens)
-    return Services(settings, registry, tokens, consent, collector, credential_check, app_tokens, app_mailboxes)
+    # Used links are kept beside the consent flows, in their own partition.
+    signer = LinkSigner(azure_clients.secret_client(settings), azure_clients.table(settings, settings.consent_table))
+    operations = Operations(registry=registry, tokens=tokens, consent=consent, signer=signer)
+    return Services(
+        settings, registry, tokens, consent, collector, credential_check, app_tokens, app_mailboxes, signer, operations
+    )
 
 
 @functools.cache

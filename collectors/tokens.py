@@ -117,6 +117,18 @@ class TokenService:
             token = dataclasses.replace(token, saved_at=pending_saved_at)
         return token
 
+    def renew(self, address: str, *, signed_in_as: str) -> AccessToken:
+        """Renew now, however fresh the cached access token: the keep-alive of a mailbox nothing collects (Entra
+        ID lets a refresh token unused for 90 days expire). Raises as access_token does."""
+        with self._lock:
+            warm = self._warm.get(address)
+        if warm is not None and warm.unsaved:
+            return self.access_token(address, signed_in_as=signed_in_as)  # saves the pending cache first
+        stored = self._store.load(address)
+        if stored is None:
+            raise NeedsReconsentError(f"no token is stored for {address} (its Key Vault secret is missing)")
+        return self._renew(address, _Warm(stored.serialized, stored.version, signed_in_as or address))
+
     def _cached_token(self, warm: _Warm) -> AccessToken | None:
         cache = msal.SerializableTokenCache()
         cache.deserialize(warm.serialized)

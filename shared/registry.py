@@ -35,6 +35,7 @@ class MailboxStatus(StrEnum):
     ACTIVE = "active"  # collected by every run
     NEEDS_RECONSENT = "needs_reconsent"  # the grant is gone: not collected until an admin authorizes it again
     DISABLED = "disabled"  # kept, not collected
+    PAUSED = "paused"  # kept, not collected, its refresh token renewed weekly so that a resume needs no re-consent
 
 
 class MailboxMode(StrEnum):
@@ -145,6 +146,10 @@ class Mailbox:
     collected_total: int = 0
     mode: MailboxMode = MailboxMode.DELEGATED
     tenant_id: str = ""  # app mode: the mailbox's Entra tenant; empty is the deployment's (ENTRA_TENANT_ID)
+    collected_today: int = 0  # messages collected on collected_day (UTC), for the status page
+    collected_day: str = ""
+    reconsent_reported_at: datetime | None = None  # the last daily "still needs re-consent" line
+    last_oversize: str = ""  # the last message above the mailbox's size limit, and what was done with it
 
     def __post_init__(self) -> None:
         # A stored row holds plain text.
@@ -235,8 +240,11 @@ class MailboxRegistry:
         """Messages up to ``last_uid`` are stored, queued and their after-action done: never collect them again."""
         self._merge(address, uidvalidity=uidvalidity, last_uid=last_uid)
 
-    def record_success(self, address: str, *, uidvalidity: int, last_uid: int, collected_total: int) -> None:
-        """A run ended well: the final checkpoint, and the failure status cleared."""
+    def record_success(
+        self, address: str, *, uidvalidity: int, last_uid: int, collected_total: int, collected_today: int = 0
+    ) -> None:
+        """A run ended well: the final checkpoint, the failure status cleared, and ``collected_today`` the count of
+        messages collected on this UTC day (the status page's)."""
         now = utcnow()
         self._merge(
             address,
@@ -248,7 +256,24 @@ class MailboxRegistry:
             last_error="",
             consecutive_failures=0,
             collected_total=collected_total,
+            collected_today=collected_today,
+            collected_day=now.date().isoformat(),
         )
+
+    def set_status(self, address: str, status: MailboxStatus) -> None:
+        """An admin paused or resumed the mailbox; a resume starts its failure count anew."""
+        fields: dict[str, Any] = {"status": MailboxStatus(status).value}
+        if status is MailboxStatus.ACTIVE:
+            fields["consecutive_failures"] = 0
+        self._merge(address, **fields)
+
+    def record_reported(self, address: str, reported_at: datetime) -> None:
+        """The daily line about this mailbox (re-consent needed, token expiring) was written at ``reported_at``."""
+        self._merge(address, reconsent_reported_at=reported_at)
+
+    def record_oversize(self, address: str, note: str) -> None:
+        """A message above the mailbox's size limit was met; ``note`` says which and what was done (status page)."""
+        self._merge(address, last_oversize=note[:MAX_ERROR_CHARS])
 
     def record_failure(
         self,

@@ -1,0 +1,222 @@
+"""Operations against the real local parts: pause and resume, the keep-alive, the daily lines, diagnose and replay
+(Dovecot, the Entra stand-in, the Key Vault endpoint and Azurite)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from collectors.diagnose import diagnose
+from collectors.replay import replay
+from collectors.scheduled import run_scheduled
+from shared.mailboxes import mailbox_key
+from shared.registry import Mailbox, MailboxStatus
+from tests.conftest import simple_message
+
+pytestmark = pytest.mark.integration
+
+ACTIVE, PAUSED, NEEDS_RECONSENT = MailboxStatus.ACTIVE, MailboxStatus.PAUSED, MailboxStatus.NEEDS_RECONSENT
+
+
+def _change(services: Any, address: str, **fields: Any) -> None:
+    """Set a row's fields as a long history would have left them."""
+    services.registry.put(dataclasses.replace(services.registry.get(address), **fields))
+
+
+def _row(address: str) -> Mailbox:
+    return Mailbox(address=address, signed_in_as=address)
+
+
+def test_a_paused_mailbox_is_not_collected_and_resume_collects_from_its_checkpoint(
+    services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    address = new_address()
+    consent(address)
+    deliver(address, simple_message("before the pause"))
+    services.collector.run()
+    assert [e["subject"] for e in queue_messages()] == ["before the pause"]
+
+    assert services.operations.pause(address, admin="tester").status == PAUSED
+    deliver(address, simple_message("during the pause"))
+    results = services.collector.run()
+    assert address not in [r.address for r in results]
+    assert queue_messages() == []
+    assert services.collector.collect_work_item(json.dumps({"mailbox": address})) is None
+
+    assert services.operations.resume(address, admin="tester").status == ACTIVE
+    services.collector.run()
+    assert [e["subject"] for e in queue_messages()] == ["during the pause"]
+    with pytest.raises(ValueError, match="not paused"):
+        _change(services, address, status=NEEDS_RECONSENT)
+        services.operations.resume(address, admin="tester")
+    with pytest.raises(ValueError, match="needs re-consent"):
+        services.operations.pause(address, admin="tester")
+
+
+def test_keep_alive_renews_a_paused_mailboxs_refresh_token_and_leaves_fresh_ones(
+    services: Any, consent: Any, new_address: Any, stack: dict[str, Any]
+) -> None:
+    from shared import azure_clients
+
+    paused, fresh = new_address(), new_address()
+    for address in (paused, fresh):
+        consent(address)
+    services.operations.pause(paused, admin="tester")
+    eight_days_ago = datetime.now(UTC) - timedelta(days=8)
+    _change(services, paused, token_saved_at=eight_days_ago)
+    secrets = azure_clients.secret_client(services.settings)
+    before = secrets.get_secret(mailbox_key(paused)).properties.version
+    fresh_before = secrets.get_secret(mailbox_key(fresh)).properties.version
+
+    renewed = services.operations.keep_alive(services.registry.list())
+
+    assert paused in renewed and fresh not in renewed
+    assert secrets.get_secret(mailbox_key(paused)).properties.version != before  # the rotated token is stored
+    assert secrets.get_secret(mailbox_key(fresh)).properties.version == fresh_before
+    row = services.registry.get(paused)
+    assert row.status == PAUSED and row.token_saved_at > eight_days_ago + timedelta(days=7)
+
+
+def test_keep_alive_marks_a_revoked_grant_as_needing_re_consent(
+    services: Any, consent: Any, new_address: Any, entra_control: Any
+) -> None:
+    address = new_address()
+    consent(address)
+    services.operations.pause(address, admin="tester")
+    _change(services, address, token_saved_at=datetime.now(UTC) - timedelta(days=30))
+    entra_control("revoke", {"account": address})
+    services.tokens.forget(address)
+
+    assert services.operations.keep_alive(services.registry.list()) == []
+    assert services.registry.get(address).status == NEEDS_RECONSENT
+
+
+def test_the_daily_lines_name_mailboxes_that_need_someone_once_a_day(
+    services: Any, consent: Any, new_address: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken, ageing, fine = new_address(), new_address(), new_address()
+    for address in (broken, ageing, fine):
+        consent(address)
+    _change(services, broken, status=NEEDS_RECONSENT, consecutive_failures=4)
+    _change(services, ageing, token_saved_at=datetime.now(UTC) - timedelta(days=80))
+    mine = [m for m in services.registry.list() if m.address in (broken, ageing, fine)]
+    assert len(mine) == 3
+
+    with caplog.at_level(logging.WARNING, logger="collectors.operations"):
+        assert services.operations.report_daily(mine) == 2
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(
+        f"mailbox={broken} outcome=needs_reconsent" in line and f"/api/mailboxes/{broken}" in line for line in lines
+    )
+    assert any(f"mailbox={ageing} token_expires_in_days=9" in line for line in lines)
+    assert not any(f"mailbox={fine}" in line for line in lines)
+
+    caplog.clear()
+    again = [m for m in services.registry.list() if m.address in (broken, ageing, fine)]
+    assert services.operations.report_daily(again) == 0  # reported today already
+    _change(services, broken, reconsent_reported_at=datetime.now(UTC) - timedelta(hours=25))
+    again = [m for m in services.registry.list() if m.address == broken]
+    assert services.operations.report_daily(again) == 1  # and again the next day, until it is fixed
+
+
+def test_a_scheduled_run_writes_the_heartbeat_line(
+    services: Any, consent: Any, new_address: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    consent(new_address())
+    with caplog.at_level(logging.INFO):
+        run_scheduled(services, past_due=False)
+    assert [r for r in caplog.records if r.getMessage().startswith("collect run completed mode=in_process")]
+
+
+def test_diagnose_explains_the_token_and_marks_the_folders_without_showing_the_token(
+    services: Any, consent: Any, new_address: Any, deliver: Any
+) -> None:
+    address = new_address()
+    consent(address, after_action="move", move_to="Done", refuse_to="Refused")
+    deliver(address, simple_message("one"))
+    deliver(address, simple_message("two"))
+
+    report = diagnose(services.settings, services.registry, services.tokens, address)
+
+    assert report.login.startswith("ok")
+    assert "IMAP4REV1" in report.capabilities and "MOVE" in report.capabilities  # as after a login
+    assert report.token["format"] == "JWT" and report.token["who"] == address
+    assert report.token["tenant"] == services.settings.tenant_id
+    assert "IMAP.AccessAsUser.All" in " ".join(report.token["scopes"])
+    assert report.token["expires_at"] > datetime.now(UTC).isoformat()
+    marks = {f["name"]: f["mark"] for f in report.folders}
+    assert marks["INBOX"] == "collected"
+    assert report.pending == 2
+    # Done and Refused do not exist yet: said, not failed.
+    assert any("'Done'" in p for p in report.problems) and any("'Refused'" in p for p in report.problems)
+    text = json.dumps(report.to_public())
+    token = services.tokens.access_token(address, signed_in_as=address).token
+    assert token not in text and token.split(".")[2] not in text
+
+
+def test_diagnose_reports_a_missing_grant_without_raising(services: Any, consent: Any, new_address: Any) -> None:
+    address = new_address()
+    consent(address)
+    services.consent.revoke(address)
+    services.registry.put(_row(address))  # a row whose secret is gone
+    services.tokens.forget(address)
+    report = diagnose(services.settings, services.registry, services.tokens, address)
+    assert report.token["error"] == "needs_reconsent" and report.login == "not tried" and not report.ok
+
+
+def test_replay_puts_the_same_envelopes_back_for_a_time_range_or_ids(
+    services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    address = new_address()
+    consent(address)
+    for i in range(3):
+        deliver(address, simple_message(f"replay {i}"))
+    services.collector.run()
+    first = queue_messages()
+    assert len(first) == 3
+    mailbox = services.registry.get(address)
+    container, queue = services.mail_container(), services.mail_queue()
+
+    result = replay(mailbox, container=container, queue=queue, since=datetime.now(UTC) - timedelta(hours=1))
+    again = queue_messages()
+    assert sorted(result.queued) == sorted(e["id"] for e in first)
+    strip = ("collected_at",)
+    assert [{k: v for k, v in e.items() if k not in strip} for e in again] == [
+        {k: v for k, v in e.items() if k not in strip} for e in first
+    ]
+
+    assert replay(mailbox, container=container, queue=queue, since=datetime.now(UTC) + timedelta(hours=1)).queued == []
+    wanted = [first[1]["id"], f"{address}/{first[0]['uidvalidity']}/999"]
+    by_ids = replay(mailbox, container=container, queue=queue, ids=wanted)
+    assert by_ids.queued == [first[1]["id"]] and by_ids.missing == [wanted[1]]
+    assert [e["id"] for e in queue_messages()] == [first[1]["id"]]
+    for bad in ("other@example.test/1/1", f"{address}/x/1", f"{address}/1/{2**32}", "../../etc"):
+        with pytest.raises(ValueError):
+            replay(mailbox, container=container, queue=queue, ids=[bad])
+    with pytest.raises(ValueError, match="time zone"):
+        replay(mailbox, container=container, queue=queue, since=datetime(2026, 1, 1))
+
+
+def test_replay_to_another_queue_leaves_the_mail_queue_alone(
+    services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    address = new_address()
+    consent(address)
+    deliver(address, simple_message("for a new consumer"))
+    services.collector.run()
+    assert len(queue_messages()) == 1
+    other = services.mail_queue(f"{services.settings.mail_queue}-new")
+    result = replay(
+        services.registry.get(address),
+        container=services.mail_container(),
+        queue=other,
+        since=datetime.now(UTC) - timedelta(hours=1),
+    )
+    assert len(result.queued) == 1 and queue_messages() == []
+    got = [json.loads(m.content) for m in other.receive_messages(max_messages=10)]
+    assert [e["subject"] for e in got] == ["for a new consumer"]
