@@ -118,7 +118,7 @@ class Operations:
 
     def check_reconsent_link(self, value: str) -> tuple[Signed, Mailbox]:
         """The link's mailbox, if the link is good (not redeemed). Raises InvalidLink."""
-        signed = self._signer.check(value, RECONSENT_PURPOSE)
+        signed = self._signer.check_unused(value, RECONSENT_PURPOSE)
         return signed, self._bound_mailbox(signed)
 
     def open_reconsent_link(self, value: str, *, redirect_uri: str) -> str:

@@ -41,6 +41,7 @@ USED_PARTITION = "used-link"
 MAX_VALUE_CHARS = 2048  # a link is a few hundred characters; anything longer is not ours
 RECONSENT_TTL = timedelta(days=7)  # long enough for an owner on holiday for a week, short enough to go stale
 MAX_RECONSENT_TTL = timedelta(days=30)
+ALREADY_USED = "the link was already used: ask for a new one"
 
 
 class InvalidLink(Exception):
@@ -137,6 +138,17 @@ class LinkSigner:
             raise InvalidLink(f"the link expired on {expires_at:%Y-%m-%d %H:%M} UTC")
         return Signed(str(data["p"]), str(data["s"]), str(data.get("m", "")), str(data["n"]), expires_at)
 
+    def check_unused(self, value: str, purpose: str) -> Signed:
+        """As ``check``, and refused when the value was already redeemed (a read; ``redeem`` is what decides)."""
+        signed = self.check(value, purpose)
+        try:
+            self._used.get_entity(USED_PARTITION, signed.nonce)
+        except ResourceNotFoundError:
+            return signed
+        except AzureError as e:
+            raise TransientError(f"cannot read the link's use (Table storage): {type(e).__name__}") from e
+        raise InvalidLink(ALREADY_USED)
+
     def redeem(self, value: str, purpose: str) -> Signed:
         """Check the value and mark it used; the second redemption of the same value raises InvalidLink."""
         signed = self.check(value, purpose)
@@ -152,7 +164,7 @@ class LinkSigner:
                 }
             )
         except ResourceExistsError:
-            raise InvalidLink("the link was already used: ask for a new one") from None
+            raise InvalidLink(ALREADY_USED) from None
         except AzureError as e:
             raise TransientError(f"cannot record the link's use (Table storage): {type(e).__name__}") from e
         return signed
