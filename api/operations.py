@@ -213,8 +213,10 @@ def _do(services: Services, req: func.HttpRequest, action: str, address: str, wh
                 link=reconsent_url(_origin(req), link.value),
             )
         if action == "revoke":
-            existed = services.consent.revoke(address, admin=who)
-            return notice(f"{address} is revoked." if existed else f"{address} was not registered.", ok=existed)
+            revoked = services.consent.revoke(address, admin=who)
+            if not revoked.existed:
+                return notice(f"{address} was not registered.", ok=False)
+            return notice(f"{address} is revoked.", detail=[revoked.in_key_vault, revoked.at_entra])
         if action == "collect":
             mailbox = services.registry.get(address)
             if mailbox.status != "active":

@@ -530,6 +530,12 @@ ADMIN_ROUTES = [
     ("PATCH", "/api/mailboxes/{owner}"),
     ("DELETE", "/api/mailboxes/{owner}"),
     ("GET", "/api/mailboxes/{owner}/authorize"),
+    ("GET", "/api/status"),
+    ("POST", "/api/mailboxes/{owner}/pause"),
+    ("POST", "/api/mailboxes/{owner}/resume"),
+    ("POST", "/api/mailboxes/{owner}/reconsent-link"),
+    ("GET", "/api/mailboxes/{owner}/diagnose"),
+    ("POST", "/api/mailboxes/{owner}/replay"),
     ("POST", "/admin/functions/collect_mail"),
     ("GET", "/admin/host/status"),
 ]

@@ -31,6 +31,14 @@ EXPECTED: dict[str, list[dict[str, Any]]] = {
     "list_mailboxes": _http("mailboxes", ["GET"]),
     "add_mailbox": _http("mailboxes", ["POST"]),
     "mailbox": _http("mailboxes/{address}", ["GET", "PATCH", "DELETE"]),
+    "status_sign_in": _http("status", ["GET"]),
+    "status_page_route": _http("ops", ["GET", "POST"], "ANONYMOUS"),
+    "reconsent": _http("reconsent", ["GET", "POST"], "ANONYMOUS"),
+    "pause_mailbox": _http("mailboxes/{address}/pause", ["POST"]),
+    "resume_mailbox": _http("mailboxes/{address}/resume", ["POST"]),
+    "reconsent_link": _http("mailboxes/{address}/reconsent-link", ["POST"]),
+    "diagnose_mailbox": _http("mailboxes/{address}/diagnose", ["GET"]),
+    "replay_mailbox": _http("mailboxes/{address}/replay", ["POST"]),
     "collect_mail": [
         {
             "direction": "IN",
@@ -76,10 +84,13 @@ def test_every_function_is_indexed_with_exactly_its_bindings(functions: dict[str
     assert functions == EXPECTED
 
 
-def test_only_the_oauth_callback_is_anonymous(functions: dict[str, list[dict[str, Any]]]) -> None:
+def test_anonymous_only_where_the_route_checks_its_own_credential(functions: dict[str, list[dict[str, Any]]]) -> None:
+    """The OAuth callback (Entra's state), the status page (its signed session cookie and CSRF token) and the
+    re-consent link (its signature); every other route needs the function key."""
     http = {name: bindings[0] for name, bindings in functions.items() if bindings[0]["type"] == "httpTrigger"}
-    assert len(http) == 5
-    assert [name for name, trigger in http.items() if trigger["authLevel"] == "ANONYMOUS"] == ["auth_callback"]
+    assert len(http) == 13
+    anonymous = sorted(name for name, trigger in http.items() if trigger["authLevel"] == "ANONYMOUS")
+    assert anonymous == ["auth_callback", "reconsent", "status_page_route"]
 
 
 def test_importing_the_app_opens_no_connection(monkeypatch: pytest.MonkeyPatch) -> None:
