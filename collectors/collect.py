@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from azure.core.exceptions import AzureError
 from azure.storage.blob import BlobClient, ContainerClient, ContentSettings
@@ -93,6 +94,22 @@ def collected_today(mailbox: Mailbox, messages: int) -> int:
     """The status page's "collected today" counter after ``messages`` more, restarted each UTC day."""
     before = mailbox.collected_today if mailbox.collected_day == utcnow().date().isoformat() else 0
     return before + messages
+
+
+def envelope_of(
+    mailbox: Mailbox, uidvalidity: int, uid: int, blob: BlobClient, raw: bytes, *, collected_at: datetime
+) -> dict[str, Any]:
+    """The envelope of one stored message: the same for a collection and a replay of its blob."""
+    return build_envelope(
+        raw,
+        mailbox=mailbox.address,
+        folder=mailbox.options.folder,
+        uidvalidity=uidvalidity,
+        uid=uid,
+        blob_url=blob.url,
+        blob_name=blob.blob_name,
+        collected_at=collected_at,
+    )
 
 
 def blob_name(mailbox_key: str, uidvalidity: int, uid: int) -> str:
@@ -339,16 +356,7 @@ class Collector:
     def _envelope(mailbox: Mailbox, uidvalidity: int, uid: int, blob: BlobClient, raw: bytes) -> tuple[str, bool]:
         """The envelope text for the queue, and whether the mailbox's refuse rule applies (an auto-reply, a bounce
         or a mail loop, as GLPI's "refused" folder)."""
-        envelope = build_envelope(
-            raw,
-            mailbox=mailbox.address,
-            folder=mailbox.options.folder,
-            uidvalidity=uidvalidity,
-            uid=uid,
-            blob_url=blob.url,
-            blob_name=blob.blob_name,
-            collected_at=datetime.now(UTC),
-        )
+        envelope = envelope_of(mailbox, uidvalidity, uid, blob, raw, collected_at=datetime.now(UTC))
         return encode_for_queue(envelope), refused(envelope["classification"])
 
     def _enqueue_in_order(

@@ -17,8 +17,8 @@ from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.storage.blob import BlobProperties, ContainerClient
 from azure.storage.queue import QueueClient
 
-from collectors.collect import blob_name
-from collectors.envelope import build_envelope, encode_for_queue, envelope_id
+from collectors.collect import blob_name, envelope_of
+from collectors.envelope import encode_for_queue, envelope_id
 from shared.errors import TransientError
 from shared.registry import Mailbox
 
@@ -111,16 +111,7 @@ def replay(
                 continue
             raw = download.readall()
             collected_at = download.properties.creation_time or download.properties.last_modified or datetime.now(UTC)
-            envelope = build_envelope(
-                raw,
-                mailbox=mailbox.address,
-                folder=mailbox.options.folder,
-                uidvalidity=uidvalidity,
-                uid=uid,
-                blob_url=client.url,
-                blob_name=name,
-                collected_at=collected_at,
-            )
+            envelope = envelope_of(mailbox, uidvalidity, uid, client, raw, collected_at=collected_at)
             queue.send_message(encode_for_queue(envelope))
             result.queued.append(envelope["id"])
     except AzureError as e:
