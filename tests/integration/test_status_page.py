@@ -3,6 +3,7 @@ admin and a mailbox owner use them, and over plain HTTP with hostile requests.""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ from playwright.sync_api import Page, sync_playwright
 from api.operations import SESSION_COOKIE, reconsent_url
 from collectors.operations import RECONSENT_PURPOSE
 from devstack.browser import CHROMIUM_ARGS, chromium_path, spki_hash
-from shared.registry import NEEDS_RECONSENT
+from shared.registry import MailboxStatus
 from tests.conftest import simple_message
 from tests.support.app_host import LocalApp
 from tests.support.secret_scan import record_page
@@ -78,12 +79,15 @@ def test_an_admin_uses_the_status_page_in_chromium_and_an_owner_re_consents_with
         consent(address)
     for i in range(3):
         deliver(busy, simple_message(f"status page {i}"))
-    services.registry.update(
-        broken,
-        status=NEEDS_RECONSENT,
-        consecutive_failures=3,
-        last_error_class="needs_reconsent",
-        last_error="the grant was revoked (AADSTS50173) -- open the mailbox's re-consent link and sign in again",
+    row = services.registry.get(broken)
+    services.registry.put(
+        dataclasses.replace(
+            row,
+            status=MailboxStatus.NEEDS_RECONSENT,
+            consecutive_failures=3,
+            last_error_class="needs_reconsent",
+            last_error="the grant was revoked (AADSTS50173) -- open the mailbox's re-consent link and sign in again",
+        )
     )
     secrets = [local_host.key, local_host.master_key, stack["client_secret"]]
     secrets += [services.tokens.access_token(a, signed_in_as=a).token for a in (busy, quiet)]
