@@ -229,7 +229,7 @@ def _do(services: Services, req: func.HttpRequest, action: str, address: str, wh
                 ok=ok,
                 detail=[result.error] * bool(result.error),
             )
-        report = diagnose(services.settings, services.registry, services.tokens, address).to_public()
+        report = diagnose(services.settings, services.registry, services.collector.token_for, address).to_public()
         if action == "test":
             verdict = "works" if report["ok"] else "has a problem"
             return notice(f"The connection to {address} {verdict}: IMAP login {report['login']}.", ok=report["ok"],
@@ -338,7 +338,9 @@ def reconsent_link(req: func.HttpRequest) -> func.HttpResponse:
 def diagnose_mailbox(req: func.HttpRequest) -> func.HttpResponse:
     """Token claims, IMAP login and capabilities, folders and messages waiting (never a token)."""
     services = get_services()
-    return json_answer(200, diagnose(services.settings, services.registry, services.tokens, _address(req)).to_public())
+    return json_answer(
+        200, diagnose(services.settings, services.registry, services.collector.token_for, _address(req)).to_public()
+    )
 
 
 def _moment(value: Any, name: str) -> datetime | None:

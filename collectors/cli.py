@@ -51,7 +51,7 @@ def _operate(services: Services, args: argparse.Namespace) -> int:
     elif args.command == "resume":
         answer = services.operations.resume(address, admin=who).to_public()
     elif args.command == "diagnose":
-        answer = diagnose(services.settings, services.registry, services.tokens, address).to_public()
+        answer = diagnose(services.settings, services.registry, services.collector.token_for, address).to_public()
     else:
         if not args.ids and not args.since:
             raise ValueError("replay needs --since (and optionally --until) or --id")

@@ -300,6 +300,10 @@ class Collector:
             collected_today=collected_today(mailbox, result.messages),
         )
 
+    def token_for(self, mailbox: Mailbox) -> AccessToken:
+        """The mailbox's access token by its mode (diagnose reads its claims). Raises as a collection would."""
+        return self._token(mailbox)[0]
+
     def _token(self, mailbox: Mailbox) -> tuple[AccessToken, Callable[[], MailboxAccessError] | None]:
         """The mailbox's access token by its mode, and the error for a refused login when the mode has its own."""
         if mailbox.mode == MailboxMode.APP:

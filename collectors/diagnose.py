@@ -12,15 +12,16 @@ import base64
 import binascii
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from collectors.imap_session import ImapSession
 from collectors.operations import mode_of, token_expires_at
-from collectors.tokens import TokenService
+from collectors.tokens import AccessToken
 from shared.errors import CollectorError
-from shared.registry import MailboxRegistry
+from shared.registry import Mailbox, MailboxRegistry
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,9 @@ def token_claims(token: str) -> dict[str, Any]:
     return explained
 
 
-def diagnose(settings: Settings, registry: MailboxRegistry, tokens: TokenService, address: str) -> Diagnosis:
+def diagnose(
+    settings: Settings, registry: MailboxRegistry, token_for: Callable[[Mailbox], AccessToken], address: str
+) -> Diagnosis:
     """Diagnose ``address``. Raises NotFoundError when it is not registered; every other failure is in the report."""
     mailbox = registry.get(address)
     options = mailbox.options
@@ -89,7 +92,7 @@ def diagnose(settings: Settings, registry: MailboxRegistry, tokens: TokenService
     )
     expires = token_expires_at(mailbox)
     try:
-        token = tokens.access_token(mailbox.address, signed_in_as=mailbox.signed_in_as)
+        token = token_for(mailbox)
     except CollectorError as e:
         report.token = {"error": e.error_class, "message": e.describe()}
         report.problems.append(f"no access token: {e.describe()}")

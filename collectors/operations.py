@@ -22,7 +22,7 @@ from collectors.consent import ConsentService
 from collectors.tokens import TokenService
 from shared import audit
 from shared.errors import CollectorError, ConfigurationError, NeedsReconsentError
-from shared.registry import Mailbox, MailboxRegistry, MailboxStatus, utcnow
+from shared.registry import Mailbox, MailboxMode, MailboxRegistry, MailboxStatus, utcnow
 from shared.signed_links import MAX_RECONSENT_TTL, RECONSENT_TTL, InvalidLink, LinkSigner, Signed
 
 logger = logging.getLogger(__name__)
@@ -30,8 +30,7 @@ logger = logging.getLogger(__name__)
 ACTIVE, PAUSED, NEEDS_RECONSENT = MailboxStatus.ACTIVE, MailboxStatus.PAUSED, MailboxStatus.NEEDS_RECONSENT
 
 RECONSENT_PURPOSE = "reconsent"
-DELEGATED = "delegated"
-APP = "app"
+DELEGATED, APP = MailboxMode.DELEGATED.value, MailboxMode.APP.value
 # Entra ID: a refresh token not used for 90 days expires (its max inactive time); each renewal starts a new one.
 REFRESH_TOKEN_INACTIVE_LIMIT = timedelta(days=90)
 TOKEN_WARNING = timedelta(days=14)  # warn this long before a token would expire unused
@@ -42,7 +41,7 @@ WHERE_THE_LINK_IS = "the status page (GET /api/status) or GET /api/mailboxes/{ad
 
 def mode_of(mailbox: Mailbox) -> str:
     """The mailbox's mode: ``delegated`` (a user's grant and refresh token) or ``app`` (the app's own token)."""
-    return str(getattr(mailbox, "mode", "") or DELEGATED)
+    return str(mailbox.mode)
 
 
 def token_expires_at(mailbox: Mailbox) -> datetime | None:

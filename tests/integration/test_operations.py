@@ -141,7 +141,7 @@ def test_diagnose_explains_the_token_and_marks_the_folders_without_showing_the_t
     deliver(address, simple_message("one"))
     deliver(address, simple_message("two"))
 
-    report = diagnose(services.settings, services.registry, services.tokens, address)
+    report = diagnose(services.settings, services.registry, services.collector.token_for, address)
 
     assert report.login.startswith("ok")
     assert "IMAP4REV1" in report.capabilities and "MOVE" in report.capabilities  # as after a login
@@ -165,7 +165,7 @@ def test_diagnose_reports_a_missing_grant_without_raising(services: Any, consent
     services.consent.revoke(address)
     services.registry.put(_row(address))  # a row whose secret is gone
     services.tokens.forget(address)
-    report = diagnose(services.settings, services.registry, services.tokens, address)
+    report = diagnose(services.settings, services.registry, services.collector.token_for, address)
     assert report.token["error"] == "needs_reconsent" and report.login == "not tried" and not report.ok
 
 
@@ -220,3 +220,18 @@ def test_replay_to_another_queue_leaves_the_mail_queue_alone(
     assert len(result.queued) == 1 and queue_messages() == []
     got = [json.loads(m.content) for m in other.receive_messages(max_messages=10)]
     assert [e["subject"] for e in got] == ["for a new consumer"]
+
+
+def test_an_app_mode_mailbox_has_no_re_consent_link_and_no_keep_alive(services: Any, new_address: Any) -> None:
+    from shared.registry import MailboxMode
+
+    address = new_address()
+    services.registry.put(
+        Mailbox(address=address, mode=MailboxMode.APP, token_saved_at=datetime.now(UTC) - timedelta(days=89))
+    )
+    with pytest.raises(ValueError, match="app-mode"):
+        services.operations.reconsent_link(address, admin="tester")
+    mine = [m for m in services.registry.list() if m.address == address]
+    assert len(mine) == 1
+    assert services.operations.keep_alive(mine) == []
+    assert services.operations.report_daily(mine) == 0  # no refresh token to expire
