@@ -18,8 +18,9 @@ from devstack import dovecot
 from devstack.stack import app_object_id
 from shared.registry import MailboxStatus, utcnow
 from tests.conftest import simple_message
+from tests.faults.test_imap_faults import app_env, proxy  # noqa: F401 - the collector reaches Dovecot through the proxy
 from tests.support.faults import check_delivery, collect
-from tests.support.imap_proxy import ImapProxy, proxy_for
+from tests.support.imap_proxy import ImapProxy
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -34,18 +35,6 @@ def fresh_msal_http_cache() -> Iterator[None]:
     collectors.entra._http_cache.clear()
     yield
     collectors.entra._http_cache.clear()
-
-
-@pytest.fixture
-def proxy(stack: Stack) -> Iterator[ImapProxy]:
-    with proxy_for(stack) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-def app_env(app_env: dict[str, str], proxy: ImapProxy) -> dict[str, str]:
-    """The collector reaches Dovecot only through the proxy."""
-    return {**app_env, "IMAP_PORT": str(proxy.port)}
 
 
 @pytest.fixture
@@ -104,8 +93,9 @@ def test_an_app_token_failure_is_classified_with_its_remedy_and_never_needs_reco
 
 @pytest.mark.parametrize("command", [r"^AUTHENTICATE ", r"^SELECT "], ids=["at-login", "at-select"])
 def test_throttling_defers_an_app_mode_mailbox_for_the_suggested_backoff(
-    services: Any, proxy: ImapProxy, app_mailbox: Any, new_address: Any, queue_messages: Any, command: str
-) -> None:
+    services: Any, proxy: ImapProxy, app_mailbox: Any, new_address: Any, queue_messages: Any,  # noqa: F811
+    command: str,
+) -> None:  # fmt: skip
     address = new_address()
     sent = app_mailbox(address, 2)
     proxy.add("throttle", command, backoff_ms=2470)
@@ -126,8 +116,8 @@ def test_throttling_defers_an_app_mode_mailbox_for_the_suggested_backoff(
 
 
 def test_a_connection_cut_in_the_middle_of_a_fetch_loses_nothing_in_app_mode(
-    services: Any, proxy: ImapProxy, app_mailbox: Any, new_address: Any, queue_messages: Any
-) -> None:
+    services: Any, proxy: ImapProxy, app_mailbox: Any, new_address: Any, queue_messages: Any,  # noqa: F811
+) -> None:  # fmt: skip
     address = new_address()
     sent = app_mailbox(address, 60)
     cut = proxy.add("drop", r"^UID FETCH .*BODY\.PEEK\[\]", after_bytes=20_000)

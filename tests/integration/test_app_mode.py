@@ -5,8 +5,6 @@ Vault operation, never "needs re-consent", and collected in one run beside deleg
 
 from __future__ import annotations
 
-import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from devstack.stack import app_object_id
 from shared.errors import ConfigurationError, MailboxAccessError
 from shared.registry import MailboxMode, MailboxStatus
 from tests.conftest import simple_message
+from tests.support.clock import ShiftedClock
 from tests.support.faults import check_delivery
 from tests.support.stack import Stack
 
@@ -190,16 +189,6 @@ def test_permission_taken_back_is_mailbox_access_never_reconsent(
     assert row.status == MailboxStatus.ACTIVE and row.last_error_class == "mailbox_access"
 
 
-class _Clock(types.SimpleNamespace):
-    offset = 0.0
-
-    def time(self) -> float:
-        return time.time() + self.offset
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
 def test_the_app_token_is_renewed_before_expiry_for_every_mailbox_of_the_tenant_without_key_vault(
     services: Any, app_mailbox: Any, new_address: Any, entra_control: Any, keyvault_control: Any,
     monkeypatch: pytest.MonkeyPatch,
@@ -208,7 +197,7 @@ def test_the_app_token_is_renewed_before_expiry_for_every_mailbox_of_the_tenant_
     vault_before = key_vault_operations(keyvault_control)
     mailboxes = [app_mailbox(new_address()) for _ in range(3)]
     provider = services.app_tokens
-    clock = _Clock()
+    clock = ShiftedClock()
     for module in (collectors.app_tokens, msal.application, msal.token_cache):
         monkeypatch.setattr(module, "time", clock)
 

@@ -4,7 +4,6 @@ stand-in and Key Vault endpoint. Time is simulated for the token service and MSA
 from __future__ import annotations
 
 import time
-import types
 from collections import Counter
 from typing import Any
 
@@ -13,20 +12,11 @@ import msal.token_cache
 import pytest
 
 import collectors.tokens
+from tests.support.clock import ShiftedClock
 
 pytestmark = pytest.mark.integration
 
 RUN_EVERY = 300  # seconds: the default schedule
-
-
-class _Clock(types.SimpleNamespace):
-    offset = 0.0
-
-    def time(self) -> float:
-        return time.time() + self.offset
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
 
 
 def test_key_vault_is_read_once_per_renewal_and_not_in_between(
@@ -44,7 +34,7 @@ def test_key_vault_is_read_once_per_renewal_and_not_in_between(
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(store, name, counted)
-    clock = _Clock()
+    clock = ShiftedClock()
     for module in (collectors.tokens, msal.application, msal.token_cache):
         monkeypatch.setattr(module, "time", clock)
 
