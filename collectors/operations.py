@@ -36,6 +36,7 @@ REFRESH_TOKEN_INACTIVE_LIMIT = timedelta(days=90)
 TOKEN_WARNING = timedelta(days=14)  # warn this long before a token would expire unused
 KEEP_ALIVE_EVERY = timedelta(days=7)  # renew an unused token weekly: a missed week or two still leaves ten
 DAILY = timedelta(hours=24)
+STALE_AFTER = timedelta(hours=1)  # an active mailbox without a success for this long is named at every run
 WHERE_THE_LINK_IS = "the status page (GET /api/status) or GET /api/mailboxes/{address} gives its re-consent link"
 
 
@@ -208,5 +209,25 @@ class Operations:
             else:
                 continue
             self._registry.record_reported(mailbox.address, now)
+            written += 1
+        return written
+
+    def report_stale(self, mailboxes: Iterable[Mailbox]) -> int:
+        """At every run: a WARNING line for each active mailbox not collected successfully for STALE_AFTER or more
+        (failing, throttled, or its lease stuck), with the whole hours since its last success (or its consent).
+        The "not collected" alert reads it. Returns how many lines were written."""
+        now = utcnow()
+        written = 0
+        for mailbox in mailboxes:
+            since = mailbox.last_success_at or mailbox.consented_at
+            if mailbox.status != ACTIVE or since is None or now - since < STALE_AFTER:
+                continue
+            logger.warning(
+                "mailbox not collected mailbox=%s hours_since_success=%d last_success=%s last_error_class=%s",
+                mailbox.address,
+                int((now - since).total_seconds() // 3600),
+                mailbox.last_success_at.isoformat() if mailbox.last_success_at else "never",
+                mailbox.last_error_class or "-",
+            )
             written += 1
         return written

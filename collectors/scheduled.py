@@ -35,11 +35,13 @@ def run_scheduled(services: Services, *, past_due: bool) -> None:
 
 
 def upkeep(services: Services) -> None:
-    """After the collection: keep unused refresh tokens alive and write the daily lines about mailboxes that need
-    someone (re-consent, a token that will expire). A failure here is logged; it never fails the run."""
+    """After the collection: keep unused refresh tokens alive, write the daily lines about mailboxes that need
+    someone (re-consent, a token that will expire) and the line for each mailbox not collected for an hour or more.
+    A failure here is logged; it never fails the run."""
     try:
+        services.operations.keep_alive(services.registry.list())
         mailboxes = services.registry.list()
-        services.operations.keep_alive(mailboxes)
-        services.operations.report_daily(services.registry.list())
+        services.operations.report_daily(mailboxes)
+        services.operations.report_stale(mailboxes)
     except CollectorError as e:
         logger.warning("upkeep failed error_class=%s error=%s", e.error_class, e.describe())

@@ -121,6 +121,16 @@ param alertEmail string = ''
 @description('Alert when a mailbox has failed this many collector runs in a row.')
 param consecutiveFailureThreshold int = 3
 
+@description('Minutes without a completed collection run before the heartbeat alert fires: three periods of collectSchedule (change both together).')
+@minValue(5)
+@maxValue(1440)
+param heartbeatWindowMinutes int = 15
+
+@description('Hours an active mailbox may go without a successful collection before its alert fires.')
+@minValue(1)
+@maxValue(48)
+param notCollectedHours int = 6
+
 @minValue(1)
 @description('Alert when the Entra client credential expires within this many days.')
 param credentialExpiryWarningDays int = 30
@@ -370,6 +380,8 @@ module alerts 'app/alerts.bicep' = {
     alertEmail: alertEmail
     consecutiveFailureThreshold: consecutiveFailureThreshold
     credentialExpiryWarningDays: credentialExpiryWarningDays
+    heartbeatWindowMinutes: heartbeatWindowMinutes
+    notCollectedHours: notCollectedHours
   }
 }
 

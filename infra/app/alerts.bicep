@@ -1,12 +1,13 @@
 // Log alerts on the stable key=value fields the collector writes into its log lines (Application Insights traces):
-//   collect mailbox=<address> outcome=needs_reconsent ...   a mailbox whose grant was revoked or expired
-//   collect mailbox=<address> ... consecutive_failures=<n>    how many collector runs in a row have failed
+//   outcome=needs_reconsent          a mailbox whose grant was revoked or expired; someone must sign it in again
+//                                    (the collect line of the failing run, then a daily line until it is fixed)
+//   consecutive_failures=<n>         how many collector runs in a row have failed for a mailbox
 //   credential_expires_in_days=<n>   days left on the Entra client secret (secret mode: the expiry date of its
 //                                    Key Vault secret, read once a day; negative once it has expired)
+//   collect run completed            one line per timer run: its absence means the timer, the app or the deployment
+//                                    is broken (the heartbeat)
+//   hours_since_success=<n>          an active mailbox not collected successfully for an hour or more, every run
 // Each alert is split by mailbox where the line names one, so one broken mailbox raises one alert.
-// Kusto's `has` matches whole terms (runs of letters and digits: `needs_reconsent` is two terms), so `has` only
-// narrows by one plain word and `extract` reads each field; tests/unit/test_alert_queries.py runs these queries
-// over the log of a real run.
 param namePrefix string
 param actionGroupName string
 param location string = resourceGroup().location
@@ -23,6 +24,16 @@ param consecutiveFailureThreshold int = 3
 
 @minValue(1)
 param credentialExpiryWarningDays int = 30
+
+@description('Minutes without a completed collection run before the heartbeat alert fires: three periods of the collector\'s schedule (every 5 minutes by default).')
+@minValue(5)
+@maxValue(1440)
+param heartbeatWindowMinutes int = 15
+
+@description('Hours an active mailbox may go without a successful collection before its alert fires.')
+@minValue(1)
+@maxValue(48)
+param notCollectedHours int = 6
 
 var emailReceivers = [
   {
@@ -44,11 +55,28 @@ var mailboxDimension = [
 
 var reconsentQuery = '''
 traces
-| where message has "collect"
-| extend outcome = tostring(extract(@"^collect mailbox=\S+ outcome=(\S+)", 1, message))
+| where message has "reconsent"
+| extend outcome = tostring(extract(@"^(?:collect|mailbox still needs re-consent) mailbox=\S+ outcome=(\S+)", 1, message))
 | where outcome == "needs_reconsent"
-| extend mailbox = tostring(extract(@"^collect mailbox=(\S+)", 1, message))
+| extend mailbox = tostring(extract(@"^(?:collect|mailbox still needs re-consent) mailbox=(\S+)", 1, message))
 | project timestamp, mailbox
+'''
+
+var heartbeatQuery = '''
+traces
+| where message has "completed"
+| extend run_mode = tostring(extract(@"^collect run completed mode=(\w+)", 1, message))
+| where isnotempty(run_mode)
+| project timestamp, run_mode
+'''
+
+var notCollectedQuery = '''
+traces
+| where message has "collected"
+| extend hours_since_success = toint(extract(@"^mailbox not collected mailbox=\S+ hours_since_success=(\d+)", 1, message))
+| where isnotnull(hours_since_success)
+| extend mailbox = tostring(extract(@"^mailbox not collected mailbox=(\S+)", 1, message))
+| project timestamp, mailbox, hours_since_success
 '''
 
 var failuresQuery = '''
@@ -86,7 +114,7 @@ resource needsReconsent 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = {
   kind: 'LogAlert'
   properties: {
     displayName: 'Mailbox needs re-consent'
-    description: 'A mailbox lost its grant (password reset, revoked session, 90 days idle). Open /api/mailboxes/{address}/authorize and sign the mailbox in again.'
+    description: 'A mailbox lost its grant (password reset, revoked session, 90 days idle); reported daily until fixed. GET /api/mailboxes/{address} (reconsent_link) or the status page /api/status gives a re-consent link to send to the mailbox owner; an admin can also open /api/mailboxes/{address}/authorize.'
     severity: 1
     enabled: true
     scopes: [
@@ -181,6 +209,84 @@ resource credentialExpiring 'Microsoft.Insights/scheduledQueryRules@2022-06-15' 
           metricMeasureColumn: 'credential_expires_in_days'
           operator: 'LessThanOrEqual'
           threshold: credentialExpiryWarningDays
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: true
+    actions: {
+      actionGroups: [
+        actionGroup.id
+      ]
+    }
+  }
+}
+
+resource heartbeat 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = {
+  name: '${namePrefix}-heartbeat'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'Mail collection stopped'
+    description: 'No collection run completed for ${heartbeatWindowMinutes} minutes: the timer stopped, the app is down or a deployment broke it. Check the function app (Overview, Log stream) and its last deployment.'
+    severity: 1
+    enabled: true
+    scopes: [
+      appInsightsId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT${heartbeatWindowMinutes}M'
+    criteria: {
+      allOf: [
+        {
+          query: heartbeatQuery
+          timeAggregation: 'Count'
+          operator: 'LessThan'
+          threshold: 1
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: true
+    actions: {
+      actionGroups: [
+        actionGroup.id
+      ]
+    }
+  }
+}
+
+resource notCollected 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = {
+  name: '${namePrefix}-not-collected'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'Mailbox not collected'
+    description: 'An active mailbox has not been collected successfully for ${notCollectedHours} hours or more; the line names its last error class. The status page (/api/status) shows the error with its remedy and can diagnose the mailbox.'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsightsId
+    ]
+    evaluationFrequency: 'PT15M'
+    windowSize: 'PT1H'
+    criteria: {
+      allOf: [
+        {
+          query: notCollectedQuery
+          timeAggregation: 'Maximum'
+          metricMeasureColumn: 'hours_since_success'
+          dimensions: mailboxDimension
+          operator: 'GreaterThanOrEqual'
+          threshold: notCollectedHours
           failingPeriods: {
             numberOfEvaluationPeriods: 1
             minFailingPeriodsToAlert: 1

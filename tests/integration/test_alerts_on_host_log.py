@@ -4,6 +4,7 @@ infra/app/alerts.bicep run over the host's log as Application Insights would run
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Iterator
@@ -60,9 +61,12 @@ def fire_timer(app: LocalApp) -> None:
 def test_each_alert_finds_its_mailbox_in_the_log_of_a_real_run(
     host: LocalApp, services: Any, consent: Any, new_address: Any, entra_control: Any
 ) -> None:
-    revoked, failing = new_address(), new_address()
+    revoked, failing, stale = new_address(), new_address(), new_address()
     consent(revoked)
     consent(failing, folder="Missing")  # the server has no such folder: mailbox_access at every run
+    consent(stale, folder="Missing")
+    row = services.registry.get(stale)  # consented seven hours ago and never collected since
+    services.registry.put(dataclasses.replace(row, consented_at=row.consented_at - timedelta(hours=7)))
     expire_access_tokens(services, revoked)
     entra_control("revoke", {"account": revoked, "aadsts": 50173})
 
@@ -79,3 +83,14 @@ def test_each_alert_finds_its_mailbox_in_the_log_of_a_real_run(
     worst = max((r["consecutive_failures"] for r in failures if r["mailbox"] == failing), default=None)
     assert worst is not None and worst >= THRESHOLD, f"the failing-mailbox alert sees {worst}"
     assert [r["credential_expires_in_days"] for r in credential] == [12]
+
+    # The alerts that cannot go quiet: the runs themselves, the daily line of a mailbox still needing re-consent
+    # (the collect line said it once; later runs no longer try the mailbox), a mailbox not collected for hours.
+    runs = kql.run(queries["heartbeatQuery"], traces)
+    assert len(runs) == THRESHOLD and {r["run_mode"] for r in runs} == {"in_process"}
+    daily = [t for t in traces if t["message"].startswith(f"mailbox still needs re-consent mailbox={revoked} ")]
+    assert len(daily) == 1, "one daily line, not one per run"
+    assert kql.run(queries["reconsentQuery"], daily) == [{"timestamp": daily[0]["timestamp"], "mailbox": revoked}]
+    not_collected = kql.run(queries["notCollectedQuery"], traces)
+    assert {r["hours_since_success"] for r in not_collected if r["mailbox"] == stale} == {7}
+    assert failing not in {r["mailbox"] for r in not_collected}  # failing, but for minutes only

@@ -485,7 +485,7 @@ def check_tags(trees: Trees) -> None:
             assert tags == "tags" or "tags" in json.dumps(tags), f"{name}: {symbol} must carry the azd tags"
 
 
-ALERT_FIELDS = ("outcome", "consecutive_failures", "credential_expires_in_days")
+ALERT_FIELDS = ("outcome", "consecutive_failures", "credential_expires_in_days", "hours_since_success", "mode")
 
 
 def check_alerts(trees: Trees) -> None:
@@ -510,6 +510,12 @@ def check_alerts(trees: Trees) -> None:
     assert by_field["consecutive_failures"]["operator"] == "GreaterThanOrEqual"
     assert by_field["credential_expires_in_days"]["threshold"] == "credentialExpiryWarningDays"
     assert by_field["credential_expires_in_days"]["operator"] == "LessThanOrEqual"
+    assert by_field["hours_since_success"]["threshold"] == "notCollectedHours"
+    assert by_field["hours_since_success"]["operator"] == "GreaterThanOrEqual"
+    # The heartbeat fires on the absence of the run line: fewer than one in three schedule periods.
+    assert (by_field["mode"]["operator"], by_field["mode"]["threshold"]) == ("LessThan", 1)
+    assert "dimensions" not in by_field["mode"]  # an absent line names no mailbox to split by
+    assert rules["heartbeat"]["properties"]["windowSize"] == "PT${heartbeatWindowMinutes}M"
     groups = [body for _, kind, _, body in resources(alerts) if kind == "Microsoft.Insights/actionGroups"]
     assert len(groups) == 1
     assert dotted(module_params(trees[MAIN], "alerts")["appInsightsId"]) == "monitoring.outputs.appInsightsId"
