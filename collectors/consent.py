@@ -36,7 +36,7 @@ from collectors.tokens import TokenService
 from shared import audit
 from shared.errors import CollectorError, ConfigurationError, TransientError
 from shared.mailboxes import InvalidMailboxError, normalize_address
-from shared.registry import Mailbox, MailboxOptions, MailboxRegistry, MailboxStatus, utcnow
+from shared.registry import Mailbox, MailboxMode, MailboxOptions, MailboxRegistry, MailboxStatus, utcnow
 from shared.settings import Settings
 from shared.token_store import TokenCacheStore
 
@@ -159,6 +159,14 @@ class ConsentService:
         address = self._address(address_text, "mailbox")
         signer = self._address(delegate, "delegate") if delegate else address
         existing = self._registry.find(address)
+        if existing is not None and existing.mode == MailboxMode.APP:
+            # A sign-in would silently turn an unattended mailbox into one that a password reset can stop.
+            raise ConsentProblem(
+                ConsentFailure.INVALID,
+                "Mailbox collected in app mode",
+                f"{address} is collected by the app itself (IMAP.AccessAsApp): it needs no sign-in.",
+                f"To collect it as a signed-in account instead, revoke it first (DELETE /api/mailboxes/{address}).",
+            )
         try:
             chosen = MailboxOptions.from_mapping(options or {}, existing.options if existing else None)
         except ValueError as e:

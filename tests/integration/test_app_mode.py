@@ -241,3 +241,16 @@ def test_delegated_and_app_mode_mailboxes_of_two_tenants_are_collected_in_one_ru
     check_delivery(services, sent, queue_messages(), case="app mode: two tenants, both modes")
     assert services.registry.get(customer_app).tenant_id == stack.info["other_tenant_id"]
     assert services.registry.get(delegated).mode == MailboxMode.DELEGATED
+
+
+def test_an_authorize_link_does_not_turn_an_app_mode_mailbox_into_a_delegated_one(
+    stack: Stack, services: Any, app_mailbox: Any, new_address: Any
+) -> None:
+    from collectors.consent import ConsentProblem
+
+    address = new_address()
+    app_mailbox(address)
+    with pytest.raises(ConsentProblem) as refused:
+        services.consent.start(address, redirect_uri=f"{stack.host_origin}/api/auth/callback")
+    assert "app mode" in refused.value.title and "DELETE /api/mailboxes/" in refused.value.next_step
+    assert services.registry.get(address).mode == MailboxMode.APP
