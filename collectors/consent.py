@@ -7,7 +7,7 @@ Guarantees:
   not do: azure-data-tables returns silently when the row is already gone), so of concurrent callbacks with the
   same state exactly one redeems the code;
 - expired flows are deleted as new ones start, and a mailbox has at most MAX_OPEN_FLOWS open at a time;
-- whatever the callback is sent, a bad field is a ConsentProblem (a 400 page), never an unexpected error;
+- whatever the callback is sent, a bad field is an INVALID ConsentProblem, never an unexpected error;
 - nothing is stored unless the signed-in account is the mailbox or the delegate named at the start;
 - the secret is written before the registry row, so a row never points to a missing secret;
 - no token, code, verifier or secret appears in a page or a log line.
