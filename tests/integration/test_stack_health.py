@@ -40,3 +40,10 @@ def test_a_part_that_cannot_start_is_named_with_its_log(
             devstack.start(parts=("keyvault",))
     finally:
         squatter.close()
+
+
+def test_stack_fixture_covers_the_description(stack: Stack) -> None:
+    described = set(stack.info)
+    assert len(described) > 20, "the stack description was not read"
+    missing = described - set(Stack.__dataclass_fields__)
+    assert not missing, f"tests/support/stack.py: add an attribute for {sorted(missing)}"
