@@ -65,12 +65,13 @@ class MailboxResult:
     duration: float = 0.0
     error: str = ""
     more: bool = False  # caps or the time budget left mail for the next run
+    max_delay: float | None = None  # seconds from a message's Date header to its envelope on the queue, the longest
 
     def log(self, consecutive_failures: int) -> None:
         level = logging.WARNING if self.outcome.failed else logging.INFO
         logger.log(
             level,
-            "collect mailbox=%s outcome=%s messages=%d bytes=%d duration_ms=%d more=%s consecutive_failures=%d%s",
+            "collect mailbox=%s outcome=%s messages=%d bytes=%d duration_ms=%d more=%s consecutive_failures=%d%s%s",
             self.address,
             self.outcome.value,
             self.messages,
@@ -78,6 +79,7 @@ class MailboxResult:
             int(self.duration * 1000),
             str(self.more).lower(),
             consecutive_failures,
+            f" max_delay_s={int(self.max_delay)}" if self.max_delay is not None else "",
             f" error={self.error}" if self.error else "",
         )
 
@@ -88,6 +90,15 @@ class Sinks:
 
     container: ContainerClient
     queue: QueueClient
+
+
+def _sent_at(date: object) -> datetime | None:
+    """The envelope's ``date`` (ISO 8601 from the Date header) as an aware datetime, or None when it has none."""
+    try:
+        sent = datetime.fromisoformat(str(date)) if date else None
+    except ValueError:
+        return None
+    return sent if sent is None or sent.tzinfo is not None else sent.replace(tzinfo=UTC)
 
 
 def collected_today(mailbox: Mailbox, messages: int) -> int:
@@ -130,6 +141,7 @@ class Enqueued:
 
     stored: tuple[int, ...]
     refused: frozenset[int]
+    max_delay: float | None = None  # seconds from the Date header to the queue, the longest of the batch
 
 
 class Collector:
@@ -357,25 +369,31 @@ class Collector:
             )
 
     @staticmethod
-    def _envelope(mailbox: Mailbox, uidvalidity: int, uid: int, blob: BlobClient, raw: bytes) -> tuple[str, bool]:
-        """The envelope text for the queue, and whether the mailbox's refuse rule applies (an auto-reply, a bounce
-        or a mail loop, as GLPI's "refused" folder)."""
+    def _envelope(
+        mailbox: Mailbox, uidvalidity: int, uid: int, blob: BlobClient, raw: bytes
+    ) -> tuple[str, bool, datetime | None]:
+        """The envelope text for the queue, whether the mailbox's refuse rule applies (an auto-reply, a bounce or a
+        mail loop, as GLPI's "refused" folder), and the message's Date (for the delivery delay)."""
         envelope = envelope_of(mailbox, uidvalidity, uid, blob, raw, collected_at=datetime.now(UTC))
-        return encode_for_queue(envelope), refused(envelope["classification"])
+        return encode_for_queue(envelope), refused(envelope["classification"]), _sent_at(envelope.get("date"))
 
     def _enqueue_in_order(
-        self, mailbox: Mailbox, writes: list[tuple[int, Future[None], Future[tuple[str, bool]]]]
+        self, mailbox: Mailbox, writes: list[tuple[int, Future[None], Future[tuple[str, bool, datetime | None]]]]
     ) -> Enqueued:
         """Send the envelopes in UID order, each after its blob is written."""
         stored: list[int] = []
         refused_uids: set[int] = set()
+        max_delay: float | None = None
         try:
             for uid, upload, envelope in writes:
                 upload.result()  # a failed upload stops here: no envelope without its blob
-                text, refuse = envelope.result()
+                text, refuse, sent_at = envelope.result()
                 with self._storage_errors(mailbox, uid):
                     self._sinks.queue.send_message(text)
                 stored.append(uid)
+                if sent_at is not None:
+                    delay = max(0.0, (datetime.now(UTC) - sent_at).total_seconds())  # a sender's clock may run fast
+                    max_delay = delay if max_delay is None else max(max_delay, delay)
                 if refuse:
                     refused_uids.add(uid)
         except BaseException:
@@ -385,7 +403,7 @@ class Collector:
                 upload.cancel()
                 envelope.cancel()
             raise
-        return Enqueued(tuple(stored), frozenset(refused_uids))
+        return Enqueued(tuple(stored), frozenset(refused_uids), max_delay)
 
     @staticmethod
     @contextlib.contextmanager
@@ -421,6 +439,8 @@ class Collector:
         # Missing UIDs were deleted by someone else between SEARCH and FETCH: nothing to collect, move past them.
         checkpoint = batch.uids[-1]
         self._registry.record_checkpoint(mailbox.address, uidvalidity=uidvalidity, last_uid=checkpoint)
+        if enqueued.max_delay is not None:
+            result.max_delay = max(result.max_delay or 0.0, enqueued.max_delay)
         result.messages += len(enqueued.stored)
         result.bytes += sum(len(batch.messages[uid]) for uid in enqueued.stored)
         return checkpoint

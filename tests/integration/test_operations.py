@@ -235,3 +235,21 @@ def test_an_app_mode_mailbox_has_no_re_consent_link_and_no_keep_alive(services: 
     assert len(mine) == 1
     assert services.operations.keep_alive(mine) == []
     assert services.operations.report_daily(mine) == 0  # no refresh token to expire
+
+
+def test_the_collect_line_gives_the_longest_delay_from_the_date_header_to_the_queue(
+    services: Any, consent: Any, new_address: Any, deliver: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from email.utils import format_datetime
+
+    address = new_address()
+    consent(address)
+    sent = format_datetime(datetime.now(UTC) - timedelta(hours=2))
+    deliver(address, simple_message("late").replace(b"Date: Sun, 29 Nov 2026 10:00:00 +0000", f"Date: {sent}".encode()))
+    deliver(address, simple_message("no date").replace(b"Date: Sun, 29 Nov 2026 10:00:00 +0000\r\n", b""))
+    with caplog.at_level(logging.INFO, logger="collectors.collect"):
+        services.collector.run()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"collect mailbox={address} ")]
+    assert len(lines) == 1 and "messages=2" in lines[0]
+    delay = int(lines[0].split("max_delay_s=")[1].split()[0])
+    assert 2 * 3600 <= delay < 2 * 3600 + 120
