@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -718,30 +718,37 @@ class _Handler(DispatchingHandler):
         return self._send(404, {"error": f"no control endpoint {self.command} {path}"})
 
     def _state(self) -> Json:
+        """Every ticket with its actors, follow-ups and documents (rows indexed once: linear in the tables)."""
         store = self.server.store
         with store.lock:
+            linked: dict[tuple[str, int], list[int]] = defaultdict(list)
+            for link in store.tables["Document_Item"].values():
+                linked[(link["itemtype"], link["items_id"])].append(link["documents_id"])
+            followups: dict[int, list[Json]] = defaultdict(list)
+            for followup in store.tables["ITILFollowup"].values():
+                followups[followup["items_id"]].append(dict(followup))
+            actors: dict[int, list[Json]] = defaultdict(list)
+            for actor in store.tables["Ticket_User"].values():
+                actors[actor["tickets_id"]].append(dict(actor))
+
+            def documents(kind: str, item: int) -> list[Json]:
+                return [
+                    dict(store.tables["Document"][d]) | {"sha256": hashlib.sha256(store.blobs[d]).hexdigest()}
+                    for d in linked.get((kind, item), [])
+                ]
+
             tickets = []
             for ticket in store.tables["Ticket"].values():
                 tid = ticket["id"]
-                followups = [dict(f) for f in store.tables["ITILFollowup"].values() if f["items_id"] == tid]
-                linked: dict[tuple[str, int], list[int]] = {
-                    (link["itemtype"], link["items_id"]): [] for link in store.tables["Document_Item"].values()
-                }
-                for link in store.tables["Document_Item"].values():
-                    linked[(link["itemtype"], link["items_id"])].append(link["documents_id"])
-
-                def documents(kind: str, item: int, linked: dict[Any, list[int]] = linked) -> list[Json]:
-                    return [
-                        {k: v for k, v in store.tables["Document"][d].items() if k != "filepath"}
-                        | {"sha256": hashlib.sha256(store.blobs[d]).hexdigest()}
-                        for d in linked.get((kind, item), [])
-                    ]
-
-                for followup in followups:
+                for followup in followups[tid]:
                     followup["documents"] = documents("ITILFollowup", followup["id"])
-                actors = [dict(a) for a in store.tables["Ticket_User"].values() if a["tickets_id"] == tid]
                 tickets.append(
-                    {**ticket, "actors": actors, "followups": followups, "documents": documents("Ticket", tid)}
+                    {
+                        **ticket,
+                        "actors": actors[tid],
+                        "followups": followups[tid],
+                        "documents": documents("Ticket", tid),
+                    }
                 )
             return {"tickets": tickets, "documents": len(store.tables["Document"]), "sessions": len(store.sessions)}
 

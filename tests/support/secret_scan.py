@@ -160,6 +160,8 @@ def secrets_of_stack(stack_json: Path) -> dict[str, str]:
         "user_password": "user password",
         "function_key": "function key",
         "master_key": "master key",
+        "glpi_app_token": "GLPI App-Token",
+        "glpi_user_token": "GLPI user token",
     }
     return {str(info[name]): kind for name, kind in kinds.items() if info.get(name)}
 
