@@ -22,6 +22,7 @@ from shared.registry import MailboxStatus
 from tests.conftest import simple_message
 from tests.support.app_host import LocalApp
 from tests.support.secret_scan import record_page
+from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -65,7 +66,7 @@ def _sign_in_at_entra(page: Page, login: str, password: str) -> None:
 
 
 def test_an_admin_uses_the_status_page_in_chromium_and_an_owner_re_consents_with_the_link_once(
-    stack: dict[str, Any],
+    stack: Stack,
     local_host: LocalApp,
     services: Any,
     consent: Any,
@@ -89,14 +90,14 @@ def test_an_admin_uses_the_status_page_in_chromium_and_an_owner_re_consents_with
             last_error="the grant was revoked (AADSTS50173) -- open the mailbox's re-consent link and sign in again",
         )
     )
-    secrets = [local_host.key, local_host.master_key, stack["client_secret"]]
+    secrets = [local_host.key, local_host.master_key, stack.client_secret]
     secrets += [services.tokens.access_token(a, signed_in_as=a).token for a in (busy, quiet)]
 
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=chromium_path(),
             headless=True,
-            args=[*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={spki_hash(Path(stack['tls_cert']))}"],
+            args=[*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={spki_hash(Path(stack.tls_cert))}"],
         )
         try:
             admin = browser.new_context(viewport={"width": 1500, "height": 900}).new_page()
@@ -153,7 +154,7 @@ def test_an_admin_uses_the_status_page_in_chromium_and_an_owner_re_consents_with
             assert owner.title() == "Authorize the mailbox again" and broken in owner.inner_text("body")
             owner.get_by_role("button", name="Continue to sign in").click()
             owner.wait_for_load_state()
-            _sign_in_at_entra(owner, broken, stack["user_password"])
+            _sign_in_at_entra(owner, broken, stack.user_password)
             assert owner.title() == "Mailbox authorized" and "re-authorized" in owner.inner_text("body")
             assert services.registry.get(broken).status == "active"
             owner.goto(link)  # a second time: used up
@@ -233,7 +234,7 @@ def test_the_page_refuses_requests_without_session_csrf_or_from_elsewhere(
 
 
 def test_a_re_consent_link_is_refused_when_changed_expired_used_or_for_another_mode(
-    local_host: LocalApp, services: Any, consent: Any, new_address: Any, stack: dict[str, Any]
+    local_host: LocalApp, services: Any, consent: Any, new_address: Any, stack: Stack
 ) -> None:
     address = new_address()
     consent(address)
@@ -258,7 +259,7 @@ def test_a_re_consent_link_is_refused_when_changed_expired_used_or_for_another_m
     assert opened(requests.utils.unquote(value)).status_code == 200
     assert opened(requests.utils.unquote(value)).status_code == 200  # looking at it does not use it
     first = used(requests.utils.unquote(value))
-    assert first.status_code == 303 and first.headers["Location"].startswith(stack["entra_origin"])
+    assert first.status_code == 303 and first.headers["Location"].startswith(stack.entra_origin)
     second = used(requests.utils.unquote(value))
     assert second.status_code == 410 and "already used" in second.text
 
