@@ -266,8 +266,22 @@ class TicketConsumer:
                 # As GLPI's collector: a reply to a closed ticket opens a new one.
                 logger.info("glpi reply to closed ticket=%d opens a new ticket", ticket_id)
                 return None
+            if not options.anonymous_followups and not self._may_follow_up(envelope, options, ticket_id):
+                logger.info("glpi reply from a stranger to ticket=%d opens a new ticket", ticket_id)
+                return None
             return ticket_id
         return None
+
+    def _may_follow_up(self, envelope: dict[str, Any], options: TicketOptions, ticket_id: int) -> bool:
+        """GLPI's rule without anonymous follow-ups: the sender is a GLPI user, or an address on the ticket
+        (MailCollector::buildTicket, Ticket_User::isAlternateEmailForITILObject). A guessed tag alone is not enough."""
+        requester = self._requester_address(envelope, options)
+        if not requester:
+            return False
+        if self._user_id(requester):
+            return True
+        actors = self.client.sub_items("Ticket", ticket_id, "Ticket_User")
+        return any(str(a.get("alternative_email") or "").lower() == requester for a in actors)
 
     def _requester_address(self, envelope: dict[str, Any], options: TicketOptions) -> str:
         if options.requester_field == "reply-to":

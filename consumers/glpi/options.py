@@ -30,6 +30,7 @@ class TicketOptions:
     requester_field: str = "from"  # or "reply-to" (MailCollector::REQUESTER_FIELD_REPLY_TO)
     cc_as_observers: bool = False  # the receiver's add_cc_to_observer, off by default
     unknown_senders: str = "anonymous"  # "anonymous": the address as alternative e-mail; "refuse": no ticket
+    anonymous_followups: bool = False  # GLPI's use_anonymous_followups: off, a stranger's reply opens a new ticket
     refuse: frozenset[str] = frozenset({"auto_reply", "bounce", "loop"})
     max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES
     glpi_uuid: str | None = None  # GLPI's notification UUID: replies to another GLPI's notifications are not ours
@@ -66,9 +67,9 @@ def _apply(base: TicketOptions, where: str, raw: object) -> TicketOptions:
             if value not in ("anonymous", "refuse"):
                 raise ConfigurationError(f"setting {SETTING}: {where}.unknown_senders must be 'anonymous' or 'refuse'")
             changes[key] = value
-        elif key == "cc_as_observers":
+        elif key in ("cc_as_observers", "anonymous_followups"):
             if not isinstance(value, bool):
-                raise ConfigurationError(f"setting {SETTING}: {where}.cc_as_observers must be true or false")
+                raise ConfigurationError(f"setting {SETTING}: {where}.{key} must be true or false")
             changes[key] = value
         elif key == "refuse":
             if not isinstance(value, list) or not set(value) <= REFUSABLE or not all(isinstance(v, str) for v in value):

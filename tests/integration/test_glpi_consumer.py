@@ -595,3 +595,24 @@ def test_an_envelope_whose_blob_is_gone_or_changed_is_poisoned_with_its_reason(
         consumer.close()
     assert row is not None and row["status"] == "failed"
     assert ("does not exist" if damage == "blob-missing" else "do not match") in row["reason"]
+
+
+def test_a_strangers_reply_to_a_guessed_tag_opens_a_new_ticket_unless_anonymous_followups(
+    stack: Any, glpi_settings: Any, app_env: dict[str, str], drain: Any
+) -> None:
+    from shared.settings import load_settings
+
+    word = _id()
+    ticket = _new_ticket(stack, glpi_settings, word)
+    known = glpi_control(stack, "users", {"emails": [f"agent{word}@example.org"]})["id"]
+    tag = f"Re: [GLPI #{ticket['id']}]"
+    post_mail(glpi_settings, mail(f"{tag} {word}-stranger", sender=f"eve{word}@example.net"), mailbox="s@x.test", uid=2)
+    post_mail(glpi_settings, mail(f"{tag} {word}-agent", sender=f"agent{word}@example.org"), mailbox="s@x.test", uid=3)
+    assert drain() == {"ticket": 1, "followup": 1}
+    assert one_ticket(stack, f"{word}-stranger")["id"] != ticket["id"]
+    followups = one_ticket(stack, f"Original {word}")["followups"]
+    assert [f["items_id"] for f in followups] == [ticket["id"]] and known
+
+    open_settings = load_settings({**app_env, "GLPI_MAILBOX_OPTIONS": '{"*": {"anonymous_followups": true}}'})
+    post_mail(open_settings, mail(f"{tag} {word}-open", sender=f"eve{word}@example.net"), mailbox="s@x.test", uid=4)
+    assert run(open_settings, retry_visibility=0) == {"followup": 1}
