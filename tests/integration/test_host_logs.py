@@ -5,7 +5,6 @@ thread the app started reaches the log only when that thread carries the invocat
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,9 @@ from pathlib import Path
 
 import pytest
 import requests
+
+from tests.support.net import free_port, wait_until
+from tests.support.processes import stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -56,15 +58,9 @@ APP = """
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_records_from_other_threads_reach_the_log_only_with_the_running_invocation_id(tmp_path: Path) -> None:
     (tmp_path / "function_app.py").write_text(textwrap.dedent(APP))
-    port = _free_port()
+    port = free_port()
     environ = {k: v for k, v in os.environ.items() if k not in ("LOCAL_FUNCTION_KEY", "LOCAL_MASTER_KEY")}
     log_path = tmp_path / "host.log"
     with log_path.open("wb") as log:
@@ -78,22 +74,19 @@ def test_records_from_other_threads_reach_the_log_only_with_the_running_invocati
     session = requests.Session()
     session.trust_env = False
     base = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        try:
+            return session.get(f"{base}/admin/host/ping", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                if session.get(f"{base}/admin/host/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "the host did not start"
-            time.sleep(0.1)
+        wait_until(answers, 30, "the host", process=process, log=log_path)
         assert session.get(f"{base}/api/threads", timeout=20).text == "done"
         time.sleep(1.0)  # the late thread logs after the invocation ended
     finally:
-        process.terminate()
-        process.wait(15)
+        stop_process(process, timeout=15)
     output = log_path.read_text()
     assert "line=own-thread" in output
     assert "line=carried-thread" in output
