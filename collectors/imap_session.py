@@ -189,6 +189,9 @@ class ImapSession:
         except imap_errors.IMAPClientError as e:
             if isinstance(e, imap_errors.IMAPClientAbortError) or _throttle(str(e)):
                 raise self._translate(e) from e
+            if self._refused is not None and "not connected" in str(e).lower():
+                # Exchange may accept the login and refuse the mailbox at its first command instead.
+                raise self._refused() from e
             raise MailboxAccessError(
                 f"cannot open folder {folder!r} of {self._address}: {str(e)[:200]}",
                 remedy="create the folder or change the mailbox's folder option",

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from collectors.imap_session import DEFAULT_THROTTLE_BACKOFF, ImapSession, _throttle
 from shared.errors import MailboxAccessError, TransientError
 
@@ -34,3 +38,33 @@ def test_authenticate_failed_names_the_usual_causes() -> None:
     error = session()._login_error("AUTHENTICATE failed.")
     assert isinstance(error, MailboxAccessError)
     assert "IMAP is enabled" in error.remedy and "IMAP.AccessAsUser.All" in error.remedy
+
+
+def test_an_app_token_refused_at_login_gets_the_modes_own_remedy_even_when_throttling_is_not_the_cause() -> None:
+    own = MailboxAccessError("refused for the app", remedy="Add-MailboxPermission ...")
+    app = ImapSession("imap.example", 993, address="shared@contoso.com", access_token="x", refused=lambda: own)
+    assert app._login_error("AUTHENTICATE failed.") is own
+    assert app._login_error("User is authenticated but not connected.") is own
+    throttled = app._login_error("Request is throttled. Suggested Backoff Time: 100 milliseconds")
+    assert isinstance(throttled, TransientError), "throttling stays transient in app mode"
+
+
+def test_an_app_token_refused_at_select_gets_the_modes_own_remedy(monkeypatch: Any) -> None:
+    from imapclient import exceptions as imap_errors
+
+    own = MailboxAccessError("refused for the app", remedy="Add-MailboxPermission ...")
+    app = ImapSession("imap.example", 993, address="shared@contoso.com", access_token="x", refused=lambda: own)
+
+    class Refusing:
+        def select_folder(self, folder: str) -> None:
+            raise imap_errors.IMAPClientError("select failed: User is authenticated but not connected.")
+
+    monkeypatch.setattr(ImapSession, "client", property(lambda self: Refusing()))
+    with pytest.raises(MailboxAccessError) as refused:
+        app.select("INBOX")
+    assert refused.value is own
+
+    delegated = session()
+    with pytest.raises(MailboxAccessError) as folder:
+        delegated.select("INBOX")
+    assert "cannot open folder" in str(folder.value), "delegated mode keeps its own wording"
