@@ -17,6 +17,7 @@ from collectors.scheduled import run_scheduled
 from shared.mailboxes import mailbox_key
 from shared.registry import Mailbox, MailboxStatus
 from tests.conftest import simple_message
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +60,7 @@ def test_a_paused_mailbox_is_not_collected_and_resume_collects_from_its_checkpoi
 
 
 def test_keep_alive_renews_a_paused_mailboxs_refresh_token_and_leaves_fresh_ones(
-    services: Any, consent: Any, new_address: Any, stack: dict[str, Any]
+    services: Any, consent: Any, new_address: Any, stack: Stack
 ) -> None:
     from shared import azure_clients
 
