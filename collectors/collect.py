@@ -31,7 +31,9 @@ from collectors.envelope import build_envelope, encode_for_queue
 from collectors.envelope.classification import refused
 from collectors.imap_session import ImapSession
 from collectors.tokens import AccessToken, TokenService
+from shared.checkpoints import Checkpoint, PendingAfterAction, checkpoint_of, with_checkpoint
 from shared.errors import (
+    AfterActionError,
     CollectorError,
     ConfigurationError,
     MailboxAccessError,
@@ -40,6 +42,7 @@ from shared.errors import (
     RunOutcome,
     TransientError,
 )
+from shared.folders import same_folder
 from shared.invocation_logs import carried
 from shared.lease import MailboxLease
 from shared.registry import Mailbox, MailboxMode, MailboxRegistry, MailboxStatus, utcnow
@@ -280,12 +283,16 @@ class Collector:
             refused=refused,
         ) as imap:
             uidvalidity = imap.select(options.folder)
-            last_uid = mailbox.last_uid
-            if uidvalidity != mailbox.uidvalidity:
-                if mailbox.uidvalidity:
+            self._apply_pending(mailbox, imap, uidvalidity)
+            start = checkpoint_of(
+                mailbox.folder_checkpoints, options.folder, legacy=Checkpoint(mailbox.uidvalidity, mailbox.last_uid)
+            )
+            last_uid = start.last_uid
+            if uidvalidity != start.uidvalidity:
+                if start.uidvalidity:
                     logger.warning(
                         "uidvalidity changed mailbox=%s folder=%s old=%d new=%d: collecting the folder again",
-                        mailbox.address, options.folder, mailbox.uidvalidity, uidvalidity,
+                        mailbox.address, options.folder, start.uidvalidity, uidvalidity,
                     )  # fmt: skip
                 last_uid = 0
             sizes = imap.sizes(imap.uids_after(last_uid))
@@ -310,6 +317,42 @@ class Collector:
             last_uid=last_uid,
             collected_total=mailbox.collected_total + result.messages,
             collected_today=collected_today(mailbox, result.messages),
+            folder_checkpoints=with_checkpoint(
+                mailbox.folder_checkpoints, options.folder, Checkpoint(uidvalidity, last_uid)
+            ),
+        )
+
+    def _apply_pending(self, mailbox: Mailbox, imap: ImapSession, uidvalidity: int) -> None:
+        """Carry out the after-action a previous run could not, with today's options, before collecting more.
+
+        Raises AfterActionError while the server still refuses it: new mail waits until an admin fixes the cause.
+        """
+        owed = PendingAfterAction.from_text(mailbox.pending_after_action)
+        if owed is None:
+            if mailbox.pending_after_action:
+                self._registry.record_pending_after_action(mailbox.address, "")
+            return
+        if not same_folder(owed.folder, mailbox.options.folder) or owed.uidvalidity != uidvalidity:
+            # The UIDs name messages of another folder, or of this folder before it was rebuilt: not these ones.
+            logger.warning(
+                "pending after-action dropped mailbox=%s folder=%s messages=%d reason=folder_changed",
+                mailbox.address, owed.folder, len(owed.stored),
+            )  # fmt: skip
+        else:
+            try:
+                for step in mailbox.options.after_steps(owed.stored, owed.refused):
+                    imap.apply(step)
+            except AfterActionError as e:
+                raise self._owed(e, len(owed.stored)) from e
+            logger.info("pending after-action done mailbox=%s messages=%d", mailbox.address, len(owed.stored))
+        self._registry.record_pending_after_action(mailbox.address, "")
+
+    @staticmethod
+    def _owed(error: AfterActionError, count: int) -> AfterActionError:
+        return AfterActionError(
+            str(error),
+            remedy=f"{error.remedy}. The {count} message(s) are on the queue already and are not queued again: "
+            "the next run after the fix applies the after-action to them",
         )
 
     def token_for(self, mailbox: Mailbox) -> AccessToken:
@@ -433,16 +476,34 @@ class Collector:
             raise error  # storage trouble arrives as TransientError; anything else is a defect, reported as such
         enqueued = writes.result()
         lease.check()
-        for step in mailbox.options.after_steps(enqueued.stored, enqueued.refused):
-            imap.apply(step)
-        lease.check()
         # Missing UIDs were deleted by someone else between SEARCH and FETCH: nothing to collect, move past them.
         checkpoint = batch.uids[-1]
-        self._registry.record_checkpoint(mailbox.address, uidvalidity=uidvalidity, last_uid=checkpoint)
+        folders = with_checkpoint(
+            mailbox.folder_checkpoints, mailbox.options.folder, Checkpoint(uidvalidity, checkpoint)
+        )
         if enqueued.max_delay is not None:
             result.max_delay = max(result.max_delay or 0.0, enqueued.max_delay)
         result.messages += len(enqueued.stored)
         result.bytes += sum(len(batch.messages[uid]) for uid in enqueued.stored)
+        try:
+            for step in mailbox.options.after_steps(enqueued.stored, enqueued.refused):
+                imap.apply(step)
+        except AfterActionError as e:
+            # The mail is queued: move the checkpoint past it, so that no later run queues it again, and owe the
+            # after-action instead. Every run retries it first and fails, naming the cause, until it is fixed.
+            owed = PendingAfterAction(mailbox.options.folder, uidvalidity, enqueued.stored, enqueued.refused)
+            self._registry.record_checkpoint(
+                mailbox.address,
+                uidvalidity=uidvalidity,
+                last_uid=checkpoint,
+                folder_checkpoints=folders,
+                pending_after_action=owed.to_text(),
+            )
+            raise self._owed(e, len(enqueued.stored)) from e
+        lease.check()
+        self._registry.record_checkpoint(
+            mailbox.address, uidvalidity=uidvalidity, last_uid=checkpoint, folder_checkpoints=folders
+        )
         return checkpoint
 
     def _record_failure(self, mailbox: Mailbox, error: CollectorError) -> None:

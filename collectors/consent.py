@@ -272,6 +272,8 @@ class ConsentService:
                 uidvalidity=previous.uidvalidity if previous else 0,
                 last_uid=previous.last_uid if previous else 0,
                 collected_total=previous.collected_total if previous else 0,
+                folder_checkpoints=previous.folder_checkpoints if previous else "",
+                pending_after_action=previous.pending_after_action if previous else "",
             )
         )
         if self._tokens is not None:

@@ -17,7 +17,7 @@ from imapclient import exceptions as imap_errors
 from imapclient.response_parser import parse_fetch_response
 
 from shared.after_action import AfterAction, Step
-from shared.errors import MailboxAccessError, TransientError
+from shared.errors import AfterActionError, MailboxAccessError, TransientError
 
 logger = logging.getLogger(__name__)
 
@@ -308,8 +308,19 @@ class ImapSession:
                 self._delete(uids)
             else:  # LEAVE is never a step (shared.after_action.plan)
                 raise ValueError(f"not an after-action step: {step.action}")
-        except (MailboxAccessError, ValueError):
+        except MailboxAccessError as e:
+            raise AfterActionError(str(e), remedy=e.remedy) from e
+        except ValueError:
             raise
+        except imap_errors.IMAPClientError as e:
+            if isinstance(e, imap_errors.IMAPClientAbortError) or _throttle(str(e)):
+                raise self._translate(e) from e
+            # A tagged NO or BAD: the server refuses this step (TRYCREATE, a permission); retrying will not help.
+            raise AfterActionError(
+                f"the server refused to {step.action.value} {len(uids)} message(s)"
+                + (f" to {step.folder!r}" if step.folder else "")
+                + f" in {self._address}: {str(e)[:200]}"
+            ) from e
         except Exception as e:
             raise self._translate(e) from e
 

@@ -20,6 +20,7 @@ class RunOutcome(StrEnum):
     TRANSIENT = "transient"
     NEEDS_RECONSENT = "needs_reconsent"
     MAILBOX_ACCESS = "mailbox_access"
+    AFTER_ACTION = "after_action"  # mail is queued, but the server refused to flag, move or delete it
     CONFIGURATION = "configuration"
     ERROR = "error"  # a defect: reported with its traceback
 
@@ -88,3 +89,12 @@ class MailboxAccessError(CollectorError):
 
     error_class = RunOutcome.MAILBOX_ACCESS
     remedy = "check that the signed-in account has access to the mailbox and that the folder exists"
+
+
+class AfterActionError(MailboxAccessError):
+    """The server refused the after-action (a folder it cannot create, a permission) for mail that is already
+    stored and queued. The run records it as pending with the checkpoint: the mail is not queued again, and the
+    next run applies the after-action first."""
+
+    error_class = RunOutcome.AFTER_ACTION
+    remedy = "change the mailbox's after-action options (move_to, refuse_to) or fix the folder on the server"

@@ -150,6 +150,8 @@ class Mailbox:
     collected_day: str = ""
     reconsent_reported_at: datetime | None = None  # the last daily "still needs re-consent" line
     last_oversize: str = ""  # the last message above the mailbox's size limit, and what was done with it
+    folder_checkpoints: str = ""  # JSON, see shared.checkpoints
+    pending_after_action: str = ""  # JSON, see shared.checkpoints
 
     def __post_init__(self) -> None:
         # A stored row holds plain text.
@@ -236,18 +238,44 @@ class MailboxRegistry:
         """A renewed token cache reached Key Vault at ``saved_at`` (the token age an admin watches)."""
         self._merge(address, token_saved_at=saved_at)
 
-    def record_checkpoint(self, address: str, *, uidvalidity: int, last_uid: int) -> None:
-        """Messages up to ``last_uid`` are stored, queued and their after-action done: never collect them again."""
-        self._merge(address, uidvalidity=uidvalidity, last_uid=last_uid)
+    def record_checkpoint(
+        self,
+        address: str,
+        *,
+        uidvalidity: int,
+        last_uid: int,
+        folder_checkpoints: str | None = None,
+        pending_after_action: str | None = None,
+    ) -> None:
+        """Messages up to ``last_uid`` are stored, queued and their after-action done (or recorded as pending):
+        never collect them again. ``folder_checkpoints`` is the per-folder map with this checkpoint in it."""
+        fields: dict[str, Any] = {"uidvalidity": uidvalidity, "last_uid": last_uid}
+        if folder_checkpoints is not None:
+            fields["folder_checkpoints"] = folder_checkpoints
+        if pending_after_action is not None:
+            fields["pending_after_action"] = pending_after_action
+        self._merge(address, **fields)
+
+    def record_pending_after_action(self, address: str, pending: str) -> None:
+        """The after-action still owed to queued mail (empty text: none)."""
+        self._merge(address, pending_after_action=pending)
 
     def record_success(
-        self, address: str, *, uidvalidity: int, last_uid: int, collected_total: int, collected_today: int = 0
+        self,
+        address: str,
+        *,
+        uidvalidity: int,
+        last_uid: int,
+        collected_total: int,
+        collected_today: int = 0,
+        folder_checkpoints: str = "",
     ) -> None:
-        """A run ended well: the final checkpoint, the failure status cleared, and ``collected_today`` the count of
-        messages collected on this UTC day (the status page's)."""
+        """A run ended well: the final checkpoint (with ``folder_checkpoints``, the per-folder map), the failure
+        status cleared, and ``collected_today`` the count of messages collected on this UTC day (the status page's)."""
         now = utcnow()
         self._merge(
             address,
+            **({"folder_checkpoints": folder_checkpoints} if folder_checkpoints else {}),
             uidvalidity=uidvalidity,
             last_uid=last_uid,
             last_run_at=now,

@@ -112,6 +112,85 @@ def test_a_non_ascii_nested_move_folder_is_created_once_and_receives_the_mail(
     assert dovecot.list_uids(config, address) == []
 
 
+def test_each_folder_keeps_its_own_checkpoint_across_a_switch_and_back(
+    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    # With "leave" the mail stays where it is, so only the checkpoint keeps a folder from being collected twice.
+    address = new_address()
+    consent(address, after_action="leave")
+    config = Path(stack["dovecot_config"])
+    dovecot.create_folder(config, address, "Support")
+    deliver(address, simple_message("inbox 1"))
+    deliver(address, simple_message("inbox 2"))
+    assert collect(services, address).messages == 2
+
+    services.consent.change_options(address, {"folder": "Support"}, admin="test")
+    deliver(address, simple_message("support 1"), "Support")
+    deliver(address, simple_message("inbox 3"))  # arrives while the other folder is collected
+    assert collect(services, address).messages == 1
+
+    services.consent.change_options(address, {"folder": "INBOX"}, admin="test")
+    assert collect(services, address).messages == 1  # inbox 3 only: neither skipped nor collected twice
+    services.consent.change_options(address, {"folder": "Support"}, admin="test")
+    assert collect(services, address).messages == 0
+    subjects = sorted(e["subject"] for e in queue_messages())
+    assert subjects == ["inbox 1", "inbox 2", "inbox 3", "support 1"]
+
+
+def test_a_refused_after_action_stays_pending_and_the_mail_is_not_queued_again(
+    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    # Dovecot refuses to create a folder whose name begins with "~": the MOVE cannot happen after the queue write.
+    address = new_address()
+    consent(address, after_action="move", move_to="~Done")
+    deliver(address, simple_message("one"))
+    deliver(address, simple_message("two"))
+    config = Path(stack["dovecot_config"])
+
+    first = collect(services, address)
+    assert (first.outcome, first.messages) == ("after_action", 2)
+    row = services.registry.get(address)
+    assert row.last_uid == 2 and row.last_error_class == "after_action"
+    assert "~Done" in row.last_error and "move_to" in row.last_error and "not queued again" in row.last_error
+    assert row.pending_after_action
+
+    again = collect(services, address)  # still refused: retried, and nothing is queued a second time
+    assert (again.outcome, again.messages) == ("after_action", 0)
+    assert len(dovecot.list_uids(config, address)) == 2
+
+    services.consent.change_options(address, {"move_to": "Done"}, admin="test")
+    fixed = collect(services, address)
+    assert fixed.outcome == "ok"
+    assert dovecot.list_uids(config, address) == [] and len(dovecot.list_uids(config, address, "Done")) == 2
+    row = services.registry.get(address)
+    assert not row.pending_after_action and row.last_error_class == ""
+    assert sorted(e["subject"] for e in queue_messages()) == ["one", "two"]
+
+
+def test_a_revoke_during_a_run_ends_that_mailbox_cleanly_and_the_others_go_on(
+    services: Any, consent: Any, new_address: Any, deliver: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    revoked, other = new_address(), new_address()
+    for address in (revoked, other):
+        consent(address)
+        for i in range(3):
+            deliver(address, simple_message(f"{address} {i}"))
+    registry = services.collector._registry
+    checkpoint = registry.record_checkpoint
+
+    def revoke_at_the_first_checkpoint(address: str, **fields: Any) -> None:
+        if address == revoked and services.registry.find(revoked) is not None:
+            services.consent.revoke(revoked)
+        checkpoint(address, **fields)
+
+    monkeypatch.setattr(registry, "record_checkpoint", revoke_at_the_first_checkpoint)
+    results = {r.address: r for r in services.collector.run([services.registry.get(a) for a in (revoked, other)])}
+    assert results[revoked].outcome == "deferred"
+    assert (results[other].outcome, results[other].messages) == ("ok", 3)
+    assert services.registry.find(revoked) is None  # no row written back by the ending run
+    assert services.tokens._store.load(revoked) is None
+
+
 @pytest.mark.parametrize("action", ["leave", "delete"])
 def test_other_after_actions(
     stack: Stack,
