@@ -526,6 +526,7 @@ def test_bodies_past_the_hosts_limit_are_refused_before_the_app(site: Site) -> N
 
 ADMIN_ROUTES = [
     ("GET", "/api/mailboxes"),
+    ("POST", "/api/mailboxes"),
     ("GET", "/api/mailboxes/{owner}"),
     ("PATCH", "/api/mailboxes/{owner}"),
     ("DELETE", "/api/mailboxes/{owner}"),
