@@ -141,7 +141,7 @@ class TicketConsumer:
             last = dequeue_count >= max_dequeue_count
             level = logging.ERROR if last or isinstance(e, ConfigurationError) else logging.WARNING
             logger.log(level, "glpi message failed %s last_attempt=%s error=%s", log, last, e)
-            if last:
+            if last and not isinstance(e, ClaimLost):  # another invocation holds the message and records its end
                 self._record_failure(key, envelope["id"], f"{type(e).__name__}: {e}")
             raise
 

@@ -616,3 +616,38 @@ def test_a_strangers_reply_to_a_guessed_tag_opens_a_new_ticket_unless_anonymous_
     open_settings = load_settings({**app_env, "GLPI_MAILBOX_OPTIONS": '{"*": {"anonymous_followups": true}}'})
     post_mail(open_settings, mail(f"{tag} {word}-open", sender=f"eve{word}@example.net"), mailbox="s@x.test", uid=4)
     assert run(open_settings, retry_visibility=0) == {"followup": 1}
+
+
+@pytest.mark.parametrize("point", ["after_create", "after_links"])
+def test_a_consumer_killed_while_adding_a_followup_never_adds_it_twice(
+    stack: Any, glpi_settings: Any, app_env: dict[str, str], drain: Any, tmp_path: Any, point: str
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    word = _id()
+    ticket = _new_ticket(stack, glpi_settings, word)
+    parts = [
+        ("Content-Type: text/plain; charset=utf-8", f"more {word}".encode()),
+        ('Content-Type: text/plain\r\nContent-Disposition: attachment; filename="r.txt"', b"r"),
+    ]
+    reply = multipart(f"Re: [GLPI #{ticket['id']}] Original {word}", parts)
+    post_mail(glpi_settings, reply, mailbox="s@x.test", uid=2)
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(json.dumps({"Values": app_env}))
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.support.glpi", point, "1", "--settings", str(settings_file)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 137, result.stderr[-2000:]
+    time.sleep(2.5)
+    drain()
+    (followup,) = one_ticket(stack, f"Original {word}")["followups"]
+    assert [d["filename"] for d in followup["documents"]] == ["r.txt"]
