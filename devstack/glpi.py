@@ -1,4 +1,6 @@
 """A GLPI stand-in for the local stack: the part of GLPI 10's REST API (``apirest.php``) the ticket consumer uses.
+One module, over 500 lines, on purpose: one REST surface read beside GLPI's ``API`` class, in marked sections (the
+data, the server, starting it) that no other module uses.
 
 GLPI is a PHP application with a database and cannot be installed from the registries here, so this serves the
 legacy REST API over HTTPS the way GLPI's own ``Glpi\\Api\\API`` and ``APIRest`` classes answer (docs/fidelity.md

@@ -1,4 +1,6 @@
 """A Key Vault secrets endpoint for the local stack, speaking the REST API that azure-keyvault-secrets calls.
+One module, over 500 lines, on purpose: it is one REST surface read beside Key Vault's reference, in marked sections
+(the store, faults and counters, the server, starting it) that no other module uses.
 
 There is no installable Key Vault emulator, so this serves the secrets part of the data plane over HTTPS:
 the Bearer challenge, versions, tags, content types, attributes, paging, soft delete with purge and recover,
