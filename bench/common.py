@@ -217,7 +217,10 @@ class Workspace:
     def reset_checkpoint(self, address: str) -> None:
         """Make the next run collect the whole folder again (the messages stay on the server)."""
         uidvalidity = self.services.registry.get(address).uidvalidity
-        self.services.registry.record_checkpoint(address, uidvalidity=uidvalidity, last_uid=0)
+        # An empty per-folder map: the row's own columns count, and they say "from the start".
+        self.services.registry.record_checkpoint(
+            address, {"uidvalidity": uidvalidity, "last_uid": 0, "folder_checkpoints": ""}
+        )
 
     def clear_queue(self) -> None:
         from shared import azure_clients

@@ -11,7 +11,6 @@ IMAP round trips and the storage writes overlap.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -20,18 +19,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-from azure.core.exceptions import AzureError
-from azure.storage.blob import BlobClient, ContainerClient, ContentSettings
-from azure.storage.queue import QueueClient
+from typing import Any, Protocol
 
 from collectors.app_tokens import AppTokenProvider, exchange_refusal
 from collectors.envelope import build_envelope, encode_for_queue
 from collectors.envelope.classification import refused
-from collectors.imap_session import ImapSession
-from collectors.tokens import AccessToken, TokenService
-from shared.checkpoints import Checkpoint, PendingAfterAction, checkpoint_of, with_checkpoint
+from collectors.mail_source import Checkpoint, MailFolder, MailSource
+from collectors.sinks import EnvelopeQueue, RawStore
+from collectors.tokens import AccessToken, TokenProvider
+from shared.checkpoints import PendingAfterAction
 from shared.errors import (
     AfterActionError,
     CollectorError,
@@ -44,7 +40,7 @@ from shared.errors import (
 )
 from shared.folders import same_folder
 from shared.invocation_logs import carried
-from shared.lease import MailboxLease
+from shared.lease import Lease, Leases
 from shared.registry import Mailbox, MailboxMode, MailboxRegistry, MailboxStatus, utcnow
 from shared.settings import Settings
 
@@ -87,12 +83,21 @@ class MailboxResult:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sinks:
-    """Where collected mail goes: raw bytes to a container, envelopes to a queue."""
+    """Where collected mail goes: raw bytes to a store, envelopes to a queue (see ``collectors.sinks``)."""
 
-    container: ContainerClient
-    queue: QueueClient
+    raw: RawStore
+    envelopes: EnvelopeQueue
+
+
+class WorkQueue(Protocol):
+    """The fan-out queue of work items (an Azure Storage ``QueueClient``)."""
+
+    @property
+    def queue_name(self) -> str: ...
+
+    def send_message(self, content: Any, **kwargs: Any) -> Any: ...
 
 
 def _sent_at(date: object) -> datetime | None:
@@ -110,8 +115,24 @@ def collected_today(mailbox: Mailbox, messages: int) -> int:
     return before + messages
 
 
+class _Blob(Protocol):
+    """Where a message's raw bytes are: a ``BlobClient``, or its name and URL in a raw store."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def blob_name(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    url: str
+    blob_name: str
+
+
 def envelope_of(
-    mailbox: Mailbox, uidvalidity: int, uid: int, blob: BlobClient, raw: bytes, *, collected_at: datetime
+    mailbox: Mailbox, uidvalidity: int, uid: int, blob: _Blob, raw: bytes, *, collected_at: datetime
 ) -> dict[str, Any]:
     """The envelope of one stored message: the same for a collection and a replay of its blob."""
     return build_envelope(
@@ -148,16 +169,19 @@ class Enqueued:
 
 
 class Collector:
-    """Collects mailboxes into ``sinks``. Thread-safe; share one per worker so its warm token cache is reused."""
+    """Collects mailboxes from ``source`` into ``sinks``. Thread-safe; share one per worker so that the token
+    providers' warm caches are reused. Every part it talks to is a seam (``collectors.services`` wires the real
+    ones; unit tests pass in-memory fakes)."""
 
     def __init__(
         self,
         settings: Settings,
         *,
         registry: MailboxRegistry,
-        tokens: TokenService,
+        tokens: TokenProvider,
+        source: MailSource,
         sinks: Sinks,
-        leases: ContainerClient,
+        leases: Leases,
         app_tokens: AppTokenProvider | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -165,6 +189,7 @@ class Collector:
         self._registry = registry
         self._tokens = tokens
         self._app_tokens = app_tokens or AppTokenProvider(settings)
+        self._source = source
         self._sinks = sinks
         self._leases = leases
         self._clock = clock
@@ -186,7 +211,7 @@ class Collector:
         """More mailboxes than one instance collects well in one run: spread them over instances via the queue."""
         return count > self._settings.max_concurrency * FANOUT_FACTOR
 
-    def fan_out(self, mailboxes: list[Mailbox], work_queue: QueueClient) -> int:
+    def fan_out(self, mailboxes: list[Mailbox], work_queue: WorkQueue) -> int:
         """Put one work item per mailbox on the work queue (each expires before the next tick would add another)."""
         for mailbox in mailboxes:
             work_queue.send_message(
@@ -228,7 +253,7 @@ class Collector:
         started = self._clock()
         result = MailboxResult(mailbox.address)
         try:
-            with MailboxLease(self._leases, mailbox.key) as lease:
+            with self._leases.hold(mailbox.key) as lease:
                 if not lease.held:
                     result.outcome = RunOutcome.BUSY
                 else:
@@ -268,61 +293,38 @@ class Collector:
 
     # -- one mailbox ------------------------------------------------------------------------------------------
 
-    def _collect(self, mailbox: Mailbox, lease: MailboxLease, deadline: float, result: MailboxResult) -> None:
+    def _collect(self, mailbox: Mailbox, lease: Lease, deadline: float, result: MailboxResult) -> None:
         options = mailbox.options
-        token, refused = self._token(mailbox)
+        token, login_refused = self._token(mailbox, deadline)
         if token.saved_at is not None:
             self._registry.record_token_saved(mailbox.address, token.saved_at)
-        with ImapSession(
-            self._settings.imap_host,
-            self._settings.imap_port,
-            address=mailbox.address,
-            access_token=token.token,
-            ca_bundle=self._settings.ca_bundle,
-            signed_in_as=mailbox.signed_in_as,
-            refused=refused,
-        ) as imap:
-            uidvalidity = imap.select(options.folder)
-            self._apply_pending(mailbox, imap, uidvalidity)
-            start = checkpoint_of(
-                mailbox.folder_checkpoints, options.folder, legacy=Checkpoint(mailbox.uidvalidity, mailbox.last_uid)
-            )
-            last_uid = start.last_uid
-            if uidvalidity != start.uidvalidity:
-                if start.uidvalidity:
-                    logger.warning(
-                        "uidvalidity changed mailbox=%s folder=%s old=%d new=%d: collecting the folder again",
-                        mailbox.address, options.folder, start.uidvalidity, uidvalidity,
-                    )  # fmt: skip
-                last_uid = 0
-            sizes = imap.sizes(imap.uids_after(last_uid))
+        with self._source.open(mailbox, token.token, login_refused=login_refused) as folder:
+            self._apply_pending(mailbox, folder)
+            checkpoint = folder.checkpoint
+            sizes = folder.sizes()
             batches = list(self._plan(sizes, options.max_messages, options.max_bytes))
             result.more = sum(len(b) for b in batches) < len(sizes)
             pending: tuple[_Batch, Future[Enqueued]] | None = None
             # The next batch's FETCH is already on the wire while this one is handled: that hides one round trip
             # to the server per batch. Batches arrive in order; the after-actions in between stay safe.
-            for uids, messages in imap.fetch_batches(batches):
+            for uids, messages in folder.fetch_batches(batches):
                 if self._clock() > deadline:
                     result.more = True  # this batch is not stored: the next run fetches it again
                     break
                 batch = _Batch(uids, messages)  # overlaps with the previous batch's storage writes
                 if pending is not None:
-                    last_uid = self._finish(mailbox, imap, lease, uidvalidity, *pending, result)
-                pending = (batch, self._store(mailbox, uidvalidity, batch))
+                    checkpoint = self._finish(mailbox, folder, lease, *pending, result)
+                pending = (batch, self._store(mailbox, folder.uidvalidity, batch))
             if pending is not None:
-                last_uid = self._finish(mailbox, imap, lease, uidvalidity, *pending, result)
+                checkpoint = self._finish(mailbox, folder, lease, *pending, result)
         self._registry.record_success(
             mailbox.address,
-            uidvalidity=uidvalidity,
-            last_uid=last_uid,
+            checkpoint=checkpoint,
             collected_total=mailbox.collected_total + result.messages,
             collected_today=collected_today(mailbox, result.messages),
-            folder_checkpoints=with_checkpoint(
-                mailbox.folder_checkpoints, options.folder, Checkpoint(uidvalidity, last_uid)
-            ),
         )
 
-    def _apply_pending(self, mailbox: Mailbox, imap: ImapSession, uidvalidity: int) -> None:
+    def _apply_pending(self, mailbox: Mailbox, folder: MailFolder) -> None:
         """Carry out the after-action a previous run could not, with today's options, before collecting more.
 
         Raises AfterActionError while the server still refuses it: new mail waits until an admin fixes the cause.
@@ -332,7 +334,7 @@ class Collector:
             if mailbox.pending_after_action:
                 self._registry.record_pending_after_action(mailbox.address, "")
             return
-        if not same_folder(owed.folder, mailbox.options.folder) or owed.uidvalidity != uidvalidity:
+        if not same_folder(owed.folder, mailbox.options.folder) or owed.uidvalidity != folder.uidvalidity:
             # The UIDs name messages of another folder, or of this folder before it was rebuilt: not these ones.
             logger.warning(
                 "pending after-action dropped mailbox=%s folder=%s messages=%d reason=folder_changed",
@@ -341,7 +343,7 @@ class Collector:
         else:
             try:
                 for step in mailbox.options.after_steps(owed.stored, owed.refused):
-                    imap.apply(step)
+                    folder.apply(step)
             except AfterActionError as e:
                 raise self._owed(e, len(owed.stored)) from e
             logger.info("pending after-action done mailbox=%s messages=%d", mailbox.address, len(owed.stored))
@@ -357,14 +359,16 @@ class Collector:
 
     def token_for(self, mailbox: Mailbox) -> AccessToken:
         """The mailbox's access token by its mode (diagnose reads its claims). Raises as a collection would."""
-        return self._token(mailbox)[0]
+        return self._token(mailbox, None)[0]
 
-    def _token(self, mailbox: Mailbox) -> tuple[AccessToken, Callable[[], MailboxAccessError] | None]:
+    def _token(
+        self, mailbox: Mailbox, deadline: float | None
+    ) -> tuple[AccessToken, Callable[[], MailboxAccessError] | None]:
         """The mailbox's access token by its mode, and the error for a refused login when the mode has its own."""
         if mailbox.mode == MailboxMode.APP:
             app_token = self._app_tokens.access_token(mailbox)
             return app_token, lambda: exchange_refusal(mailbox.address, app_token)
-        return self._tokens.access_token(mailbox.address, signed_in_as=mailbox.signed_in_as), None
+        return self._tokens.access_token(mailbox.address, signed_in_as=mailbox.signed_in_as, deadline=deadline), None
 
     @staticmethod
     def _plan(sizes: dict[int, int], max_messages: int, max_bytes: int) -> Iterator[list[int]]:
@@ -393,27 +397,17 @@ class Collector:
             if uid not in batch.messages:
                 continue
             raw = batch.messages[uid]
-            blob = self._sinks.container.get_blob_client(blob_name(mailbox.key, uidvalidity, uid))
-            # Two tasks: the envelope (parsing, CPU) is built while the blob uploads (I/O). For a large message
+            blob = StoredBlob(self._sinks.raw.url(name := blob_name(mailbox.key, uidvalidity, uid)), name)
+            # Two tasks: the envelope (parsing, CPU) is built while the bytes upload (I/O). For a large message
             # each takes a good part of the time, and a batch of one message has nothing else to overlap with.
-            upload = self._store_pool.submit(carried(self._upload), mailbox, uid, blob, raw)
+            upload = self._store_pool.submit(carried(self._sinks.raw.put), name, raw)
             envelope = self._store_pool.submit(carried(self._envelope), mailbox, uidvalidity, uid, blob, raw)
             writes.append((uid, upload, envelope))
-        return self._enqueue_pool.submit(carried(self._enqueue_in_order), mailbox, writes)
-
-    def _upload(self, mailbox: Mailbox, uid: int, blob: BlobClient, raw: bytes) -> None:
-        """Write the raw bytes to their blob."""
-        with self._storage_errors(mailbox, uid):
-            blob.upload_blob(
-                raw,
-                overwrite=True,
-                content_settings=ContentSettings(content_type="message/rfc822"),
-                max_concurrency=4,
-            )
+        return self._enqueue_pool.submit(carried(self._enqueue_in_order), writes)
 
     @staticmethod
     def _envelope(
-        mailbox: Mailbox, uidvalidity: int, uid: int, blob: BlobClient, raw: bytes
+        mailbox: Mailbox, uidvalidity: int, uid: int, blob: StoredBlob, raw: bytes
     ) -> tuple[str, bool, datetime | None]:
         """The envelope text for the queue, whether the mailbox's refuse rule applies (an auto-reply, a bounce or a
         mail loop, as GLPI's "refused" folder), and the message's Date (for the delivery delay)."""
@@ -421,9 +415,9 @@ class Collector:
         return encode_for_queue(envelope), refused(envelope["classification"]), _sent_at(envelope.get("date"))
 
     def _enqueue_in_order(
-        self, mailbox: Mailbox, writes: list[tuple[int, Future[None], Future[tuple[str, bool, datetime | None]]]]
+        self, writes: list[tuple[int, Future[None], Future[tuple[str, bool, datetime | None]]]]
     ) -> Enqueued:
-        """Send the envelopes in UID order, each after its blob is written."""
+        """Send the envelopes in UID order, each after its raw bytes are stored."""
         stored: list[int] = []
         refused_uids: set[int] = set()
         max_delay: float | None = None
@@ -431,8 +425,7 @@ class Collector:
             for uid, upload, envelope in writes:
                 upload.result()  # a failed upload stops here: no envelope without its blob
                 text, refuse, sent_at = envelope.result()
-                with self._storage_errors(mailbox, uid):
-                    self._sinks.queue.send_message(text)
+                self._sinks.envelopes.send(text)
                 stored.append(uid)
                 if sent_at is not None:
                     delay = max(0.0, (datetime.now(UTC) - sent_at).total_seconds())  # a sender's clock may run fast
@@ -448,28 +441,15 @@ class Collector:
             raise
         return Enqueued(tuple(stored), frozenset(refused_uids), max_delay)
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _storage_errors(mailbox: Mailbox, uid: int) -> Iterator[None]:
-        try:
-            yield
-        except AzureError as e:
-            raise TransientError(
-                f"storage write failed for {mailbox.address} uid={uid}: {type(e).__name__}",
-                remedy="nothing to do once storage is reachable: the message stays in the mailbox and the next "
-                "run collects it",
-            ) from e
-
     def _finish(
         self,
         mailbox: Mailbox,
-        imap: ImapSession,
-        lease: MailboxLease,
-        uidvalidity: int,
+        folder: MailFolder,
+        lease: Lease,
         batch: _Batch,
         writes: Future[Enqueued],
         result: MailboxResult,
-    ) -> int:
+    ) -> Checkpoint:
         """Wait for the batch's blobs and envelopes, then apply the after-action, then move the checkpoint."""
         error = writes.exception()  # waits for the batch's envelopes
         if error is not None:
@@ -477,33 +457,22 @@ class Collector:
         enqueued = writes.result()
         lease.check()
         # Missing UIDs were deleted by someone else between SEARCH and FETCH: nothing to collect, move past them.
-        checkpoint = batch.uids[-1]
-        folders = with_checkpoint(
-            mailbox.folder_checkpoints, mailbox.options.folder, Checkpoint(uidvalidity, checkpoint)
-        )
+        checkpoint = folder.checkpoint_after(batch.uids[-1])
         if enqueued.max_delay is not None:
             result.max_delay = max(result.max_delay or 0.0, enqueued.max_delay)
         result.messages += len(enqueued.stored)
         result.bytes += sum(len(batch.messages[uid]) for uid in enqueued.stored)
         try:
             for step in mailbox.options.after_steps(enqueued.stored, enqueued.refused):
-                imap.apply(step)
+                folder.apply(step)
         except AfterActionError as e:
             # The mail is queued: move the checkpoint past it, so that no later run queues it again, and owe the
             # after-action instead. Every run retries it first and fails, naming the cause, until it is fixed.
-            owed = PendingAfterAction(mailbox.options.folder, uidvalidity, enqueued.stored, enqueued.refused)
-            self._registry.record_checkpoint(
-                mailbox.address,
-                uidvalidity=uidvalidity,
-                last_uid=checkpoint,
-                folder_checkpoints=folders,
-                pending_after_action=owed.to_text(),
-            )
+            owed = PendingAfterAction(mailbox.options.folder, folder.uidvalidity, enqueued.stored, enqueued.refused)
+            self._registry.record_checkpoint(mailbox.address, checkpoint, pending_after_action=owed.to_text())
             raise self._owed(e, len(enqueued.stored)) from e
         lease.check()
-        self._registry.record_checkpoint(
-            mailbox.address, uidvalidity=uidvalidity, last_uid=checkpoint, folder_checkpoints=folders
-        )
+        self._registry.record_checkpoint(mailbox.address, checkpoint)
         return checkpoint
 
     def _record_failure(self, mailbox: Mailbox, error: CollectorError) -> None:

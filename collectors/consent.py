@@ -20,7 +20,7 @@ import itertools
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
@@ -32,7 +32,7 @@ from azure.core.exceptions import AzureError, ResourceModifiedError, ResourceNot
 from azure.data.tables import TableClient, UpdateMode
 
 from collectors.entra import RECONSENT_CODES, UNREACHABLE, aadsts_codes, confidential_app, error_from_result
-from collectors.tokens import TokenService
+from collectors.tokens import TokenProvider
 from shared import audit
 from shared.errors import CollectorError, ConfigurationError, TransientError
 from shared.mailboxes import InvalidMailboxError, normalize_address
@@ -135,9 +135,13 @@ class ConsentService:
         flows: TableClient,
         registry: MailboxRegistry,
         store: TokenCacheStore,
-        tokens: TokenService | None = None,
+        tokens: TokenProvider | None = None,
+        app_factory: Callable[[Settings, msal.TokenCache | None], msal.ConfidentialClientApplication] = (
+            confidential_app
+        ),
     ) -> None:
         self._settings = settings
+        self._app_factory = app_factory  # the identity provider's client (a fake one in unit tests)
         self._flows = flows
         self._registry = registry
         self._store = store
@@ -171,7 +175,7 @@ class ConsentService:
             chosen = MailboxOptions.from_mapping(options or {}, existing.options if existing else None)
         except ValueError as e:
             raise ConsentProblem(ConsentFailure.INVALID, "Invalid mailbox option", str(e)) from None
-        app = confidential_app(self._settings)
+        app = self._app_factory(self._settings, None)
         try:
             flow = app.initiate_auth_code_flow(
                 [self._settings.imap_scope],
@@ -221,7 +225,7 @@ class ConsentService:
             raise self._authorize_error(form, address)
         flow = json.loads(str(entity["flow"]))
         cache = msal.SerializableTokenCache()
-        app = confidential_app(self._settings, cache)
+        app = self._app_factory(self._settings, cache)
         try:
             result = app.acquire_token_by_auth_code_flow(flow, dict(form), scopes=[self._settings.imap_scope])
         except UNREACHABLE as e:

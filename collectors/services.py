@@ -17,9 +17,12 @@ from collectors.app_tokens import AppTokenProvider
 from collectors.collect import Collector, Sinks
 from collectors.consent import ConsentService
 from collectors.credential_check import CredentialExpiryCheck
+from collectors.mail_source import ImapSource
 from collectors.operations import Operations
+from collectors.sinks import BlobRawStore, StorageQueueEnvelopes
 from collectors.tokens import TokenService
 from shared import azure_clients
+from shared.lease import BlobLeases
 from shared.registry import MailboxRegistry
 from shared.settings import Settings, get_settings
 from shared.signed_links import LinkSigner
@@ -67,11 +70,12 @@ def build_services(settings: Settings) -> Services:
         settings,
         registry=registry,
         tokens=tokens,
+        source=ImapSource(settings),
         sinks=Sinks(
-            container=azure_clients.container(settings, settings.mail_container),
-            queue=azure_clients.queue(settings, settings.mail_queue),
+            raw=BlobRawStore(azure_clients.container(settings, settings.mail_container)),
+            envelopes=StorageQueueEnvelopes(azure_clients.queue(settings, settings.mail_queue)),
         ),
-        leases=azure_clients.container(settings, settings.lease_container),
+        leases=BlobLeases(azure_clients.container(settings, settings.lease_container)),
         app_tokens=app_tokens,
     )
     credential_check = CredentialExpiryCheck(azure_clients.secret_client(settings), settings.client_secret_name)

@@ -14,8 +14,10 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 import msal
 
@@ -30,7 +32,6 @@ logger = logging.getLogger(__name__)
 # MSAL itself renews 5 minutes before expiry; we renew a little earlier so that a token handed to an IMAP
 # login stays valid through a long run.
 ACCESS_TOKEN_MARGIN = 600  # seconds
-SAVE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,33 @@ class _Warm:
     unsaved: bool = False
 
 
+class TokenProvider(Protocol):
+    """Access tokens for a mailbox's mail source. Delegated per-mailbox token caches today (TokenService);
+    app-only tokens (client credentials) are another implementation of the same two methods."""
+
+    def access_token(self, address: str, *, signed_in_as: str, deadline: float | None = None) -> AccessToken:
+        """A token valid for a good while yet, obtained by ``deadline`` (a ``time.monotonic`` time) when one is
+        given. Raises NeedsReconsentError, ConfigurationError or TransientError."""
+        ...
+
+    def forget(self, address: str) -> None:
+        """Drop what is kept in memory for ``address`` (after a re-consent or a revocation)."""
+        ...
+
+
 class TokenService:
     """Hands out access tokens per mailbox. Thread-safe; callers hold the mailbox's lease."""
 
-    def __init__(self, settings: Settings, store: TokenCacheStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: TokenCacheStore,
+        *,
+        app_factory: Callable[[Settings, msal.TokenCache], msal.ConfidentialClientApplication] = confidential_app,
+    ) -> None:
         self._settings = settings
         self._store = store
+        self._app_factory = app_factory  # the identity provider's client (a fake one in unit tests)
         self._warm: dict[str, _Warm] = {}
         self._lock = threading.Lock()
 
@@ -70,8 +92,8 @@ class TokenService:
         with self._lock:
             self._warm.pop(address, None)
 
-    def access_token(self, address: str, *, signed_in_as: str) -> AccessToken:
-        """A valid access token for ``address``'s IMAP scope.
+    def access_token(self, address: str, *, signed_in_as: str, deadline: float | None = None) -> AccessToken:
+        """A valid access token for ``address``'s IMAP scope. Key Vault calls end by ``deadline`` (``shared.retry``).
 
         Raises NeedsReconsentError (definitive), ConfigurationError, or TransientError (retry later; any stored
         or in-memory refresh token is kept).
@@ -81,7 +103,7 @@ class TokenService:
         pending_saved_at = None
         if warm is not None and warm.unsaved:
             try:
-                pending_saved_at = self._save(address, warm)
+                pending_saved_at = self._save(address, warm, deadline)
             except TransientError as e:
                 # Still kept in memory and tried again next time; collecting meanwhile loses nothing more.
                 logger.warning(
@@ -92,7 +114,7 @@ class TokenService:
             if token is not None:
                 # The registry's token age must count the save of the token renewed in an earlier run.
                 return dataclasses.replace(token, saved_at=pending_saved_at)
-        stored = self._store.load(address)
+        stored = self._store.load(address, deadline=deadline)
         if stored is None:
             if warm is None or not warm.unsaved:
                 raise NeedsReconsentError(f"no token is stored for {address} (its Key Vault secret is missing)")
@@ -106,13 +128,13 @@ class TokenService:
                 return dataclasses.replace(token, saved_at=pending_saved_at)
         assert warm is not None
         try:
-            token = self._renew(address, warm)
+            token = self._renew(address, warm, deadline)
         except NeedsReconsentError:
             # A re-consent (or another worker) may have stored a newer token meanwhile: only the latest one counts.
-            latest = self._store.load(address)
+            latest = self._store.load(address, deadline=deadline)
             if latest is None or latest.version == warm.version or warm.unsaved:
                 raise
-            token = self._renew(address, _Warm(latest.serialized, latest.version, signed_in_as or address))
+            token = self._renew(address, _Warm(latest.serialized, latest.version, signed_in_as or address), deadline)
         if token.saved_at is None and pending_saved_at is not None:
             token = dataclasses.replace(token, saved_at=pending_saved_at)
         return token
@@ -127,7 +149,7 @@ class TokenService:
         stored = self._store.load(address)
         if stored is None:
             raise NeedsReconsentError(f"no token is stored for {address} (its Key Vault secret is missing)")
-        return self._renew(address, _Warm(stored.serialized, stored.version, signed_in_as or address))
+        return self._renew(address, _Warm(stored.serialized, stored.version, signed_in_as or address), None)
 
     def _cached_token(self, warm: _Warm) -> AccessToken | None:
         cache = msal.SerializableTokenCache()
@@ -139,10 +161,10 @@ class TokenService:
                 return AccessToken(entry["secret"], expires_on, renewed=False, saved_at=None)
         return None
 
-    def _renew(self, address: str, warm: _Warm) -> AccessToken:
+    def _renew(self, address: str, warm: _Warm, deadline: float | None) -> AccessToken:
         cache = msal.SerializableTokenCache()
         cache.deserialize(warm.serialized)
-        app = confidential_app(self._settings, cache)
+        app = self._app_factory(self._settings, cache)
         accounts = app.get_accounts()
         account = next(
             (a for a in accounts if str(a.get("username", "")).lower() == warm.signed_in_as.lower()),
@@ -170,7 +192,7 @@ class TokenService:
             with self._lock:
                 self._warm[address] = warm
             try:
-                saved_at = self._save(address, warm)
+                saved_at = self._save(address, warm, deadline)
             except TransientError as e:
                 # The access token is good; collection goes on and the next call writes the cache first.
                 logger.warning(
@@ -182,19 +204,12 @@ class TokenService:
         expires_on = time.time() + float(result.get("expires_in", 0))
         return AccessToken(result["access_token"], expires_on, renewed=renewed, saved_at=saved_at)
 
-    def _save(self, address: str, warm: _Warm) -> datetime:
-        last: TransientError | None = None
-        for attempt in range(SAVE_ATTEMPTS):
-            try:
-                version = self._store.save(address, warm.serialized, signed_in_as=warm.signed_in_as)
-            except TransientError as e:
-                last = e
-                time.sleep(min(e.retry_after or 0.5 * 2**attempt, 5.0))
-                continue
-            with self._lock:
-                warm.version = version
-                warm.unsaved = False
-            logger.info("token cache saved mailbox=%s", address)
-            return utcnow()
-        assert last is not None
-        raise last
+    def _save(self, address: str, warm: _Warm, deadline: float | None) -> datetime:
+        """One write: the Key Vault client retries on its own, within the deadline. A failure keeps the cache in
+        memory (``unsaved``) and the next call writes it first (``shared.retry``: no loop around the SDK's)."""
+        version = self._store.save(address, warm.serialized, signed_in_as=warm.signed_in_as, deadline=deadline)
+        with self._lock:
+            warm.version = version
+            warm.unsaved = False
+        logger.info("token cache saved mailbox=%s", address)
+        return utcnow()

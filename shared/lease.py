@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import AbstractContextManager
 from types import TracebackType
+from typing import Protocol
 
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import BlobLeaseClient, ContainerClient
@@ -23,6 +25,33 @@ logger = logging.getLogger(__name__)
 LEASE_SECONDS = 60  # Blob leases last 15-60 s or forever; 60 s bounds how long a crashed run blocks a mailbox
 RENEW_EVERY = 15.0  # seconds: three renewals may fail before the lease can lapse
 SAFETY_MARGIN = 10.0  # seconds: stop committing work this long before an unrenewed lease would lapse
+
+
+class Lease(Protocol):
+    @property
+    def held(self) -> bool:
+        """Whether this run took the lease (False: another run is collecting the mailbox)."""
+        ...
+
+    def check(self) -> None:
+        """Raise TransientError if the lease was lost; called before each change to the mailbox or checkpoint."""
+        ...
+
+
+class Leases(Protocol):
+    def hold(self, key: str) -> AbstractContextManager[Lease]:
+        """``with leases.hold(key) as lease: if lease.held: ...``; released (or left to expire) on exit."""
+        ...
+
+
+class BlobLeases:
+    """``Leases`` as blob leases in one container: one lease blob per mailbox key."""
+
+    def __init__(self, container: ContainerClient) -> None:
+        self._container = container
+
+    def hold(self, key: str) -> MailboxLease:
+        return MailboxLease(self._container, key)
 
 
 class MailboxLease:

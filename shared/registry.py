@@ -174,6 +174,9 @@ class Mailbox:
 _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(MailboxOptions))
 _ROW_FIELDS = tuple(f.name for f in dataclasses.fields(Mailbox) if f.name != "options")
 _COLUMNS = frozenset(_ROW_FIELDS) | {f"opt_{name}" for name in _OPTION_FIELDS}
+# The columns a mail source keeps its position in (its checkpoint, opaque to the collector). IMAP: the collected
+# folder's UIDVALIDITY and last UID finished, and the same per folder (shared.checkpoints). A new source adds its own.
+CHECKPOINT_COLUMNS = frozenset({"uidvalidity", "last_uid", "folder_checkpoints"})
 MAX_ERROR_CHARS = 1000  # of last_error: the message and its remedy, not a traceback
 
 
@@ -239,19 +242,11 @@ class MailboxRegistry:
         self._merge(address, token_saved_at=saved_at)
 
     def record_checkpoint(
-        self,
-        address: str,
-        *,
-        uidvalidity: int,
-        last_uid: int,
-        folder_checkpoints: str | None = None,
-        pending_after_action: str | None = None,
+        self, address: str, checkpoint: Mapping[str, int | str], *, pending_after_action: str | None = None
     ) -> None:
-        """Messages up to ``last_uid`` are stored, queued and their after-action done (or recorded as pending):
-        never collect them again. ``folder_checkpoints`` is the per-folder map with this checkpoint in it."""
-        fields: dict[str, Any] = {"uidvalidity": uidvalidity, "last_uid": last_uid}
-        if folder_checkpoints is not None:
-            fields["folder_checkpoints"] = folder_checkpoints
+        """The messages before ``checkpoint`` (a mail source's position, see ``CHECKPOINT_COLUMNS``) are stored,
+        queued and their after-action done, or owed (``pending_after_action``): they are never collected again."""
+        fields: dict[str, Any] = _checkpoint_fields(checkpoint)
         if pending_after_action is not None:
             fields["pending_after_action"] = pending_after_action
         self._merge(address, **fields)
@@ -264,20 +259,16 @@ class MailboxRegistry:
         self,
         address: str,
         *,
-        uidvalidity: int,
-        last_uid: int,
+        checkpoint: Mapping[str, int | str],
         collected_total: int,
         collected_today: int = 0,
-        folder_checkpoints: str = "",
     ) -> None:
-        """A run ended well: the final checkpoint (with ``folder_checkpoints``, the per-folder map), the failure
-        status cleared, and ``collected_today`` the count of messages collected on this UTC day (the status page's)."""
+        """A run ended well: the final checkpoint, the failure status cleared, and ``collected_today`` the count
+        of messages collected on this UTC day (the status page's)."""
         now = utcnow()
         self._merge(
             address,
-            **({"folder_checkpoints": folder_checkpoints} if folder_checkpoints else {}),
-            uidvalidity=uidvalidity,
-            last_uid=last_uid,
+            **_checkpoint_fields(checkpoint),
             last_run_at=now,
             last_success_at=now,
             last_error_class="",
@@ -358,6 +349,13 @@ class MailboxRegistry:
                 remedy="check the storage account and the app identity's Storage Table Data Contributor role; "
                 "the next run retries",
             ) from e
+
+
+def _checkpoint_fields(checkpoint: Mapping[str, int | str]) -> dict[str, int | str]:
+    unknown = set(checkpoint) - CHECKPOINT_COLUMNS
+    if unknown or not checkpoint:  # a checkpoint must never write the status or the options
+        raise ValueError(f"not checkpoint columns: {', '.join(sorted(unknown)) or '(none given)'}")
+    return dict(checkpoint)
 
 
 def utcnow() -> datetime:

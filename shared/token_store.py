@@ -23,6 +23,7 @@ from azure.keyvault.secrets import SecretClient
 
 from shared.errors import ConfigurationError, NeedsReconsentError, TransientError
 from shared.mailboxes import mailbox_key
+from shared.retry import call_options
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +51,30 @@ class TokenCacheStore:
     def __init__(self, client: SecretClient) -> None:
         self._client = client
 
-    def load(self, address: str) -> StoredCache | None:
-        """The latest cache of ``address``, or None when there is no secret (the mailbox was never authorized)."""
+    def load(self, address: str, *, deadline: float | None = None) -> StoredCache | None:
+        """The latest cache of ``address``, or None when there is no secret (the mailbox was never authorized).
+
+        With ``deadline`` (a ``time.monotonic`` time) the read and the client's retries end by then (``shared.retry``).
+        """
+        options = call_options(deadline)
         try:
-            secret = self._call("read", address, self._client.get_secret, mailbox_key(address))
+            secret = self._call("read", address, self._client.get_secret, mailbox_key(address), **options)
         except ResourceNotFoundError:
             return None
         return StoredCache(serialized=secret.value or "", version=secret.properties.version or "")
 
-    def save(self, address: str, serialized: str, *, signed_in_as: str, new_consent: bool = False) -> str:
+    def save(
+        self,
+        address: str,
+        serialized: str,
+        *,
+        signed_in_as: str,
+        new_consent: bool = False,
+        deadline: float | None = None,
+    ) -> str:
         """Store a new version and return its version id. Raises before anything is written if it is too big.
+
+        One call: the client retries on its own, and ends by ``deadline`` when one is given (``shared.retry``).
 
         A revoked mailbox's secret stays deleted: a renewal raises NeedsReconsentError. Only ``new_consent`` writes
         it again, and never with an old version readable (see ``_replace_deleted``).
@@ -70,6 +85,7 @@ class TokenCacheStore:
                 remedy="revoke and re-authorize the mailbox so that its cache holds one account only",
             )
         options: dict[str, Any] = {
+            **call_options(deadline),
             "content_type": CONTENT_TYPE,
             "tags": {"mailbox": address, "provider": "entra", "signed-in-as": signed_in_as},
         }

@@ -14,7 +14,6 @@ from typing import Any
 import msal
 import pytest
 
-import collectors.tokens as tokens_module
 from collectors.entra import confidential_app
 from collectors.services import build_services
 from shared import azure_clients
@@ -151,7 +150,6 @@ def test_a_rotated_refresh_token_survives_a_failed_key_vault_write(
     services: Any, settings: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any, vault: Vault,
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, entra_control: Any,
 ) -> None:  # fmt: skip
-    monkeypatch.setattr(tokens_module, "SAVE_ATTEMPTS", 1)  # one save (four SDK attempts) per run
     address = new_address()
     consent(address)
     entra_control("settings", {"strict_accounts": [address]})

@@ -178,10 +178,10 @@ def test_a_revoke_during_a_run_ends_that_mailbox_cleanly_and_the_others_go_on(
     registry = services.collector._registry
     checkpoint = registry.record_checkpoint
 
-    def revoke_at_the_first_checkpoint(address: str, **fields: Any) -> None:
+    def revoke_at_the_first_checkpoint(address: str, *args: Any, **fields: Any) -> None:
         if address == revoked and services.registry.find(revoked) is not None:
             services.consent.revoke(revoked)
-        checkpoint(address, **fields)
+        checkpoint(address, *args, **fields)
 
     monkeypatch.setattr(registry, "record_checkpoint", revoke_at_the_first_checkpoint)
     results = {r.address: r for r in services.collector.run([services.registry.get(a) for a in (revoked, other)])}

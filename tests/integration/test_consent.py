@@ -227,7 +227,7 @@ def test_reconsent_replaces_the_token_and_resets_the_failure_status(
 ) -> None:
     address = new_address()
     consent(address)
-    services.registry.record_checkpoint(address, uidvalidity=9, last_uid=17)
+    services.registry.record_checkpoint(address, {"uidvalidity": 9, "last_uid": 17})
     services.registry.record_failure(
         address, error_class="needs_reconsent", error="revoked", consecutive_failures=4, needs_reconsent=True
     )

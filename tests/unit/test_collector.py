@@ -1,0 +1,239 @@
+"""The Collector against in-memory fakes of every seam: order of the steps, failing sinks, crashes between steps,
+refuse decisions, deadlines, leases and revocation. The fault suite checks the same against the real parts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from collectors.collect import BATCH_MESSAGES
+from shared.errors import MailboxAccessError, NeedsReconsentError, RunOutcome, TransientError
+from shared.registry import Mailbox, MailboxOptions, MailboxStatus
+from tests.mail_corpus import plain
+from tests.support.fakes import Crash, World
+
+ADDRESS = "support@contoso.example"
+
+
+def mail(subject: str, **headers: str) -> bytes:
+    return plain(("Subject", subject), *headers.items(), body=f"Body of {subject}\r\n")
+
+
+def register(world: World, **options: Any) -> Mailbox:
+    mailbox = Mailbox(ADDRESS, options=MailboxOptions.from_mapping(options))
+    world.registry.put(mailbox)
+    return world.registry.get(ADDRESS)
+
+
+def collect(world: World) -> Any:
+    return world.collector().collect_mailbox(world.registry.get(ADDRESS), deadline=world.clock() + 100)
+
+
+def test_each_message_is_stored_then_queued_then_acted_on_then_checkpointed() -> None:
+    world = World()
+    register(world)
+    uids = [world.server.deliver(mail(f"m{i}")) for i in range(3)]
+    result = collect(world)
+
+    assert (result.outcome, result.messages) == (RunOutcome.OK, 3)
+    assert [m["subject"] for m in world.queue.messages] == ["m0", "m1", "m2"]
+    assert world.server.seen == set(uids)
+    journal = world.journal
+    for uid in uids:
+        assert journal.index(f"put:{uid}") < journal.index(f"send:{uid}") < journal.index("apply:seen:1,2,3")
+    assert journal.index("apply:seen:1,2,3") < journal.index("checkpoint:3")
+    row = world.registry.get(ADDRESS)
+    assert (row.last_uid, row.uidvalidity, row.collected_total, row.last_error_class) == (3, 7, 3, "")
+
+
+def test_the_blob_holds_the_exact_bytes_and_the_envelope_names_it() -> None:
+    world = World()
+    register(world, after_action="leave")
+    raw = mail("bytes") + b"\r\n\xff\x00 trailing bytes kept as they came"
+    uid = world.server.deliver(raw)
+    collect(world)
+    (name,) = world.raw.blobs
+    assert world.raw.blobs[name] == raw
+    envelope = world.queue.messages[0]
+    assert envelope["blob"]["name"] == name and envelope["uid"] == uid and world.server.folders["INBOX"]
+
+
+def test_a_second_run_collects_only_new_mail() -> None:
+    world = World()
+    register(world, after_action="leave")
+    world.server.deliver(mail("first"))
+    collect(world)
+    world.server.deliver(mail("second"))
+    assert collect(world).messages == 1
+    assert [m["subject"] for m in world.queue.messages] == ["first", "second"]
+
+
+@pytest.mark.parametrize("failing", ["put", "send"])
+def test_a_failing_sink_loses_nothing_and_the_next_run_delivers(failing: str) -> None:
+    world = World()
+    register(world, after_action="move", move_to="Done")
+    uids = [world.server.deliver(mail(f"m{i}")) for i in range(3)]
+    world.faults.at(f"{failing}:2", TransientError("storage write failed for a test"))
+
+    failed = collect(world)
+    assert failed.outcome is RunOutcome.TRANSIENT and "storage write failed" in failed.error
+    assert sorted(world.server.folders["INBOX"]) == uids, "mail left the mailbox before it was queued"
+    row = world.registry.get(ADDRESS)
+    assert (row.last_uid, row.consecutive_failures, row.last_error_class) == (0, 1, "transient")
+    assert not any(e.startswith("apply:") for e in world.journal)
+
+    done = collect(world)
+    assert done.outcome is RunOutcome.OK and world.server.folders["INBOX"] == {}
+    assert set(world.queue.ids()) == {f"{ADDRESS}/7/{uid}" for uid in uids}
+    assert world.registry.get(ADDRESS).consecutive_failures == 0
+
+
+@pytest.mark.parametrize("point", ["put:2", "send:2", "apply:move:1,2,3:Done", "checkpoint:3"])
+def test_a_crash_between_any_two_steps_loses_nothing(point: str) -> None:
+    world = World()
+    register(world, after_action="move", move_to="Done")
+    uids = [world.server.deliver(mail(f"m{i}")) for i in range(3)]
+    world.faults.at(point, Crash())
+
+    with pytest.raises(Crash):
+        collect(world)
+    # A new process after the crash (the lease of the dead one has expired).
+    world.leases.taken.clear()
+    assert collect(world).outcome is RunOutcome.OK
+
+    assert world.server.folders["INBOX"] == {} and sorted(world.server.folders["Done"]) == uids
+    delivered = world.queue.ids()
+    assert set(delivered) == {f"{ADDRESS}/7/{uid}" for uid in uids}, "a message was lost"
+    assert world.registry.get(ADDRESS).last_success_at is not None
+
+
+def test_refused_mail_goes_to_the_refuse_folder_and_is_still_queued() -> None:
+    world = World()
+    register(world, after_action="move", move_to="Accepted", refuse_to="Refused")
+    ticket = world.server.deliver(mail("printer broken"))
+    auto = world.server.deliver(mail("Out of office", **{"Auto-Submitted": "auto-replied"}))
+    bounce = world.server.deliver(mail("Undeliverable", **{"Return-Path": "<>"}))
+    collect(world)
+
+    assert sorted(world.server.folders["Accepted"]) == [ticket]
+    assert sorted(world.server.folders["Refused"]) == [auto, bounce]
+    flags = {m["uid"]: m["classification"] for m in world.queue.messages}
+    assert flags[auto]["auto_reply"] and flags[bounce]["bounce"] and not flags[ticket]["auto_reply"]
+
+
+def test_a_run_past_its_deadline_stores_no_more_batches_and_says_more() -> None:
+    world = World()
+    register(world, after_action="leave")
+    for i in range(BATCH_MESSAGES + 5):
+        world.server.deliver(mail(f"m{i}"))
+    deadline = world.clock() + 10
+
+    def pass_the_deadline_at_the_second_batch(index: int) -> None:
+        if index == 1:
+            world.now[0] = deadline + 1
+
+    world.server.on_batch = pass_the_deadline_at_the_second_batch
+    result = world.collector().collect_mailbox(world.registry.get(ADDRESS), deadline=deadline)
+
+    assert result.outcome is RunOutcome.OK and result.more and result.messages == BATCH_MESSAGES
+    assert world.registry.get(ADDRESS).last_uid == BATCH_MESSAGES
+    assert len(world.queue.messages) == BATCH_MESSAGES
+
+
+def test_per_run_caps_leave_the_rest_for_next_time() -> None:
+    world = World()
+    register(world, after_action="leave", max_messages=2)
+    for i in range(5):
+        world.server.deliver(mail(f"m{i}"))
+    result = collect(world)
+    assert (result.messages, result.more) == (2, True)
+    assert world.registry.get(ADDRESS).last_uid == 2
+
+
+def test_a_mailbox_another_run_holds_is_left_alone() -> None:
+    world = World()
+    mailbox = register(world)
+    world.server.deliver(mail("m"))
+    world.leases.taken.add(mailbox.key)
+    result = collect(world)
+    assert (result.outcome, world.source.opened, world.queue.messages) == (RunOutcome.BUSY, 0, [])
+
+
+def test_a_lost_lease_stops_before_the_after_action() -> None:
+    world = World()
+    register(world, after_action="delete")
+    world.server.deliver(mail("m"))
+    original_send = world.queue.send
+
+    def send_and_lose_the_lease(text: str) -> None:
+        original_send(text)
+        assert world.leases.last is not None
+        world.leases.last.lost = True
+
+    world.queue.send = send_and_lose_the_lease  # type: ignore[method-assign]
+    result = collect(world)
+    assert result.outcome is RunOutcome.TRANSIENT and "lease" in result.error
+    assert world.server.folders["INBOX"], "the after-action ran without the lease"
+    assert world.registry.get(ADDRESS).last_uid == 0
+
+
+def test_a_mailbox_revoked_during_its_run_is_deferred_without_error() -> None:
+    world = World()
+    register(world, after_action="leave")
+    world.server.deliver(mail("m"))
+    original = world.tokens.access_token
+
+    def revoke_then_answer(address: str, **kwargs: Any) -> Any:
+        world.registry.delete(address)
+        return original(address, **kwargs)
+
+    world.tokens.access_token = revoke_then_answer  # type: ignore[method-assign]
+    assert collect_revoked(world).outcome is RunOutcome.DEFERRED
+
+
+def collect_revoked(world: World) -> Any:
+    mailbox = Mailbox(ADDRESS, options=MailboxOptions(after_action="leave"))  # type: ignore[arg-type]
+    world.registry.put(mailbox)
+    return world.collector().collect_mailbox(mailbox, deadline=world.clock() + 100)
+
+
+def test_a_defect_raising_key_error_is_reported_not_deferred() -> None:
+    world = World()
+    register(world)
+    world.server.deliver(mail("m"))
+    world.faults.at("fetch:1", KeyError("uid"))
+    result = collect(world)
+    assert result.outcome is RunOutcome.ERROR and "KeyError" in result.error
+    assert world.registry.get(ADDRESS).last_error_class == "error"
+
+
+def test_a_definitive_token_failure_marks_the_mailbox_for_reconsent() -> None:
+    world = World()
+    register(world)
+    world.tokens.error = NeedsReconsentError("invalid_grant (AADSTS50173)")
+    result = collect(world)
+    row = world.registry.get(ADDRESS)
+    assert result.outcome is RunOutcome.NEEDS_RECONSENT
+    assert row.status is MailboxStatus.NEEDS_RECONSENT and "AADSTS50173" in row.last_error
+    assert world.collector().due_mailboxes() == []
+
+
+def test_throttling_skips_the_mailbox_until_its_backoff_has_passed() -> None:
+    world = World()
+    register(world)
+    world.tokens.error = TransientError("throttled", retry_after=3600)
+    assert collect(world).outcome is RunOutcome.TRANSIENT
+    assert world.collector().due_mailboxes() == []
+    assert world.registry.get(ADDRESS).status is MailboxStatus.ACTIVE
+
+
+def test_one_mailbox_failing_does_not_stop_the_others() -> None:
+    world = World()
+    register(world)
+    other = Mailbox("other@contoso.example", options=MailboxOptions())
+    world.registry.put(other)
+    world.server.deliver(mail("m"))
+    world.faults.at("fetch:1", MailboxAccessError("cannot open folder"))
+    results = {r.address: r.outcome for r in world.collector().run()}
+    assert sorted(results.values()) == [RunOutcome.MAILBOX_ACCESS, RunOutcome.OK]
