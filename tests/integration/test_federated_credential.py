@@ -86,3 +86,28 @@ def test_a_failing_identity_endpoint_is_transient_and_an_unknown_identity_is_con
     with pytest.raises(ConfigurationError) as raised:
         confidential_app(unknown).client_credential["client_assertion"]()  # type: ignore[attr-defined]
     assert "AZURE_CLIENT_ID" in raised.value.remedy
+
+
+def test_an_app_mode_mailbox_runs_on_the_managed_identity_alone_without_key_vault(
+    stack: Stack, federated: Any, entra_control: Callable[..., Any], keyvault_control: Callable[..., Any],
+    new_address: Any, deliver: Any,
+) -> None:  # fmt: skip
+    from pathlib import Path
+
+    from devstack import dovecot
+    from devstack.stack import app_object_id
+
+    address = new_address()
+    dovecot.grant_app(Path(stack.dovecot_config), app_object_id(stack.info), address)
+    deliver(address, simple_message("app mode, federated"))
+    before = entra_control("stats", method="GET")
+    vault_before = keyvault_control("stats", method="GET")
+
+    federated.app_mailboxes.add(address, {}, admin="test")
+    [result] = federated.collector.run()
+
+    assert (result.outcome, result.messages) == ("ok", 1), result.error
+    after = entra_control("stats", method="GET")
+    assert after["assertions_accepted"] > before["assertions_accepted"], "the app token came for the assertion"
+    assert after["token_requests"].get("client_credentials", 0) > before["token_requests"].get("client_credentials", 0)
+    assert keyvault_control("stats", method="GET") == vault_before, "no secret, no Key Vault operation"
