@@ -186,7 +186,7 @@ class ConsentService:
         except ValueError as e:
             raise ConfigurationError(f"cannot start the authorization flow: {e}") from e
         now = utcnow()
-        self._purge_expired(now)
+        self.purge_expired_flows(now)
         self._cap_open_flows(address, now)
         entity = {
             "PartitionKey": FLOW_PARTITION,
@@ -379,8 +379,10 @@ class ConsentService:
             )
         return entity
 
-    def _purge_expired(self, now: datetime) -> None:
-        """Delete up to PURGE_BATCH expired flows. Best effort: a failure leaves them for the next start."""
+    def purge_expired_flows(self, now: datetime | None = None) -> None:
+        """Delete up to PURGE_BATCH expired flows (each new flow and each scheduled run calls it). Best effort: a
+        failure leaves them for the next call."""
+        now = now or utcnow()
         try:
             expired = self._flows.query_entities(
                 "PartitionKey eq @p and expires_at lt @now",

@@ -36,8 +36,9 @@ def run_scheduled(services: Services, *, past_due: bool) -> None:
 
 def upkeep(services: Services) -> None:
     """After the collection: keep unused refresh tokens alive, write the daily lines about mailboxes that need
-    someone (re-consent, a token that will expire) and the line for each mailbox not collected for an hour or more.
-    A failure here is logged; it never fails the run."""
+    someone (re-consent, a token that will expire) and the line for each mailbox not collected for an hour or more;
+    delete expired consent flows. A failure here is logged; it never fails the run."""
+    services.consent.purge_expired_flows()
     try:
         services.operations.keep_alive(services.registry.list())
         mailboxes = services.registry.list()

@@ -124,6 +124,20 @@ def test_an_expired_flow_is_refused(services: Any, signed_in: Any, new_address: 
     assert nothing_stored(services, address)
 
 
+def test_the_scheduled_upkeep_deletes_expired_flows(services: Any, signed_in: Any, new_address: Any) -> None:
+    from collectors.scheduled import upkeep
+
+    address = new_address()
+    fields = signed_in(address)
+    flows = azure_clients.table(services.settings, services.settings.consent_table)
+    entity = flows.get_entity(FLOW_PARTITION, fields["state"])
+    entity["expires_at"] = utcnow() - timedelta(seconds=1)
+    flows.update_entity(entity)
+    upkeep(services)
+    with pytest.raises(ResourceNotFoundError):
+        flows.get_entity(FLOW_PARTITION, fields["state"])
+
+
 def test_signing_in_as_another_account_stores_nothing(services: Any, signed_in: Any, new_address: Any) -> None:
     address, other = new_address(), new_address()
     fields = signed_in(address, login=other)
