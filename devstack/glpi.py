@@ -111,6 +111,7 @@ class Store:
 
     def reset(self) -> None:
         self.sessions: dict[str, int] = {}
+        self.active_entities: dict[str, tuple[str, bool]] = {}
         self.tables: dict[str, dict[int, Json]] = {
             t: {} for t in ("Ticket", "ITILFollowup", "Document", "Document_Item", "Ticket_User", "User")
         }
@@ -354,6 +355,8 @@ class _Handler(DispatchingHandler):
         self._check_app_token()
         user = self._session_user()
         self.server.count(f"{self.command} {resource}")
+        if resource == "changeActiveEntities":
+            return self._change_active_entities(body)
         if resource == "killSession":
             with self.server.store.lock:
                 self.server.store.sessions.pop(self.headers.get("Session-Token", ""), None)
@@ -377,6 +380,24 @@ class _Handler(DispatchingHandler):
         if self.command == "PUT" and item_id is not None:
             return self._update(itemtype, item_id, body)
         raise GlpiError(405, "ERROR_METHOD_NOT_ALLOWED", "Method Not Allowed", doc=True)
+
+    def _change_active_entities(self, body: bytes) -> tuple[int, Any, dict[str, str]]:
+        """API::changeActiveEntities: ``entities_id`` ("all" or a number) and a boolean ``is_recursive``; anything
+        else is a plain 400 ``ERROR``. The stand-in keeps one entity tree and records the choice per session."""
+        if self.command != "POST":
+            raise GlpiError(400, "ERROR", "Bad Request", doc=True)
+        try:
+            params = json.loads(body or b"{}")
+        except ValueError:
+            raise GlpiError(400, "ERROR_JSON_PAYLOAD_INVALID", "JSON payload seems not valid") from None
+        if not isinstance(params, dict) or not isinstance(params.get("is_recursive", False), bool):
+            raise GlpiError(400, "ERROR", "Bad Request", doc=True)
+        with self.server.store.lock:
+            self.server.store.active_entities[self.headers.get("Session-Token", "")] = (
+                str(params.get("entities_id", "all")),
+                bool(params.get("is_recursive", False)),
+            )
+        return 200, True, {}
 
     def _init_session(self) -> tuple[int, Any, dict[str, str]]:
         self._check_app_token()

@@ -140,6 +140,19 @@ class GlpiClient:
             token = response.json().get("session_token")
             if not isinstance(token, str) or not token:
                 raise GlpiUnavailable("GLPI's initSession answered without a session token")
+            # A new session sees only the user's default entity: the search for a lost ticket's marker must see
+            # every entity the mailboxes create tickets in (apirest.md "Change active entities").
+            scope = self._send(
+                "POST",
+                "changeActiveEntities",
+                headers=self._headers(token),
+                json={"entities_id": "all", "is_recursive": True},
+            )
+            if scope.status_code != 200:
+                code, message = _error_of(scope)
+                raise GlpiUnavailable(
+                    f"GLPI refused changeActiveEntities ({scope.status_code} {code}: {message[:200]})"
+                )
             self._session_token = token
             self.sessions_opened += 1
             logger.info("glpi session opened url=%s", self.base_url)
