@@ -11,8 +11,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-MAX_FOLDER_CHARS = 200
-_FOLDER_FORBIDDEN = '\r\n"\0'  # would break out of the quoted folder name in an IMAP command
+from shared.folders import check_stored_folder
 
 
 class AfterAction(StrEnum):
@@ -31,12 +30,6 @@ class Step:
     folder: str = ""
 
 
-def check_folder_name(name: str, field: str) -> None:
-    """Raise ValueError naming ``field`` when ``name`` cannot be a plain folder name."""
-    if any(c in name for c in _FOLDER_FORBIDDEN) or len(name) > MAX_FOLDER_CHARS:
-        raise ValueError(f"{field} must be a plain folder name")
-
-
 def validate(action: str, *, move_to: str, refuse_to: str) -> AfterAction:
     """The action as an AfterAction; raises ValueError naming the field that is wrong."""
     try:
@@ -45,8 +38,8 @@ def validate(action: str, *, move_to: str, refuse_to: str) -> AfterAction:
         raise ValueError(f"after_action must be one of {', '.join(AfterAction)}") from None
     if kind is AfterAction.MOVE and not move_to:
         raise ValueError("after_action 'move' needs move_to (the folder to move collected mail to)")
-    check_folder_name(move_to, "move_to")
-    check_folder_name(refuse_to, "refuse_to")
+    check_stored_folder(move_to, "move_to")
+    check_stored_folder(refuse_to, "refuse_to")
     if refuse_to and kind is not AfterAction.MOVE:
         raise ValueError("refuse_to works with after_action 'move'")
     return kind

@@ -19,6 +19,7 @@ MAX_FOLDER_DEPTH = 10  # levels below the root: deeper paths are a typo or a cra
 _DELIMITERS = re.compile(r"[/.]")
 _REFUSED_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")  # controls, format (bidi), surrogates, unassigned
 _WILDCARDS = "*%"
+_QUOTE_BREAKERS = '\r\n"\0'
 
 
 class InvalidFolderError(ValueError):
@@ -47,6 +48,13 @@ def check_folder(name: str, option: str) -> str:
     if len(levels) > MAX_FOLDER_DEPTH:
         raise InvalidFolderError(f"{option} is nested deeper than {MAX_FOLDER_DEPTH} levels")
     return text
+
+
+def check_stored_folder(name: str, option: str) -> None:
+    """The rule every stored option keeps, rows written before ``check_folder``'s stricter rules included: nothing
+    that would break out of the quoted folder name in an IMAP command. Raises InvalidFolderError naming ``option``."""
+    if any(c in name for c in _QUOTE_BREAKERS) or len(name) > MAX_FOLDER_CHARS:
+        raise InvalidFolderError(f"{option} must be a plain folder name")
 
 
 def folder_identity(name: str) -> str:

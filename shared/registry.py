@@ -19,11 +19,11 @@ from typing import Any
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
-from shared.after_action import AfterAction, Step, check_folder_name
+from shared.after_action import AfterAction, Step
 from shared.after_action import plan as plan_after_action
 from shared.after_action import validate as validate_after_action
 from shared.errors import NotFoundError, TransientError
-from shared.folders import check_folder, same_folder
+from shared.folders import check_folder, check_stored_folder, same_folder
 from shared.mailboxes import mailbox_key
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class MailboxOptions:
         object.__setattr__(self, "after_action", kind)
         if not self.folder:
             raise ValueError("folder must be a plain folder name")
-        check_folder_name(self.folder, "folder")
+        check_stored_folder(self.folder, "folder")
         for name, (low, high) in NUMERIC_RANGES.items():
             if not low <= getattr(self, name) <= high:
                 raise ValueError(f"{name} must be a whole number between {low} and {high}")
