@@ -17,6 +17,7 @@ import pytest
 from collectors.entra import confidential_app
 from collectors.services import build_services
 from shared import azure_clients
+from shared.errors import TransientError
 from shared.registry import MailboxStatus
 from shared.settings import load_settings
 from tests.conftest import simple_message
@@ -191,3 +192,28 @@ def test_a_rotated_refresh_token_survives_a_failed_key_vault_write(
     assert collect(fresh, address).messages == 1
     check_delivery(services, [first, second, third], queue_messages(), case="Key Vault: write fails after rotation")
     LEDGER.note("Key Vault: rotated token kept in memory, written on the next run, old one refused")
+
+
+def test_key_vault_retries_end_by_the_run_deadline(services: Any, consent: Any, new_address: Any, vault: Vault) -> None:
+    """One retry policy (shared.retry): the Key Vault client's own retries, never a loop around them, and none once
+    the run's deadline is too close for one. Counted in requests the stand-in answered, not in seconds."""
+    address = new_address()
+    consent(address)
+    store = services.tokens._store
+    serialized = store.load(address).serialized
+    version = stored_version(services, address)
+
+    plenty = vault.fault(address, method="PUT", status=503, retry_after=0)
+    with pytest.raises(TransientError):
+        store.save(address, serialized, signed_in_as=address, deadline=time.monotonic() + 120)
+    assert vault.served(plenty) == (SDK_ATTEMPTS, 0), "the client's own retries, and no loop around them"
+
+    # One failure only: a retry would succeed, so the error proves there was none.
+    close = vault.fault(address, method="PUT", status=503, count=1, retry_after=0)
+    with pytest.raises(TransientError):
+        store.save(address, serialized, signed_in_as=address, deadline=time.monotonic() + 5)
+    assert vault.served(close) == (1, 0), "a retry would not fit before the deadline"
+
+    with pytest.raises(TransientError, match="time budget"):
+        store.save(address, serialized, signed_in_as=address, deadline=time.monotonic())
+    assert stored_version(services, address) == version, "nothing was written"
