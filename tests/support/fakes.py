@@ -470,11 +470,11 @@ class RecordingRegistry(MailboxRegistry):
         self._journal = journal
         self._fault = fault
 
-    def record_checkpoint(self, address: str, checkpoint: Mapping[str, int | str]) -> None:
+    def record_checkpoint(self, address: str, checkpoint: Mapping[str, int | str], **kwargs: Any) -> None:
         error = self._fault(f"checkpoint:{checkpoint['last_uid']}")
         if error is not None:
             raise error
-        super().record_checkpoint(address, checkpoint)
+        super().record_checkpoint(address, checkpoint, **kwargs)
         self._journal.append(f"checkpoint:{checkpoint['last_uid']}")
 
 

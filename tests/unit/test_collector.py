@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from collectors.collect import BATCH_MESSAGES
-from shared.errors import MailboxAccessError, NeedsReconsentError, RunOutcome, TransientError
+from shared.errors import AfterActionError, MailboxAccessError, NeedsReconsentError, RunOutcome, TransientError
 from shared.registry import Mailbox, MailboxOptions, MailboxStatus
 from tests.mail_corpus import plain
 from tests.support.fakes import Crash, World
@@ -237,3 +237,22 @@ def test_one_mailbox_failing_does_not_stop_the_others() -> None:
     world.faults.at("fetch:1", MailboxAccessError("cannot open folder"))
     results = {r.address: r.outcome for r in world.collector().run()}
     assert sorted(results.values()) == [RunOutcome.MAILBOX_ACCESS, RunOutcome.OK]
+
+
+def test_a_refused_after_action_is_owed_not_queued_again_and_done_first_next_run() -> None:
+    world = World()
+    register(world, after_action="move", move_to="Done")
+    uids = [world.server.deliver(mail(f"m{i}")) for i in range(2)]
+    world.faults.at("apply:move:1,2:Done", AfterActionError("cannot create folder 'Done'"))
+
+    owed = collect(world)
+    assert owed.outcome is RunOutcome.AFTER_ACTION and sorted(world.server.folders["INBOX"]) == uids
+    row = world.registry.get(ADDRESS)
+    assert row.last_uid == 2 and row.pending_after_action, "the queued mail is owed its after-action"
+
+    world.server.deliver(mail("later"))
+    done = collect(world)
+    assert done.outcome is RunOutcome.OK and world.server.folders["INBOX"] == {}
+    assert world.journal.index("apply:move:1,2:Done") < world.journal.index("send:3"), "the owed step went first"
+    assert [m["uid"] for m in world.queue.messages] == [1, 2, 3], "nothing was queued twice"
+    assert world.registry.get(ADDRESS).pending_after_action == ""
