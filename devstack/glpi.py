@@ -773,7 +773,13 @@ class _Handler(DispatchingHandler):
                         "documents": documents("Ticket", tid),
                     }
                 )
-            return {"tickets": tickets, "documents": len(store.tables["Document"]), "sessions": len(store.sessions)}
+            scopes = [list(scope) for token, scope in store.active_entities.items() if token in store.sessions]
+            return {
+                "tickets": tickets,
+                "documents": len(store.tables["Document"]),
+                "sessions": len(store.sessions),
+                "active_entities": scopes,
+            }
 
 
 # ------------------------------------------------------------------------------------------- starting it

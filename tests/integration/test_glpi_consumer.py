@@ -488,6 +488,7 @@ def test_an_expired_session_is_renewed_without_failing_the_message(
 
     outcome = consumer.handle(json.dumps(envelope))
     assert outcome.status == "ticket" and consumer.client.sessions_opened == opened + 1
+    assert glpi_state(stack)["active_entities"] == [["all", True]]  # the new session sees every entity
     assert len(tickets_with(stack, word)) == 1
 
 
