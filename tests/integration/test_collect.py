@@ -113,12 +113,12 @@ def test_a_non_ascii_nested_move_folder_is_created_once_and_receives_the_mail(
 
 
 def test_each_folder_keeps_its_own_checkpoint_across_a_switch_and_back(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
 ) -> None:
     # With "leave" the mail stays where it is, so only the checkpoint keeps a folder from being collected twice.
     address = new_address()
     consent(address, after_action="leave")
-    config = Path(stack["dovecot_config"])
+    config = Path(stack.dovecot_config)
     dovecot.create_folder(config, address, "Support")
     deliver(address, simple_message("inbox 1"))
     deliver(address, simple_message("inbox 2"))
@@ -138,14 +138,14 @@ def test_each_folder_keeps_its_own_checkpoint_across_a_switch_and_back(
 
 
 def test_a_refused_after_action_stays_pending_and_the_mail_is_not_queued_again(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
 ) -> None:
     # Dovecot refuses to create a folder whose name begins with "~": the MOVE cannot happen after the queue write.
     address = new_address()
     consent(address, after_action="move", move_to="~Done")
     deliver(address, simple_message("one"))
     deliver(address, simple_message("two"))
-    config = Path(stack["dovecot_config"])
+    config = Path(stack.dovecot_config)
 
     first = collect(services, address)
     assert (first.outcome, first.messages) == ("after_action", 2)
