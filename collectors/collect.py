@@ -302,6 +302,8 @@ class Collector:
             self._apply_pending(mailbox, folder)
             checkpoint = folder.checkpoint
             sizes = folder.sizes()
+            newest = max(sizes, default=0)
+            oversize_handled = self._oversize(mailbox, folder, sizes)
             batches = list(self._plan(sizes, options.max_messages, options.max_bytes))
             result.more = sum(len(b) for b in batches) < len(sizes)
             pending: tuple[_Batch, Future[Enqueued]] | None = None
@@ -317,6 +319,9 @@ class Collector:
                 pending = (batch, self._store(mailbox, folder.uidvalidity, batch))
             if pending is not None:
                 checkpoint = self._finish(mailbox, folder, lease, *pending, result)
+            if oversize_handled and not result.more:
+                # Every message is handled, the oversize ones too: the checkpoint passes them all.
+                checkpoint = folder.checkpoint_after(newest)
         self._registry.record_success(
             mailbox.address,
             checkpoint=checkpoint,
@@ -369,6 +374,41 @@ class Collector:
             app_token = self._app_tokens.access_token(mailbox)
             return app_token, lambda: exchange_refusal(mailbox.address, app_token)
         return self._tokens.access_token(mailbox.address, signed_in_as=mailbox.signed_in_as, deadline=deadline), None
+
+    def _oversize(self, mailbox: Mailbox, folder: MailFolder, sizes: dict[int, int]) -> bool:
+        """Messages above the mailbox's max_message_bytes. Policy "collect": noted, then collected as any other.
+        Policy "headers": their header sections are stored and queued as envelopes marked ``oversize``, they are
+        taken out of ``sizes`` (not collected whole) and left in the mailbox untouched. Returns whether any was
+        so handled: the checkpoint may then pass them, and an oversize message never blocks the mailbox."""
+        limit, policy = mailbox.options.max_message_bytes, mailbox.options.oversize
+        above = sorted(uid for uid, size in sizes.items() if limit and size > limit)
+        if not above:
+            return False
+        for uid in above:
+            logger.warning(
+                "oversize message mailbox=%s uid=%d bytes=%d limit=%d policy=%s",
+                mailbox.address, uid, sizes[uid], limit, policy,
+            )  # fmt: skip
+        done = "headers only queued, left in the mailbox" if policy == "headers" else "collected anyway"
+        last = above[-1]
+        self._registry.record_oversize(
+            mailbox.address,
+            f"{utcnow():%Y-%m-%d %H:%M} UTC: {len(above)} message(s) above {limit} bytes ({done}); the last is UID "
+            f"{last} of {sizes[last]} bytes",
+        )
+        if policy != "headers":
+            return False
+        headers = folder.fetch_headers(above)
+        for uid in above:
+            size = sizes.pop(uid)
+            if uid not in headers:
+                continue  # deleted meanwhile
+            blob = StoredBlob(self._sinks.raw.url(name := blob_name(mailbox.key, folder.uidvalidity, uid)), name)
+            self._sinks.raw.put(name, headers[uid])
+            envelope = envelope_of(mailbox, folder.uidvalidity, uid, blob, headers[uid], collected_at=datetime.now(UTC))
+            envelope["oversize"] = {"size": size, "limit": limit}
+            self._sinks.envelopes.send(encode_for_queue(envelope))
+        return True
 
     @staticmethod
     def _plan(sizes: dict[int, int], max_messages: int, max_bytes: int) -> Iterator[list[int]]:

@@ -220,6 +220,18 @@ class ImapSession:
             raise self._translate(e) from e
         return {int(uid): int(data[b"RFC822.SIZE"]) for uid, data in answer.items() if b"RFC822.SIZE" in data}
 
+    def fetch_headers(self, uids: Iterable[int]) -> dict[int, bytes]:
+        """The header section of each message (BODY.PEEK[HEADER]: the \\Seen flag is untouched), for messages too
+        large to collect whole."""
+        uids = list(uids)
+        if not uids:
+            return {}
+        try:
+            answer = self.client.fetch(uids, [b"BODY.PEEK[HEADER]"])
+        except Exception as e:
+            raise self._translate(e) from e
+        return {int(uid): bytes(data[b"BODY[HEADER]"]) for uid, data in answer.items() if b"BODY[HEADER]" in data}
+
     def fetch(self, uids: list[int]) -> dict[int, bytes]:
         """The exact bytes of each message (BODY.PEEK[], so the \\Seen flag is untouched).
 

@@ -52,6 +52,11 @@ class MailFolder(Protocol):
         """``(ids, {id: exact bytes})`` per batch, in order; ids deleted meanwhile are absent from the dict."""
         ...
 
+    def fetch_headers(self, ids: Iterable[int]) -> dict[int, bytes]:
+        """``{id: the header section's exact bytes}``, for messages too large to collect whole; the message is left
+        as it is (unread stays unread)."""
+        ...
+
     def apply(self, step: Step) -> None:
         """Carry out one after-action step (see ``shared.after_action``)."""
         ...
@@ -95,6 +100,9 @@ class ImapFolder:
 
     def fetch_batches(self, batches: Iterable[list[int]]) -> Iterator[tuple[list[int], dict[int, bytes]]]:
         return self._session.fetch_batches(batches)
+
+    def fetch_headers(self, ids: Iterable[int]) -> dict[int, bytes]:
+        return self._session.fetch_headers(ids)
 
     def apply(self, step: Step) -> None:
         self._session.apply(step)

@@ -48,7 +48,9 @@ class MailboxMode(StrEnum):
 DEFAULT_FOLDER = "INBOX"
 DEFAULT_MAX_MESSAGES = 500
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024  # per mailbox and run; at least one message is always taken
-NUMERIC_RANGES = {"max_messages": (1, 100_000), "max_bytes": (1, 10 * 1024**3)}
+# max_message_bytes: 0 is no limit; Exchange Online's own ceiling is 150 MB.
+NUMERIC_RANGES = {"max_messages": (1, 100_000), "max_bytes": (1, 10 * 1024**3), "max_message_bytes": (0, 2**31 - 1)}
+OVERSIZE_POLICIES = ("collect", "headers")  # above max_message_bytes: collect anyway, or queue the headers only
 # Plain ASCII digits, no sign: int() would also take "1_000", " 12", Arabic-Indic digits and 5,000-digit numbers
 # (with an error about sys.set_int_max_str_digits).
 _DIGITS = re.compile(r"[0-9]{1,15}")
@@ -77,6 +79,8 @@ class MailboxOptions:
     refuse_to: str = ""  # with "move": auto-replies, bounces and loops go here instead (GLPI's refused folder)
     max_messages: int = DEFAULT_MAX_MESSAGES
     max_bytes: int = DEFAULT_MAX_BYTES
+    max_message_bytes: int = 0  # per message; 0: no limit
+    oversize: str = "collect"  # above max_message_bytes: "collect" anyway, or "headers" (an envelope marked oversize)
 
     def __post_init__(self) -> None:
         # Options come from admins' input and from stored rows: the after-action policy checks its own fields.
@@ -85,6 +89,8 @@ class MailboxOptions:
         if not self.folder:
             raise ValueError("folder must be a plain folder name")
         check_stored_folder(self.folder, "folder")
+        if self.oversize not in OVERSIZE_POLICIES:
+            raise ValueError(f"oversize must be one of {', '.join(OVERSIZE_POLICIES)}")
         for name, (low, high) in NUMERIC_RANGES.items():
             if not low <= getattr(self, name) <= high:
                 raise ValueError(f"{name} must be a whole number between {low} and {high}")

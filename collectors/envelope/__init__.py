@@ -137,6 +137,7 @@ def build_envelope(
         "truncated": notes.truncated,
         "header_problems": notes.header_problems,
         "mime_problems": notes.mime_problems,
+        "oversize": None,  # the collector's: {"size", "limit"} when only the headers of a large message are queued
     }
     fit(envelope, notes, max_encoded_bytes)
     return envelope

@@ -6,17 +6,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from collectors.diagnose import diagnose
 from collectors.replay import replay
 from collectors.scheduled import run_scheduled
+from devstack import dovecot
 from shared.mailboxes import mailbox_key
 from shared.registry import Mailbox, MailboxStatus
-from tests.conftest import simple_message
+from tests.conftest import ROOT, simple_message
 from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
@@ -254,3 +258,53 @@ def test_the_collect_line_gives_the_longest_delay_from_the_date_header_to_the_qu
     assert len(lines) == 1 and "messages=2" in lines[0]
     delay = int(lines[0].split("max_delay_s=")[1].split()[0])
     assert 2 * 3600 <= delay < 2 * 3600 + 120
+
+
+SCHEMA = json.loads((ROOT / "schemas" / "envelope.v1.json").read_text())
+
+
+def test_an_oversize_message_is_queued_as_headers_only_and_never_blocks_the_mailbox(
+    stack: Any, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    address = new_address()
+    consent(address, max_message_bytes="4000", oversize="headers", after_action="delete")
+    big = simple_message("too big", "y" * 20_000)
+    for raw in (simple_message("small 1"), big, simple_message("small 2")):
+        deliver(address, raw)
+
+    result = services.collector.collect_mailbox(services.registry.get(address), deadline=time.monotonic() + 120)
+
+    assert (result.outcome, result.messages) == ("ok", 2)
+    envelopes = {e["uid"]: e for e in queue_messages()}
+    assert sorted(envelopes) == [1, 2, 3]
+    for envelope in envelopes.values():
+        jsonschema.validate(envelope, SCHEMA)
+    marked = envelopes[2]
+    assert marked["oversize"] == {"size": len(big), "limit": 4000} and marked["subject"] == "too big"
+    header_bytes = big.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    assert marked["size"] == len(header_bytes) and envelopes[1]["oversize"] is None
+    blob = services.mail_container().download_blob(marked["blob"]["name"]).readall()
+    assert blob == header_bytes
+    # The others are deleted as the after-action says; the big one is left whole and unread in the mailbox.
+    assert dovecot.list_flags(Path(stack["dovecot_config"]), address) == {2: set()}
+    row = services.registry.get(address)
+    assert row.last_uid == 3 and "UID 2" in row.last_oversize and "headers only" in row.last_oversize
+    again = services.collector.collect_mailbox(row, deadline=time.monotonic() + 120)
+    assert (again.outcome, again.messages) == ("ok", 0) and queue_messages() == []
+
+
+def test_an_oversize_message_under_the_collect_policy_is_collected_and_noted(
+    services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    address = new_address()
+    consent(address, max_message_bytes="4000")
+    deliver(address, simple_message("too big", "y" * 20_000))
+    services.collector.run()
+    envelopes = queue_messages()
+    assert len(envelopes) == 1 and envelopes[0]["oversize"] is None and envelopes[0]["size"] > 20_000
+    assert "collected anyway" in services.registry.get(address).last_oversize
+    with pytest.raises(ValueError, match="oversize must be one of"):
+        services.consent.change_options(address, {"oversize": "drop"}, admin="tester")
+    for bad in ("-1", "1.5", "99999999999"):
+        with pytest.raises(ValueError, match="max_message_bytes"):
+            services.consent.change_options(address, {"max_message_bytes": bad}, admin="tester")

@@ -426,6 +426,10 @@ class FakeFolder:
                 raise error
             yield batch, {uid: box[uid] for uid in batch if uid in box}
 
+    def fetch_headers(self, ids: Iterable[int]) -> dict[int, bytes]:
+        box = self._server.folders.get(self._name, {})
+        return {uid: box[uid].split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" for uid in ids if uid in box}
+
     def apply(self, step: Step) -> None:
         event = f"apply:{step.action}:{','.join(map(str, step.uids))}" + (f":{step.folder}" if step.folder else "")
         error = self._fault(event)
