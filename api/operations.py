@@ -31,6 +31,7 @@ from api.statuses import bad_request, consent_failure, not_found, service_failur
 from collectors.diagnose import diagnose
 from collectors.replay import replay
 from collectors.services import Services, get_services
+from shared.audit import FUNCTION_KEY
 from shared.errors import CollectorError, NotFoundError
 from shared.mailboxes import InvalidMailboxError, normalize_address
 from shared.signed_links import InvalidLink
@@ -143,7 +144,7 @@ def status_page_route(req: func.HttpRequest) -> func.HttpResponse:
         services = get_services()
         session = _session(services, req)
         headers = _headers()
-        if session is None and req.headers.get(PRINCIPAL_HEADER) and acting_admin(req) != "function key":
+        if session is None and req.headers.get(PRINCIPAL_HEADER) and acting_admin(req) != FUNCTION_KEY:
             value = _new_session(services, req)  # App Service authentication fronts the app: it vouches
             headers["Set-Cookie"] = _session_cookie(req, value)
             signed = services.signer.check(value, SESSION_PURPOSE)

@@ -308,3 +308,45 @@ def test_an_oversize_message_under_the_collect_policy_is_collected_and_noted(
     for bad in ("-1", "1.5", "99999999999"):
         with pytest.raises(ValueError, match="max_message_bytes"):
             services.consent.change_options(address, {"max_message_bytes": bad}, admin="tester")
+
+
+def test_the_command_line_pauses_diagnoses_and_replays(
+    app_env: dict[str, str], services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    import subprocess
+    import sys
+
+    address = new_address()
+    consent(address)
+    deliver(address, simple_message("from the shell"))
+    services.collector.run()
+    envelope = queue_messages()[0]
+    settings = tmp_path / "local.settings.json"
+    settings.write_text(json.dumps({"IsEncrypted": False, "Values": app_env}))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "collectors", *args, "--settings", str(settings)],
+            check=False, cwd=ROOT, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+
+    paused = cli("pause", "--mailbox", address)
+    assert paused.returncode == 0, paused.stderr
+    assert json.loads(paused.stdout)["status"] == "paused"
+    assert json.loads(cli("resume", "--mailbox", address).stdout)["status"] == "active"
+    diagnosis = cli("diagnose", "--mailbox", address)
+    report = json.loads(diagnosis.stdout)
+    assert diagnosis.returncode == 0 and report["token"]["who"] == address and report["pending"] == 0
+    token = services.tokens.access_token(address, signed_in_as=address).token
+    assert token not in diagnosis.stdout + diagnosis.stderr
+    replayed = cli("replay", "--mailbox", address, "--id", envelope["id"])
+    assert json.loads(replayed.stdout)["ids"] == [envelope["id"]]
+    assert [e["id"] for e in queue_messages()] == [envelope["id"]]
+
+    assert cli("replay", "--mailbox", address).returncode == 2  # neither --since nor --id
+    assert "--since" in cli("replay", "--mailbox", address).stderr
+    assert cli("replay", "--mailbox", address, "--id", "other@example.test/1/1").returncode == 2
+    assert cli("pause").returncode == 2
+    unknown = cli("diagnose", "--mailbox", "nobody@example.test")
+    assert unknown.returncode == 2 and "not authorized" in unknown.stderr

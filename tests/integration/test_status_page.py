@@ -315,3 +315,37 @@ def test_admin_routes_pause_resume_diagnose_and_replay_over_http(
     assert requests.get(f"{unknown}/diagnose", params=key, timeout=30).status_code == 404
     assert requests.post(f"{base}/reconsent-link", params={**key, "days": "99"}, timeout=30).status_code == 400
     assert reconsent_url("https://x", "a.b") == "https://x/api/reconsent?link=a.b"
+
+
+def test_the_filter_escapes_what_it_is_sent_and_ignores_unknown_statuses(
+    local_host: LocalApp, consent: Any, new_address: Any, page_session: requests.Session
+) -> None:
+    address = new_address()
+    consent(address)
+    ops = f"{local_host.origin}/api/ops"
+    for q in ("<script>alert(1)</script>", "'><img src=x onerror=alert(1)>", "\u202e" + "x" * 500, "%00"):
+        answer = page_session.get(ops, params={"q": q, "status": "active"}, timeout=30)
+        assert answer.status_code == 200
+        assert "<script>" not in answer.text and "<img" not in answer.text
+        assert "No mailbox matches." in answer.text
+    shown = page_session.get(ops, params={"status": "'); drop", "q": address}, timeout=30)
+    assert shown.status_code == 200 and address in shown.text  # an unknown status filters nothing
+    assert "selected>any status" in shown.text
+
+
+def test_app_service_authentication_opens_the_page_only_where_the_platform_vouches(
+    app_env: dict[str, str], tmp_path: Path, consent: Any, new_address: Any
+) -> None:
+    from tests.support.app_host import serve_app
+
+    address = new_address()
+    consent(address)
+    principal = {"X-MS-CLIENT-PRINCIPAL-NAME": "admin@contoso.example"}
+    with serve_app({**app_env, "WEBSITE_AUTH_ENABLED": "true"}, tmp_path / "easyauth") as app:
+        session = requests.Session()
+        session.trust_env = False
+        page = session.get(f"{app.origin}/api/ops", headers=principal, timeout=30)
+        assert page.status_code == 200 and "Signed in: admin@contoso.example" in page.text
+        assert SESSION_COOKIE in session.cookies and address in page.text
+    with serve_app(app_env, tmp_path / "plain") as app:  # without the platform, the header proves nothing
+        assert requests.get(f"{app.origin}/api/ops", headers=principal, timeout=30).status_code == 401
