@@ -147,12 +147,15 @@ class Operations:
     # -- scheduled reports and the keep-alive -------------------------------------------------------------------
 
     def keep_alive(self, mailboxes: Iterable[Mailbox]) -> list[str]:
-        """Renew the refresh token of every delegated mailbox that is paused, or whose token was last saved more
-        than KEEP_ALIVE_EVERY ago. Returns the addresses renewed. A failure is logged and recorded, never raised."""
+        """Renew the refresh token of every paused or disabled delegated mailbox whose token was last saved more
+        than KEEP_ALIVE_EVERY ago. Returns the addresses renewed. A failure is logged and recorded, never raised.
+
+        Active mailboxes are left to their collection, which renews the token under the mailbox's lease whenever
+        the access token runs out (hourly); renewing here too would do it outside the lease."""
         now = utcnow()
         renewed = []
         for mailbox in mailboxes:
-            if mode_of(mailbox) != DELEGATED or mailbox.status not in (ACTIVE, PAUSED):
+            if mode_of(mailbox) != DELEGATED or mailbox.status not in (PAUSED, MailboxStatus.DISABLED):
                 continue
             saved = mailbox.token_saved_at
             if saved is not None and now - saved < KEEP_ALIVE_EVERY:
