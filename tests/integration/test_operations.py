@@ -266,7 +266,7 @@ SCHEMA = json.loads((ROOT / "schemas" / "envelope.v1.json").read_text())
 
 
 def test_an_oversize_message_is_queued_as_headers_only_and_never_blocks_the_mailbox(
-    stack: Any, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
 ) -> None:
     address = new_address()
     consent(address, max_message_bytes="4000", oversize="headers", after_action="delete")
@@ -288,7 +288,7 @@ def test_an_oversize_message_is_queued_as_headers_only_and_never_blocks_the_mail
     blob = services.mail_container().download_blob(marked["blob"]["name"]).readall()
     assert blob == header_bytes
     # The others are deleted as the after-action says; the big one is left whole and unread in the mailbox.
-    assert dovecot.list_flags(Path(stack["dovecot_config"]), address) == {2: set()}
+    assert dovecot.list_flags(Path(stack.dovecot_config), address) == {2: set()}
     row = services.registry.get(address)
     assert row.last_uid == 3 and "UID 2" in row.last_oversize and "headers only" in row.last_oversize
     again = services.collector.collect_mailbox(row, deadline=time.monotonic() + 120)
