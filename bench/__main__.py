@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the 2,000-message sets (default 1)")
     parser.add_argument("--mailboxes", type=int, default=500, help="mailboxes of benchmark 6 (default 500)")
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs per comparison (default 3)")
-    parser.add_argument("--hours", type=int, default=3, help="simulated hours of benchmark 5 (default 3)")
+    parser.add_argument(
+        "--hours", type=int, default=keyvault_economy.HOURS, help="simulated hours of benchmark 5 (default 26)"
+    )
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     parser.add_argument("--verbose", action="store_true", help="show the app's INFO logs")
     args = parser.parse_args(argv)

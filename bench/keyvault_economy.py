@@ -1,15 +1,19 @@
-"""Benchmark 5, Key Vault economy: reads and writes per mailbox-hour at a 5-minute schedule on a warm worker.
+"""Benchmark 5, Key Vault economy: reads per mailbox-hour and writes per mailbox-day at a 5-minute schedule on a
+warm worker.
 
-One Services object (a warm worker) runs the collector 12 times per simulated hour for a few mailboxes, with the
-Entra stand-in issuing 60-minute access tokens (its default). Time is simulated instead of waited for: the token
+One Services object (a warm worker) runs the collector 12 times per simulated hour for a few mailboxes, over a
+little more than a simulated day, with the Entra stand-in issuing access tokens of 60 to 90 minutes (Entra's
+random lifetime) and rotating refresh tokens without revoking the redeemed one. The token service writes a renewed
+cache only when the stored one is a day old, so the steady-state day (every hour after the first) holds one write
+per mailbox and the disabling of the version before: two writes. Time is simulated instead of waited for: the token
 service and MSAL read the clock through ``time.time``, and this benchmark moves their clock forward five minutes
 before each run (the stand-in's tokens, Dovecot and TLS keep real time, which only makes tokens look older than
 they are). Key Vault operations are counted by the local Key Vault endpoint for these mailboxes' secrets only, so
 other users of the shared stack do not disturb the figures. The first simulated hour starts with a cold worker
-(right after consent); the goal applies to every hour.
+(right after consent); the read goal applies to every hour, the write goal to the 24 hours after the first.
 
-A second part does the same for app-mode mailboxes (client credentials, one app token per tenant) and counts every
-operation the Key Vault endpoint serves meanwhile, whatever the secret: the goal is none at all.
+A second part does the same over APP_HOURS for app-mode mailboxes (client credentials, one app token per tenant)
+and counts every operation the Key Vault endpoint serves meanwhile, whatever the secret: the goal is none at all.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from typing import Any
 from bench.common import Row, Workspace, _session, say
 
 RUN_EVERY = 300  # seconds: the default COLLECT_SCHEDULE "0 */5 * * * *"
-GOAL_READS = 2.0
-GOAL_WRITES = 1.0
+GOAL_READS = 2.0  # per mailbox and hour, every hour
+GOAL_WRITES_PER_DAY = 2.0  # per mailbox in the steady-state day: a new version and the disabling of the one before
 GOAL_APP_OPERATIONS = 0
+HOURS = 26  # the cold first hour, a steady-state day, and an hour to spare
+APP_HOURS = 3  # app-mode mailboxes never touch Key Vault: a few hours show it
 
 
 class ShiftedClock(types.SimpleNamespace):
@@ -62,8 +68,12 @@ def shifted_clock() -> Iterator[ShiftedClock]:
             module.time = original  # type: ignore[attr-defined]
 
 
-def run(info: dict[str, Any], *, mailboxes: int = 5, hours: int = 3) -> list[Row]:
-    return [*run_delegated(info, mailboxes=mailboxes, hours=hours), *run_app(info, mailboxes=mailboxes, hours=hours)]
+def run(info: dict[str, Any], *, mailboxes: int = 5, hours: int = HOURS) -> list[Row]:
+    app_hours = min(hours, APP_HOURS)
+    return [
+        *run_delegated(info, mailboxes=mailboxes, hours=hours),
+        *run_app(info, mailboxes=mailboxes, hours=app_hours),
+    ]
 
 
 def run_delegated(info: dict[str, Any], *, mailboxes: int, hours: int) -> list[Row]:
@@ -95,20 +105,22 @@ def run_delegated(info: dict[str, Any], *, mailboxes: int, hours: int) -> list[R
                 reads1, writes1 = counts()
                 per_hour.append((reads1 - reads0, writes1 - writes0))
         worst_reads = max(r for r, _ in per_hour) / mailboxes
-        worst_writes = max(w for _, w in per_hour) / mailboxes
+        # Steady state: the 24 hours after the cold first hour (consent wrote the first version before it).
+        day = per_hour[1:25]
+        writes_per_day = sum(w for _, w in day) / mailboxes
         hourly = ", ".join(f"{r / mailboxes:.1f}/{w / mailboxes:.1f}" for r, w in per_hour)
         say(f"key vault: reads/writes per mailbox, hour by hour: {hourly}")
-        met = worst_reads <= GOAL_READS and worst_writes <= GOAL_WRITES
+        met = worst_reads <= GOAL_READS and writes_per_day <= GOAL_WRITES_PER_DAY and len(day) == 24
         return [
             Row(
-                "5 Key Vault per mailbox-hour",
-                f"{worst_reads:.1f} reads, {worst_writes:.1f} writes (worst hour)",
+                "5 Key Vault per mailbox",
+                f"{worst_reads:.1f} reads an hour (worst hour), {writes_per_day:.1f} writes a day",
                 "-",
                 None,
-                f"<= {GOAL_READS:.0f} reads, <= {GOAL_WRITES:.0f} write",
+                f"<= {GOAL_READS:.0f} reads an hour, <= {GOAL_WRITES_PER_DAY:.0f} writes a day (steady state)",
                 met,
-                f"{mailboxes} mailboxes, {hours} simulated hours of 12 runs on one warm worker, 60-minute tokens; "
-                f"reads/writes per mailbox by hour: {hourly}",
+                f"{mailboxes} mailboxes, {hours} simulated hours of 12 runs on one warm worker, Entra's 60-90 minute "
+                f"tokens; reads/writes per mailbox by hour: {hourly}",
             )
         ]
     finally:

@@ -297,7 +297,7 @@ class Collector:
         options = mailbox.options
         token, login_refused = self._token(mailbox, deadline)
         if token.saved_at is not None:
-            self._registry.record_token_saved(mailbox.address, token.saved_at)
+            self._registry.record_token_saved(mailbox.address, token.saved_at, token.secret_name)
         with self._source.open(mailbox, token.token, login_refused=login_refused) as folder:
             self._apply_pending(mailbox, folder)
             checkpoint = folder.checkpoint
@@ -373,7 +373,10 @@ class Collector:
         if mailbox.mode == MailboxMode.APP:
             app_token = self._app_tokens.access_token(mailbox)
             return app_token, lambda: exchange_refusal(mailbox.address, app_token)
-        return self._tokens.access_token(mailbox.address, signed_in_as=mailbox.signed_in_as, deadline=deadline), None
+        delegated = self._tokens.access_token(
+            mailbox.address, signed_in_as=mailbox.signed_in_as, deadline=deadline, secret_name=mailbox.token_secret
+        )
+        return delegated, None
 
     def _oversize(self, mailbox: Mailbox, folder: MailFolder, sizes: dict[int, int]) -> bool:
         """Messages above the mailbox's max_message_bytes. Policy "collect": noted, then collected as any other.

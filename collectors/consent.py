@@ -261,7 +261,10 @@ class ConsentService:
             )
         options = MailboxOptions(**json.loads(str(entity["options"])))
         previous = self._registry.find(address)
-        self._store.save(address, cache.serialize(), signed_in_as=signed_in, new_consent=True)
+        # A consent after a revoke writes the secret again, purged first or with every older version disabled.
+        saved = self._store.save(
+            address, cache.serialize(), name=previous.token_secret if previous else "", new_consent=True
+        )
         now = utcnow()
         self._registry.put(
             Mailbox(
@@ -272,6 +275,7 @@ class ConsentService:
                 consented_by=str(entity.get("admin") or ""),
                 consented_at=now,
                 token_saved_at=now,
+                token_secret=saved.name,
                 # A re-consent keeps the checkpoint: the mail already collected is not collected again.
                 uidvalidity=previous.uidvalidity if previous else 0,
                 last_uid=previous.last_uid if previous else 0,
@@ -314,7 +318,7 @@ class ConsentService:
         address = self._address(address_text, "mailbox")
         previous = self._registry.find(address)
         self._registry.delete(address)
-        removal = self._store.remove(address)
+        removal = self._store.remove(address, previous.token_secret if previous else "")
         if self._tokens is not None:
             self._tokens.forget(address)
         logger.info(

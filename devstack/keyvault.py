@@ -19,7 +19,8 @@ Test hooks live under ``/_control/`` (loopback only, no auth, JSON):
 ``POST /_control/reset`` clears the counters (``{"secrets": true}``: and every secret, ``{"faults": true}``:
 and every fault), ``GET /_control/health`` answers 200, ``GET /_control/secrets`` shows each secret's version count
 and state, ``POST /_control/roles`` assigns a role to a principal (object id) with an optional propagation delay,
-``POST /_control/settings`` changes the transition time and the throttling limits.
+``POST /_control/settings`` changes the transition time and the throttling limits, ``POST /_control/age`` makes a
+secret's versions look older.
 
 Run: ``python -m devstack.keyvault --port 10444 --cert server.pem --key server.key [--state kv.json]``.
 """
@@ -248,6 +249,17 @@ class SecretStore:
                 )
             blob = json.dumps({"name": secret["name"], "versions": len(secret["versions"])}).encode()
             return {"value": base64.urlsafe_b64encode(blob).decode().rstrip("=")}
+
+    def age(self, name: str, seconds: int) -> int:
+        """Make every version of a secret look ``seconds`` older (a test hook: the app reads a version's age from
+        its ``created`` time). Returns the number of versions changed."""
+        with self._lock:
+            secret, _ = self._find(name, None)
+            for version in secret["versions"]:
+                for field in ("created", "updated"):
+                    version["attributes"][field] -= seconds
+            self._persist()
+            return len(secret["versions"])
 
     def summary(self) -> dict[str, Json]:
         """Per secret: versions, enabled versions, and its state (active, deleted, deleting, recovering)."""
@@ -943,6 +955,13 @@ class _Handler(DispatchingHandler):
                 return self._send(200, {"cleared": server.faults.clear()})
             case ("GET", "/_control/secrets"):
                 return self._send(200, {"secrets": server.store.summary()})
+            case ("POST", "/_control/age"):
+                if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+                    return self._send(400, {"error": "name (a secret name) and seconds are required"})
+                seconds = body.get("seconds")
+                if not isinstance(seconds, int) or isinstance(seconds, bool) or not 0 <= seconds <= 10 * 365 * 86400:
+                    return self._send(400, {"error": "seconds must be a whole number of seconds up to ten years"})
+                return self._send(200, {"aged": server.store.age(body["name"], seconds)})
             case ("GET", "/_control/roles"):
                 return self._send(200, {"roles": None if server.roles is None else server.roles.snapshot()})
             case ("POST", "/_control/roles"):

@@ -40,11 +40,18 @@ def normalize_address(text: str, *, allowed_domains: Sequence[str] = ()) -> str:
 
 
 def mailbox_key(address: str) -> str:
-    """A stable key made of letters, digits and dashes, readable and unique per address.
+    """The registry row key, Key Vault secret name and blob prefix of a mailbox: ``mbx-`` and the full SHA-256 of
+    the lower-cased address in hex (68 characters of letters, digits and dashes).
 
-    It is the registry row key and the Key Vault secret name (which allows letters, digits and dashes, up to
-    127 characters), so it carries a hash: two addresses that differ only in punctuation never collide.
+    No part of the address shows: Azure may copy secret names, tags and container names outside the vault's region,
+    so they must not hold personal data, and a full digest does not collide (48 bits did, to a minute of search).
     """
+    return f"mbx-{hashlib.sha256(address.lower().encode()).hexdigest()}"
+
+
+def legacy_mailbox_key(address: str) -> str:
+    """The key older releases used (readable part of the address and 48 bits of digest): read as a fallback, never
+    written, so that a deployed app's rows and secrets move to ``mailbox_key`` as they are used."""
     readable = re.sub(r"[^a-z0-9]+", "-", address.lower()).strip("-")[:80]
     digest = hashlib.sha256(address.lower().encode()).hexdigest()[:12]
     return f"mbx-{readable}-{digest}"

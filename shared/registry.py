@@ -24,7 +24,7 @@ from shared.after_action import plan as plan_after_action
 from shared.after_action import validate as validate_after_action
 from shared.errors import NotFoundError, TransientError
 from shared.folders import check_folder, check_stored_folder, same_folder
-from shared.mailboxes import mailbox_key
+from shared.mailboxes import legacy_mailbox_key, mailbox_key
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class Mailbox:
     last_error: str = ""
     consecutive_failures: int = 0
     token_saved_at: datetime | None = None
+    token_secret: str = ""  # the Key Vault secret that holds the token cache ("": the mailbox's key)
     retry_after: datetime | None = None
     collected_total: int = 0
     mode: MailboxMode = MailboxMode.DELEGATED
@@ -216,11 +217,23 @@ class MailboxRegistry:
         self._table = table
 
     def get(self, address: str) -> Mailbox:
-        """Raises NotFoundError when the mailbox is not registered."""
-        try:
-            return _from_entity(self._call(self._table.get_entity, PARTITION, mailbox_key(address)))
-        except ResourceNotFoundError:
-            raise NotFoundError(address) from None
+        """Raises NotFoundError when the mailbox is not registered.
+
+        A row is only ever the mailbox's if its stored address is the one asked for. A row under the key of older
+        releases is moved to the current key on first read.
+        """
+        for key in (mailbox_key(address), legacy_mailbox_key(address)):
+            try:
+                entity = self._call(self._table.get_entity, PARTITION, key)
+            except ResourceNotFoundError:
+                continue
+            if str(entity.get("address", "")).lower() != address.lower():
+                logger.error("registry row holds another address key=%s mailbox=%s", key, address)
+                raise NotFoundError(address)
+            if key != mailbox_key(address):
+                self._migrate(entity)
+            return _from_entity(entity)
+        raise NotFoundError(address)
 
     def find(self, address: str) -> Mailbox | None:
         try:
@@ -234,7 +247,21 @@ class MailboxRegistry:
     def _iter(self) -> Iterator[Mailbox]:
         query = f"PartitionKey eq '{PARTITION}'"
         for entity in self._call(lambda: list(self._table.query_entities(query))):
-            yield _from_entity(entity)
+            address = str(entity.get("address", ""))
+            if entity["RowKey"] == mailbox_key(address):
+                yield _from_entity(entity)
+            elif entity["RowKey"] == legacy_mailbox_key(address):
+                self._migrate(entity)
+                yield _from_entity(entity)
+            else:
+                logger.error("registry row holds another address key=%s mailbox=%s", entity["RowKey"], address)
+
+    def _migrate(self, entity: Mapping[str, Any]) -> None:
+        """Move a row from the key of older releases to the current one (the old key holds the address)."""
+        mailbox = _from_entity(entity)
+        self._call(self._table.upsert_entity, _to_entity(mailbox), mode=UpdateMode.REPLACE)
+        self._call(self._table.delete_entity, PARTITION, str(entity["RowKey"]))
+        logger.info("registry row moved to its digest key mailbox=%s", mailbox.address)
 
     def put(self, mailbox: Mailbox) -> None:
         """Create or fully replace a row."""
@@ -243,9 +270,10 @@ class MailboxRegistry:
     # Named updates: each writes the fields of one event and nothing else. All raise NotFoundError when the row is
     # gone (the mailbox was revoked meanwhile) and TransientError when storage fails.
 
-    def record_token_saved(self, address: str, saved_at: datetime) -> None:
-        """A renewed token cache reached Key Vault at ``saved_at`` (the token age an admin watches)."""
-        self._merge(address, token_saved_at=saved_at)
+    def record_token_saved(self, address: str, saved_at: datetime, secret: str = "") -> None:
+        """A renewed token cache reached Key Vault at ``saved_at`` (the token age an admin watches), in the secret
+        named ``secret`` (it changes when the token moves to a new secret before the version cap)."""
+        self._merge(address, token_saved_at=saved_at, **({"token_secret": secret} if secret else {}))
 
     def record_checkpoint(
         self, address: str, checkpoint: Mapping[str, int | str], *, pending_after_action: str | None = None
@@ -340,8 +368,9 @@ class MailboxRegistry:
             raise NotFoundError(address) from None
 
     def delete(self, address: str) -> None:
-        """Succeeds when the row is already absent."""
-        self._call(self._table.delete_entity, PARTITION, mailbox_key(address))
+        """Succeeds when the row is already absent (under the current key and that of older releases)."""
+        for key in (mailbox_key(address), legacy_mailbox_key(address)):
+            self._call(self._table.delete_entity, PARTITION, key)
 
     @staticmethod
     def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:

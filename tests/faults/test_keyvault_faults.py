@@ -14,6 +14,7 @@ from typing import Any
 import msal
 import pytest
 
+import collectors.tokens as tokens_module
 from collectors.entra import confidential_app
 from collectors.services import build_services
 from shared import azure_clients
@@ -154,6 +155,7 @@ def test_a_rotated_refresh_token_survives_a_failed_key_vault_write(
     address = new_address()
     consent(address)
     entra_control("settings", {"strict_accounts": [address]})
+    monkeypatch.setattr(tokens_module, "TOKEN_REWRITE_AFTER", 0)  # with strict rotation, every rotation is written
     before = expire_access_tokens(services, address)  # the next run must renew, and the stand-in rotates
     old_cache = services.tokens._store.load(address).serialized
     saved_at = services.registry.get(address).token_saved_at

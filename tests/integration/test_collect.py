@@ -218,10 +218,12 @@ def test_other_after_actions(
 
 
 def test_a_rotated_refresh_token_is_stored_and_the_old_one_is_not_needed(
-    services: Any, consent: Any, new_address: Any, deliver: Any, entra_control: Any, queue_messages: Any
-) -> None:
+    services: Any, consent: Any, new_address: Any, deliver: Any, entra_control: Any, queue_messages: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     import msal
 
+    import collectors.tokens as tokens_module
     from collectors.entra import confidential_app
 
     address = new_address()
@@ -229,8 +231,10 @@ def test_a_rotated_refresh_token_is_stored_and_the_old_one_is_not_needed(
     entra_control("settings", {"access_token_ttl_by_account": {address: 120}})
     consent(address)
     entra_control("settings", {"access_token_ttl_by_account": {address: 3600}})
-    # Strict rotation: the refresh token stored before dies once redeemed, so only a stored rotation keeps it going.
+    # Strict rotation: the refresh token stored before dies once redeemed, so only a stored rotation keeps it going;
+    # the app then writes every rotation (Entra itself does not revoke, and the app writes once a day).
     entra_control("settings", {"strict_accounts": [address]})
+    monkeypatch.setattr(tokens_module, "TOKEN_REWRITE_AFTER", 0)
     store = services.tokens._store
     before = store.load(address)
     deliver(address, simple_message("rotating"))

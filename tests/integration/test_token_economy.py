@@ -1,5 +1,6 @@
-"""A warm worker reads Key Vault once per token lifetime and writes once per renewal, against the real Entra
-stand-in and Key Vault endpoint. Time is simulated for the token service and MSAL only (five-minute runs)."""
+"""A warm worker reads Key Vault once per token lifetime and writes once a day, against the real Entra stand-in
+(which, as Entra, does not revoke a redeemed refresh token) and Key Vault endpoint. Time is simulated for the token
+service and MSAL only (five-minute runs)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ RUN_EVERY = 300  # seconds: the default schedule
 TOKEN_LIFETIME = 3600  # seconds
 
 
-def test_key_vault_is_read_once_per_renewal_and_not_in_between(
+def test_key_vault_is_read_once_per_renewal_and_written_once_a_day(
     services: Any, consent: Any, new_address: Any, entra_control: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     address = new_address()
@@ -51,6 +52,12 @@ def test_key_vault_is_read_once_per_renewal_and_not_in_between(
         tokens.add(token.token)
 
     # Two hours of 60-minute tokens: renewed twice (each ten minutes before expiry), one read before each
-    # renewal plus the cold worker's first read; nothing in between.
+    # renewal plus the cold worker's first read; nothing in between, and no write: the stored token is young.
     assert len(tokens) == 3
-    assert calls == {"load": 3, "save": 2}
+    assert calls == {"load": 3}
+
+    # A day later the stored refresh token is due to be replaced: the next renewal writes once.
+    clock.offset += collectors.tokens.TOKEN_REWRITE_AFTER
+    services.tokens.access_token(address, signed_in_as=address)
+    # One write, after checking that Key Vault still holds the version the cache was renewed from.
+    assert calls["save"] == 1 and calls["load"] <= 5

@@ -31,7 +31,7 @@ from shared.after_action import AfterAction, Step
 from shared.errors import TransientError
 from shared.registry import Mailbox, MailboxRegistry
 from shared.settings import Settings, load_settings
-from shared.token_store import StoredCache
+from shared.token_store import SavedCache, StaleTokenError, StoredCache
 
 SETTINGS_ENV = {
     "AzureWebJobsStorage": "UseDevelopmentStorage=true",
@@ -344,7 +344,8 @@ class _FakeApp:
 
 
 class FakeStore:
-    """The TokenCacheStore calls TokenService makes: versions, and writes that fail when told to."""
+    """The TokenCacheStore calls TokenService makes: versions, and writes that fail when told to. Its versions have
+    no write time, so every renewed cache is due to be written (as with the stand-in's strict rotation)."""
 
     def __init__(self) -> None:
         self.versions: list[str] = []
@@ -352,7 +353,7 @@ class FakeStore:
         self.saves: list[float | None] = []  # the deadline of each write
         self.after_load: Callable[[], None] | None = None
 
-    def load(self, address: str, *, deadline: float | None = None) -> StoredCache | None:
+    def load(self, address: str, name: str = "", *, deadline: float | None = None) -> StoredCache | None:
         latest = StoredCache(self.versions[-1], str(len(self.versions))) if self.versions else None
         hook, self.after_load = self.after_load, None
         if hook is not None:
@@ -360,14 +361,22 @@ class FakeStore:
         return latest
 
     def save(
-        self, address: str, serialized: str, *, signed_in_as: str, deadline: float | None = None, **kwargs: Any
-    ) -> str:
+        self,
+        address: str,
+        serialized: str,
+        *,
+        based_on: StoredCache | None = None,
+        deadline: float | None = None,
+        **kwargs: Any,
+    ) -> SavedCache:
         self.saves.append(deadline)
         if self.failing_saves:
             self.failing_saves -= 1
             raise TransientError("Key Vault write failed (HTTP 503)")
+        if based_on is not None and based_on.version != str(len(self.versions)):
+            raise StaleTokenError("Key Vault holds a newer token")
         self.versions.append(serialized)
-        return str(len(self.versions))
+        return SavedCache("", str(len(self.versions)), None)
 
     def refresh_token(self) -> str:
         cache = msal.SerializableTokenCache()

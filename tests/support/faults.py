@@ -150,10 +150,9 @@ def expire_access_tokens(services: Any, address: str, *, seconds: int = 60) -> s
         entry["extended_expires_on"] = str(now + seconds)
     cache = msal.SerializableTokenCache()
     cache.deserialize(json.dumps(data))
-    signed_in_as = services.registry.get(address).signed_in_as or address
-    version = store.save(address, cache.serialize(), signed_in_as=signed_in_as)
+    saved = store.save(address, cache.serialize(), name=services.registry.get(address).token_secret)
     services.tokens.forget(address)
-    return str(version)
+    return saved.version
 
 
 def secret_name(address: str) -> str:

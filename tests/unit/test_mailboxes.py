@@ -47,3 +47,11 @@ def test_keys_are_key_vault_safe_stable_and_distinct() -> None:
     assert a == mailbox_key("A.B@Contoso.com")
     for key in (a, b, mailbox_key("x" * 64 + "@" + "y" * 60 + ".com")):
         assert re.fullmatch(r"[A-Za-z0-9-]{1,127}", key)
+
+
+def test_keys_are_a_full_digest_without_any_part_of_the_address() -> None:
+    import hashlib
+
+    key = mailbox_key("Jane.Doe@Contoso.com")
+    assert key == "mbx-" + hashlib.sha256(b"jane.doe@contoso.com").hexdigest()
+    assert "jane" not in key and "contoso" not in key

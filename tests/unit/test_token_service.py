@@ -145,24 +145,29 @@ class _RecordingSecretClient:
         self.calls: list[dict[str, Any]] = []
 
     def set_secret(self, name: str, value: str, **kwargs: Any) -> _Secret:
-        self.calls.append(kwargs)
+        self.calls.append({"call": "set", **kwargs})
         return _Secret()
 
     def get_secret(self, name: str, **kwargs: Any) -> _Secret:
-        self.calls.append(kwargs)
+        self.calls.append({"call": "get", **kwargs})
         return _Secret()
+
+    def update_secret_properties(self, name: str, version: str, **kwargs: Any) -> None:
+        self.calls.append({"call": "disable"})
 
 
 def test_the_token_store_hands_the_deadline_to_the_key_vault_client() -> None:
     client = _RecordingSecretClient()
     store = TokenCacheStore(client)  # type: ignore[arg-type]
-    store.save(ADDRESS, "{}", signed_in_as=ADDRESS, deadline=time.monotonic() + 5)
+    store.save(ADDRESS, "{}", deadline=time.monotonic() + 5)
     store.load(ADDRESS, deadline=time.monotonic() + 60)
     store.load(ADDRESS)
-    (save, late_load, free_load) = client.calls
+    (read_current, save, disable_before, late_load, free_load) = client.calls
+    assert [c["call"] for c in (read_current, save, disable_before)] == ["get", "set", "disable"]
+    assert read_current["retry_total"] == 0 and 1 <= read_current["timeout"] <= 5
     assert save["retry_total"] == 0 and 1 <= save["timeout"] <= 5
     assert "retry_total" not in late_load and 50 <= late_load["timeout"] <= 60
     assert "timeout" not in free_load
     with pytest.raises(TransientError):
-        store.save(ADDRESS, "{}", signed_in_as=ADDRESS, deadline=time.monotonic())
-    assert len(client.calls) == 3, "no call is started once the deadline has passed"
+        store.save(ADDRESS, "{}", deadline=time.monotonic())
+    assert len(client.calls) == 5, "no call is started once the deadline has passed"

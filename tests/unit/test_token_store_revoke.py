@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from azure.core.exceptions import HttpResponseError, ResourceExistsError
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 
 from shared.token_store import TokenCacheStore
 
@@ -27,6 +27,12 @@ class PurgeProtectedVault:
             raise ResourceExistsError("Secret is currently in a deleted but recoverable state")
         self.versions.append({"version": f"v{len(self.versions) + 1}", "value": value, "enabled": True})
         return SimpleNamespace(properties=SimpleNamespace(version=self.versions[-1]["version"]))
+
+    def get_secret(self, name: str) -> Any:
+        if self.deleted or not self.versions:
+            raise ResourceNotFoundError("Secret not found")
+        latest = self.versions[-1]
+        return SimpleNamespace(value=latest["value"], properties=SimpleNamespace(version=latest["version"]))
 
     def begin_delete_secret(self, name: str) -> _Done:
         self.deleted = True
@@ -52,11 +58,11 @@ class PurgeProtectedVault:
 def test_without_purge_the_revoke_says_so_and_a_reconsent_disables_every_old_version() -> None:
     vault = PurgeProtectedVault()
     store = TokenCacheStore(vault)  # type: ignore[arg-type]
-    store.save("a@example.test", "old-1", signed_in_as="a@example.test")
-    store.save("a@example.test", "old-2", signed_in_as="a@example.test")
+    store.save("a@example.test", "old-1")
+    store.save("a@example.test", "old-2")
 
     removal = store.remove("a@example.test")
     assert (removal.existed, removal.purged) == (True, False)
 
-    store.save("a@example.test", "new", signed_in_as="a@example.test", new_consent=True)
+    store.save("a@example.test", "new", new_consent=True)
     assert [(v["value"], v["enabled"]) for v in vault.versions] == [("old-1", False), ("old-2", False), ("new", True)]
