@@ -161,7 +161,9 @@ class Operations:
             if saved is not None and now - saved < KEEP_ALIVE_EVERY:
                 continue
             try:
-                token = self._tokens.renew(mailbox.address, signed_in_as=mailbox.signed_in_as)
+                token = self._tokens.renew(
+                    mailbox.address, signed_in_as=mailbox.signed_in_as, secret_name=mailbox.token_secret
+                )
             except ConfigurationError:
                 raise
             except CollectorError as e:
@@ -177,7 +179,7 @@ class Operations:
                         needs_reconsent=True,
                     )
                 continue
-            self._registry.record_token_saved(mailbox.address, token.saved_at or now)
+            self._registry.record_token_saved(mailbox.address, token.saved_at or now, token.secret_name)
             logger.info("token kept alive mailbox=%s status=%s", mailbox.address, mailbox.status)
             renewed.append(mailbox.address)
         return renewed
