@@ -39,7 +39,7 @@ from azure.keyvault.secrets import SecretClient
 
 from shared.errors import ConfigurationError, NeedsReconsentError, TransientError
 from shared.mailboxes import legacy_mailbox_key, mailbox_key
-from shared.retry import call_options
+from shared.retry import MIN_CALL_SECONDS, call_options
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class TokenCacheStore:
                 code = getattr(getattr(e, "error", None), "code", "")
                 if code not in BUSY_CODES:
                     raise
-                if self._clock() + delay > deadline:
+                if self._clock() + delay + MIN_CALL_SECONDS > deadline:
                     raise TransientError(
                         f"Key Vault is still finishing a delete or recovery of the token of {address} ({code})",
                         remedy="nothing to do: the next run retries (a consent: open the authorize link again in a "

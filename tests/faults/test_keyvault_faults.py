@@ -207,15 +207,15 @@ def test_key_vault_retries_end_by_the_run_deadline(services: Any, consent: Any, 
 
     plenty = vault.fault(address, method="PUT", status=503, retry_after=0)
     with pytest.raises(TransientError):
-        store.save(address, serialized, signed_in_as=address, deadline=time.monotonic() + 120)
+        store.save(address, serialized, deadline=time.monotonic() + 120)
     assert vault.served(plenty) == (SDK_ATTEMPTS, 0), "the client's own retries, and no loop around them"
 
     # One failure only: a retry would succeed, so the error proves there was none.
     close = vault.fault(address, method="PUT", status=503, count=1, retry_after=0)
     with pytest.raises(TransientError):
-        store.save(address, serialized, signed_in_as=address, deadline=time.monotonic() + 5)
+        store.save(address, serialized, deadline=time.monotonic() + 5)
     assert vault.served(close) == (1, 0), "a retry would not fit before the deadline"
 
     with pytest.raises(TransientError, match="time budget"):
-        store.save(address, serialized, signed_in_as=address, deadline=time.monotonic())
+        store.save(address, serialized, deadline=time.monotonic())
     assert stored_version(services, address) == version, "nothing was written"

@@ -236,7 +236,9 @@ class FakeTokens:
         self.error = error
         self.calls: list[str] = []
 
-    def access_token(self, address: str, *, signed_in_as: str, deadline: float | None = None) -> AccessToken:
+    def access_token(
+        self, address: str, *, signed_in_as: str, deadline: float | None = None, secret_name: str = ""
+    ) -> AccessToken:
         self.calls.append(address)
         if self.error is not None:
             raise self.error
