@@ -31,6 +31,7 @@ from shared.registry import PARTITION, _to_entity
 from tests.conftest import simple_message
 from tests.support.faults import collect, expire_access_tokens
 from tests.support.signin import sign_in
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +149,7 @@ def test_a_busy_secret_is_retried_until_the_deadline_then_transient(
 
 
 def test_a_403_right_after_provisioning_says_the_role_may_still_be_propagating(
-    stack: dict[str, Any], services: Any, consent: Any, new_address: Any, keyvault_control: Any
+    stack: Stack, services: Any, consent: Any, new_address: Any, keyvault_control: Any
 ) -> None:
     address = new_address()
     consent(address)
@@ -165,7 +166,7 @@ def test_a_403_right_after_provisioning_says_the_role_may_still_be_propagating(
 
 
 def test_a_stale_unsaved_token_never_replaces_a_newer_consent(
-    stack: dict[str, Any], settings: Any, services: Any, consent: Any, new_address: Any, entra_session: Any,
+    stack: Stack, settings: Any, services: Any, consent: Any, new_address: Any, entra_session: Any,
     keyvault_control: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     monkeypatch.setattr(tokens_module, "TOKEN_REWRITE_AFTER", 0)
@@ -179,9 +180,9 @@ def test_a_stale_unsaved_token_never_replaces_a_newer_consent(
 
     # Another instance (no shared memory) handles a re-consent as another delegate.
     other = build_services(settings)
-    redirect_uri = f"{stack['host_origin']}/api/auth/callback"
+    redirect_uri = f"{stack.host_origin}/api/auth/callback"
     auth_uri = other.consent.start(shared_box, redirect_uri=redirect_uri, delegate=second)
-    fields = sign_in(auth_uri, login=second, password=stack["user_password"], redirect_uri=redirect_uri,
+    fields = sign_in(auth_uri, login=second, password=stack.user_password, redirect_uri=redirect_uri,
                      session=entra_session)  # fmt: skip
     other.consent.complete(fields)
 
