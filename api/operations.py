@@ -27,7 +27,7 @@ from api import status_page
 from api.consent import callback_uri
 from api.identity import PRINCIPAL_HEADER, acting_admin
 from api.pages import SECURITY_HEADERS, json_answer, page
-from api.statuses import bad_request, consent_failure, not_found, service_failure
+from api.statuses import bad_request, consent_failure, link_refused, not_found, service_failure
 from collectors.diagnose import diagnose
 from collectors.replay import replay
 from collectors.services import Services, get_services
@@ -269,8 +269,7 @@ def reconsent(req: func.HttpRequest) -> func.HttpResponse:
         return func.HttpResponse(status_code=303, headers={**_headers(), "Location": url})
     except InvalidLink as e:
         logger.info("reconsent link refused reason=%s", str(e).split(":")[0][:60].replace(" ", "_"))
-        return page(410, "This link cannot be used", f"{str(e)[:1].upper()}{str(e)[1:]}.",
-                    "Ask the mail collector's administrator for a new re-consent link.")  # fmt: skip
+        return link_refused(e)
     except (UnicodeDecodeError, ValueError) as e:
         return page(400, "Malformed request", str(e))
     except Exception as e:

@@ -12,6 +12,7 @@ import azure.functions as func
 from api.pages import json_answer, page
 from collectors.consent import ConsentFailure, ConsentProblem
 from shared.errors import CollectorError, ConfigurationError, MailboxAccessError
+from shared.signed_links import InvalidLink
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +71,17 @@ def bad_request(message: str) -> func.HttpResponse:
 
 def not_found(address: str) -> func.HttpResponse:
     return json_answer(404, {"error": "not_found", "message": f"{address} is not authorized"})
+
+
+LINK_GONE = 410  # a re-consent link that is changed, expired, used or no longer fits its mailbox: ask for a new one
+
+
+def link_refused(error: InvalidLink) -> func.HttpResponse:
+    """The owner's page for a re-consent link that cannot be used; the reason is safe to show (no secret in it)."""
+    reason = str(error)
+    return page(
+        LINK_GONE,
+        "This link cannot be used",
+        f"{reason[:1].upper()}{reason[1:]}.",
+        "Ask the mail collector's administrator for a new re-consent link.",
+    )

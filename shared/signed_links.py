@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import secrets
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 SIGNING_KEY_SECRET = "operations-signing-key"  # noqa: S105 - the secret's name, not its value
 KEY_BYTES = 32
 USED_PARTITION = "used-link"
+PURGE_BATCH = 50  # expired used-link records deleted per redemption
 MAX_VALUE_CHARS = 2048  # a link is a few hundred characters; anything longer is not ours
 RECONSENT_TTL = timedelta(days=7)  # long enough for an owner on holiday for a week, short enough to go stale
 MAX_RECONSENT_TTL = timedelta(days=30)
@@ -167,7 +169,23 @@ class LinkSigner:
             raise InvalidLink(ALREADY_USED) from None
         except AzureError as e:
             raise TransientError(f"cannot record the link's use (Table storage): {type(e).__name__}") from e
+        self._purge_used()
         return signed
+
+    def _purge_used(self) -> None:
+        """Delete up to PURGE_BATCH records of used links that have expired anyway (their signature no longer
+        passes, so the record has nothing left to refuse). Best effort: a failure leaves them for the next use."""
+        try:
+            expired = self._used.query_entities(
+                "PartitionKey eq @p and expires_at lt @now",
+                parameters={"p": USED_PARTITION, "now": datetime.now(UTC)},
+                select=["RowKey"],
+                results_per_page=PURGE_BATCH,
+            )
+            for entity in itertools.islice(expired, PURGE_BATCH):
+                self._used.delete_entity(USED_PARTITION, entity["RowKey"])
+        except AzureError as e:
+            logger.warning("used links not purged error=%s", type(e).__name__)
 
     def mac(self, purpose: str, text: str) -> str:
         """A keyed digest of ``text`` for ``purpose`` (the CSRF token of a session)."""

@@ -349,3 +349,21 @@ def test_app_service_authentication_opens_the_page_only_where_the_platform_vouch
         assert SESSION_COOKIE in session.cookies and address in page.text
     with serve_app(app_env, tmp_path / "plain") as app:  # without the platform, the header proves nothing
         assert requests.get(f"{app.origin}/api/ops", headers=principal, timeout=30).status_code == 401
+
+
+def test_records_of_used_links_are_purged_once_the_links_have_expired(
+    services: Any, consent: Any, new_address: Any
+) -> None:
+    from shared import azure_clients
+    from shared.signed_links import USED_PARTITION
+
+    address = new_address()
+    consent(address)
+    table = azure_clients.table(services.settings, services.settings.consent_table)
+    table.create_entity(
+        {"PartitionKey": USED_PARTITION, "RowKey": "old", "expires_at": datetime.now(UTC) - timedelta(days=1)}
+    )
+    value, signed = services.signer.sign(RECONSENT_PURPOSE, address, ttl=timedelta(days=1), mode="delegated")
+    services.signer.redeem(value, RECONSENT_PURPOSE)
+    left = {e["RowKey"] for e in table.query_entities(f"PartitionKey eq '{USED_PARTITION}'")}
+    assert left == {signed.nonce}  # the fresh record stays: it still refuses a second use
