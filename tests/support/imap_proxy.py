@@ -7,10 +7,18 @@ bytes, which is what it needs to fail at a precise point of the protocol:
 - ``drop``: cut both connections when a command arrives (before Dovecot sees it), or after Dovecot has sent
   ``after_bytes`` bytes of its answer to it (0: Dovecot ran the command but the client never hears the answer);
 - ``stall``: stop forwarding in both directions and hold the sockets open, as a hung server does;
-- ``throttle``: answer the command as Exchange Online does when it throttles a mailbox, then close.
+- ``throttle``: answer the command as Exchange Online does when it throttles a mailbox (``BAD Request is
+  throttled. Suggested Backoff Time: N milliseconds``, then ``* BYE``), then close;
+- ``not_connected``: answer as Exchange Online does after it accepted a token whose account cannot open the mailbox
+  named in ``user=``: ``BAD User is authenticated but not connected.`` to this command and every later one, with
+  ``* BYE`` after the second (public transcripts: MailKit #1494, email-oauth2-proxy #74).
 
 A fault without a command applies when a connection opens (before the greeting). Only command names are recorded
 (``UID FETCH``), never arguments: AUTHENTICATE's continuation line carries the SASL string.
+
+Before the login the proxy also speaks as Exchange Online does, whatever the fault: its own greeting, MOVE and
+UIDPLUS left out of the capabilities, and no capability list in the AUTHENTICATE answer, so that a client learns
+of MOVE only by asking after the login (MailKit #1494 shows the two lists).
 """
 
 from __future__ import annotations
@@ -28,9 +36,13 @@ from types import TracebackType
 from tests.support.stack import Stack
 
 THROTTLE_TEXT = "Request is throttled. Suggested Backoff Time: {ms} milliseconds"  # Exchange Online's wording
+NOT_CONNECTED_TEXT = "User is authenticated but not connected."
+BYE_TEXT = "Connection closed. 14"
+GREETING = b"* OK The Microsoft Exchange IMAP4 service is ready.\r\n"
+AFTER_LOGIN_ONLY = (b"MOVE", b"UIDPLUS")  # capabilities Exchange Online lists only once the client is logged in
 CHUNK = 64 * 1024
 _LITERAL = re.compile(rb"\{(\d+)\+?\}\r\n$")
-ACTIONS = ("drop", "stall", "throttle")
+ACTIONS = ("drop", "stall", "throttle", "not_connected")
 
 
 @dataclass
@@ -54,6 +66,9 @@ class _Connection:
     cut_after: int | None = None  # server bytes still allowed through before the cut
     stalled: bool = False
     closed: bool = False
+    login_tag: bytes = b""  # the tag of the AUTHENTICATE in progress
+    logged_in: bool = False
+    refused: int = 0  # commands answered "not connected" so far
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def abort(self) -> None:
@@ -202,10 +217,11 @@ class ImapProxy:
             return True
         if fault.action == "throttle":
             text = THROTTLE_TEXT.format(ms=fault.backoff_ms).encode()
-            connection.client.write(tag + b" BAD " + text + b"\r\n")
-            with contextlib.suppress(OSError):
-                await connection.client.drain()
-            connection.abort()
+            connection.client.write(tag + b" BAD " + text + b"\r\n* BYE " + BYE_TEXT.encode() + b"\r\n")
+            await self._hang_up(connection)
+            return True
+        if fault.action == "not_connected":
+            await self._not_connected(connection, tag)
             return True
         if fault.after_bytes is None:
             connection.abort()
@@ -213,6 +229,31 @@ class ImapProxy:
         # The command goes through; the server's answer is cut after ``after_bytes`` (0: before its first byte).
         connection.cut_after = fault.after_bytes
         return False
+
+    async def _not_connected(self, connection: _Connection, tag: bytes) -> None:
+        """Exchange's answer to a session whose account cannot open the mailbox: BAD to every command, and BYE
+        after the second."""
+        connection.refused += 1
+        answer = tag + b" BAD " + NOT_CONNECTED_TEXT.encode() + b"\r\n"
+        if connection.refused >= 2:
+            answer += b"* BYE " + BYE_TEXT.encode() + b"\r\n"
+        connection.client.write(answer)
+        if connection.refused >= 2:
+            await self._hang_up(connection)
+        else:
+            with contextlib.suppress(OSError):
+                await connection.client.drain()
+
+    @staticmethod
+    async def _hang_up(connection: _Connection) -> None:
+        """Close after what was written has reached the client, as a server does after its BYE (an abort would
+        discard the answer still in the TLS buffer)."""
+        with contextlib.suppress(OSError):
+            await connection.client.drain()
+        connection.client.close()
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(connection.client.wait_closed(), 5)
+        connection.abort()
 
     async def _client_to_server(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
         while not connection.closed:
@@ -222,11 +263,18 @@ class ImapProxy:
             literal = _LITERAL.search(line)
             tag, _, rest = line.partition(b" ")
             words = rest.decode("latin-1").strip()
+            if connection.refused and tag and words:
+                await self._not_connected(connection, tag)  # the session stays refused until the server closes it
+                continue
+            if tag and words.upper().startswith("AUTHENTICATE "):
+                connection.login_tag = tag
             if tag and words and not connection.stalled:
                 name = " ".join(words.split()[:2] if words.upper().startswith("UID ") else words.split()[:1])
                 self.commands.append(name.upper())
                 fault = self._take(words)
                 if fault is not None and await self._apply(fault, connection, tag=tag):
+                    if connection.refused and not connection.closed:
+                        continue  # Exchange keeps answering the refused session's commands until its BYE
                     return
             if connection.stalled:
                 return  # the stall itself holds the connection (see _apply)
@@ -236,7 +284,30 @@ class ImapProxy:
             await connection.server.drain()
         connection.abort()
 
+    @staticmethod
+    def _as_exchange(line: bytes, connection: _Connection) -> bytes:
+        """A server line before the login, as Exchange Online words it (see the module's docstring)."""
+        if line.startswith(b"* OK") and b"Dovecot" in line:
+            return GREETING
+        if line.upper().startswith(b"* CAPABILITY "):
+            words = line.rstrip(b"\r\n").split(b" ")
+            return b" ".join(w for w in words if w.upper() not in AFTER_LOGIN_ONLY) + b"\r\n"
+        if connection.login_tag and line.startswith(connection.login_tag + b" OK"):
+            connection.logged_in = True
+            return connection.login_tag + b" OK AUTHENTICATE completed.\r\n"
+        return line
+
     async def _server_to_client(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
+        while not connection.closed and not connection.logged_in and connection.cut_after is None:
+            line = await reader.readline()
+            if not line:
+                connection.abort()
+                return
+            if connection.stalled:
+                await self._release.wait()
+                return
+            connection.client.write(self._as_exchange(line, connection))
+            await connection.client.drain()
         while not connection.closed:
             data = await reader.read(CHUNK)
             if not data:
