@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from collectors.app_tokens import AppTokenProvider, exchange_refusal
 from collectors.envelope import build_envelope, encode_for_queue
-from collectors.envelope.classification import refused
+from collectors.envelope.classification import placeholder, refused
 from collectors.mail_source import Checkpoint, MailFolder, MailSource
 from collectors.sinks import EnvelopeQueue, RawStore
 from collectors.tokens import AccessToken, TokenProvider
@@ -65,6 +65,7 @@ class MailboxResult:
     error: str = ""
     more: bool = False  # caps or the time budget left mail for the next run
     max_delay: float | None = None  # seconds from a message's Date header to its envelope on the queue, the longest
+    placeholders: list[int] = field(default_factory=list)  # UIDs Exchange served as placeholders in this run
 
     def log(self, consecutive_failures: int) -> None:
         level = logging.WARNING if self.outcome.failed else logging.INFO
@@ -166,6 +167,7 @@ class Enqueued:
     stored: tuple[int, ...]
     refused: frozenset[int]
     max_delay: float | None = None  # seconds from the Date header to the queue, the longest of the batch
+    placeholders: frozenset[int] = frozenset()  # stored, but left in place: no after-action (see _envelope)
 
 
 class Collector:
@@ -301,6 +303,9 @@ class Collector:
         with self._source.open(mailbox, token.token, login_refused=login_refused) as folder:
             self._apply_pending(mailbox, folder)
             checkpoint = folder.checkpoint
+            # Placeholders stay listed on the mailbox until someone deals with them in Outlook (they leave the folder).
+            same = folder.uidvalidity == mailbox.uidvalidity
+            known = folder.existing(mailbox.placeholder_uids) if same and mailbox.placeholder_uids else []
             sizes = folder.sizes()
             newest = max(sizes, default=0)
             oversize_handled = self._oversize(mailbox, folder, sizes)
@@ -322,6 +327,9 @@ class Collector:
             if oversize_handled and not result.more:
                 # Every message is handled, the oversize ones too: the checkpoint passes them all.
                 checkpoint = folder.checkpoint_after(newest)
+        placeholders = sorted({*known, *result.placeholders})
+        if tuple(placeholders) != mailbox.placeholder_uids:
+            self._registry.record_placeholders(mailbox.address, placeholders)
         self._registry.record_success(
             mailbox.address,
             checkpoint=checkpoint,
@@ -451,23 +459,31 @@ class Collector:
     @staticmethod
     def _envelope(
         mailbox: Mailbox, uidvalidity: int, uid: int, blob: StoredBlob, raw: bytes
-    ) -> tuple[str, bool, datetime | None]:
+    ) -> tuple[str, bool, datetime | None, bool]:
         """The envelope text for the queue, whether the mailbox's refuse rule applies (an auto-reply, a bounce or a
-        mail loop, as GLPI's "refused" folder), and the message's Date (for the delivery delay)."""
+        mail loop, as GLPI's "refused" folder), the message's Date (for the delivery delay), and whether the server
+        served a placeholder instead of the message."""
         envelope = envelope_of(mailbox, uidvalidity, uid, blob, raw, collected_at=datetime.now(UTC))
-        return encode_for_queue(envelope), refused(envelope["classification"]), _sent_at(envelope.get("date"))
+        classification = envelope["classification"]
+        return (
+            encode_for_queue(envelope),
+            refused(classification),
+            _sent_at(envelope.get("date")),
+            placeholder(classification),
+        )
 
     def _enqueue_in_order(
-        self, writes: list[tuple[int, Future[None], Future[tuple[str, bool, datetime | None]]]]
+        self, writes: list[tuple[int, Future[None], Future[tuple[str, bool, datetime | None, bool]]]]
     ) -> Enqueued:
         """Send the envelopes in UID order, each after its raw bytes are stored."""
         stored: list[int] = []
         refused_uids: set[int] = set()
         max_delay: float | None = None
+        placeholder_uids: set[int] = set()
         try:
             for uid, upload, envelope in writes:
                 upload.result()  # a failed upload stops here: no envelope without its blob
-                text, refuse, sent_at = envelope.result()
+                text, refuse, sent_at, served_placeholder = envelope.result()
                 self._sinks.envelopes.send(text)
                 stored.append(uid)
                 if sent_at is not None:
@@ -475,6 +491,8 @@ class Collector:
                     max_delay = delay if max_delay is None else max(max_delay, delay)
                 if refuse:
                     refused_uids.add(uid)
+                if served_placeholder:
+                    placeholder_uids.add(uid)
         except BaseException:
             # The run stops at this batch. Its uploads still waiting for a thread would only retry against failing
             # storage, holding the shared pool (and the next run, and the other mailboxes) for a minute or more.
@@ -482,7 +500,7 @@ class Collector:
                 upload.cancel()
                 envelope.cancel()
             raise
-        return Enqueued(tuple(stored), frozenset(refused_uids), max_delay)
+        return Enqueued(tuple(stored), frozenset(refused_uids), max_delay, frozenset(placeholder_uids))
 
     def _finish(
         self,
@@ -505,13 +523,24 @@ class Collector:
             result.max_delay = max(result.max_delay or 0.0, enqueued.max_delay)
         result.messages += len(enqueued.stored)
         result.bytes += sum(len(batch.messages[uid]) for uid in enqueued.stored)
+        for uid in sorted(enqueued.placeholders):
+            logger.warning(
+                "collect placeholder mailbox=%s uid=%d: Exchange could not convert this message and served a "
+                "placeholder; it stays in the mailbox -- open it in Outlook on the web and forward or export it",
+                mailbox.address,
+                uid,
+            )
+            result.placeholders.append(uid)
+        # A placeholder is not the message: the real one stays in the mailbox, readable in Outlook. Moving or deleting
+        # the placeholder would move or delete that message, which no consumer has received.
+        acted_on = tuple(uid for uid in enqueued.stored if uid not in enqueued.placeholders)
         try:
-            for step in mailbox.options.after_steps(enqueued.stored, enqueued.refused):
+            for step in mailbox.options.after_steps(acted_on, enqueued.refused):
                 folder.apply(step)
         except AfterActionError as e:
             # The mail is queued: move the checkpoint past it, so that no later run queues it again, and owe the
             # after-action instead. Every run retries it first and fails, naming the cause, until it is fixed.
-            owed = PendingAfterAction(mailbox.options.folder, folder.uidvalidity, enqueued.stored, enqueued.refused)
+            owed = PendingAfterAction(mailbox.options.folder, folder.uidvalidity, acted_on, enqueued.refused)
             self._registry.record_checkpoint(mailbox.address, checkpoint, pending_after_action=owed.to_text())
             raise self._owed(e, len(enqueued.stored)) from e
         lease.check()

@@ -25,6 +25,9 @@ CONNECT_TIMEOUT = 15.0  # seconds
 READ_TIMEOUT = 120.0  # seconds without a byte from the server; a 150 MB message still streams within it
 # Exchange Online: "BAD Request is throttled. Suggested Backoff Time: 2470 milliseconds" (then it disconnects).
 _THROTTLED = re.compile(r"Request is throttled\.?\s*Suggested Backoff Time:\s*(\d+)\s*milli", re.IGNORECASE)
+# Exchange Online: "BAD User is authenticated but not connected." to the first command after a login whose token's
+# account cannot open the mailbox named in user= (a delegate without Full Access), then "* BYE".
+NOT_CONNECTED = "authenticated but not connected"
 DEFAULT_THROTTLE_BACKOFF = 60.0  # seconds, when the server says "throttled" without a figure
 SEEN = b"\\Seen"
 IMAPLIB_LOGGER = "imapclient.imaplib"  # where imapclient sends imaplib's wire trace (DEBUG)
@@ -127,19 +130,32 @@ class ImapSession:
             except Exception:  # noqa: S110 - nothing more to do for a dead socket
                 pass
 
+    def _not_connected(self, text: str) -> MailboxAccessError | None:
+        """Exchange accepts the token of an account that cannot open the mailbox in ``user=``, then answers the next
+        command (SELECT, NAMESPACE, LIST, whichever comes) with "BAD User is authenticated but not connected.".
+        """
+        if NOT_CONNECTED not in text.lower():
+            return None
+        if self._refused is not None:  # app mode: the app's service principal has no access to this mailbox
+            return self._refused()
+        return MailboxAccessError(
+            f"IMAP accepted the token of {self._signed_in_as} but cannot open the mailbox {self._address} "
+            "('User is authenticated but not connected')",
+            remedy=f"the account {self._signed_in_as} has no access to this mailbox: give it Full Access "
+            f"(Add-MailboxPermission -Identity {self._address} -User {self._signed_in_as} -AccessRights FullAccess) "
+            "and authorize with delegate=, or authorize the mailbox signed in as itself; also check that IMAP is "
+            "enabled for the mailbox (Exchange admin center: mailbox > Email apps)",
+        )
+
     def _login_error(self, text: str) -> Exception:
         throttled = _throttle(text)
         if throttled:
             return throttled
         if self._refused is not None:
             return self._refused()
-        if "not connected" in text.lower():
-            return MailboxAccessError(
-                f"IMAP accepted the token of {self._signed_in_as} but cannot open the mailbox {self._address} "
-                "('User is authenticated but not connected')",
-                remedy="the signed-in account has no access to this mailbox: authorize it as the mailbox itself, "
-                "or give the delegate Full Access to the shared mailbox (Add-MailboxPermission), then re-consent",
-            )
+        not_connected = self._not_connected(text)
+        if not_connected:
+            return not_connected
         if self._signed_in_as.lower() != self._address.lower():
             # A delegate's token is valid (the identity provider issued it), so the likely cause is the delegate's
             # access to this mailbox, which Exchange reports as "authenticated but not connected".
@@ -165,6 +181,9 @@ class ImapSession:
         throttled = _throttle(text)
         if throttled:
             return throttled
+        not_connected = self._not_connected(text)
+        if not_connected:
+            return not_connected
         if isinstance(error, socket.timeout | TimeoutError):
             return TransientError(f"IMAP server {self._host} stopped answering (timeout)")
         if isinstance(error, OSError | imap_errors.IMAPClientAbortError | EOFError):
@@ -187,11 +206,8 @@ class ImapSession:
         try:
             info = self.client.select_folder(folder)
         except imap_errors.IMAPClientError as e:
-            if isinstance(e, imap_errors.IMAPClientAbortError) or _throttle(str(e)):
+            if isinstance(e, imap_errors.IMAPClientAbortError) or _throttle(str(e)) or self._not_connected(str(e)):
                 raise self._translate(e) from e
-            if self._refused is not None and "not connected" in str(e).lower():
-                # Exchange may accept the login and refuse the mailbox at its first command instead.
-                raise self._refused() from e
             raise MailboxAccessError(
                 f"cannot open folder {folder!r} of {self._address}: {str(e)[:200]}",
                 remedy="create the folder or change the mailbox's folder option",
@@ -208,6 +224,17 @@ class ImapSession:
             raise self._translate(e) from e
         # "n:*" also matches the highest UID when it is below n.
         return sorted(int(u) for u in found if int(u) > last_uid)
+
+    def existing(self, uids: Iterable[int]) -> list[int]:
+        """Which of ``uids`` are still in the selected folder (one UID SEARCH; none sent for no UIDs)."""
+        wanted = sorted(set(uids))
+        if not wanted:
+            return []
+        try:
+            found = self.client.search(["UID", ",".join(map(str, wanted))])
+        except Exception as e:
+            raise self._translate(e) from e
+        return sorted(int(u) for u in found if int(u) in wanted)
 
     def sizes(self, uids: Iterable[int]) -> dict[int, int]:
         """RFC822.SIZE of each UID that still exists."""
@@ -325,8 +352,8 @@ class ImapSession:
         except ValueError:
             raise
         except imap_errors.IMAPClientError as e:
-            if isinstance(e, imap_errors.IMAPClientAbortError) or _throttle(str(e)):
-                raise self._translate(e) from e
+            if isinstance(e, imap_errors.IMAPClientAbortError) or _throttle(str(e)) or self._not_connected(str(e)):
+                raise self._translate(e) from e  # not the step's fault: the session cannot open the mailbox
             # A tagged NO or BAD: the server refuses this step (TRYCREATE, a permission); retrying will not help.
             raise AfterActionError(
                 f"the server refused to {step.action.value} {len(uids)} message(s)"

@@ -61,6 +61,10 @@ class MailFolder(Protocol):
         """Carry out one after-action step (see ``shared.after_action``)."""
         ...
 
+    def existing(self, ids: Iterable[int]) -> list[int]:
+        """Which of ``ids`` are still in the folder (to stop reporting messages someone has dealt with)."""
+        ...
+
     def checkpoint_after(self, last_id: int) -> Checkpoint:
         """The position once every message up to ``last_id`` is finished."""
         ...
@@ -106,6 +110,9 @@ class ImapFolder:
 
     def apply(self, step: Step) -> None:
         self._session.apply(step)
+
+    def existing(self, ids: Iterable[int]) -> list[int]:
+        return self._session.existing(ids)
 
     def checkpoint_after(self, last_id: int) -> Checkpoint:
         # The collected folder's position twice: as the row's columns (the admin view), and in the per-folder map

@@ -159,11 +159,17 @@ class Mailbox:
     last_oversize: str = ""  # the last message above the mailbox's size limit, and what was done with it
     folder_checkpoints: str = ""  # JSON, see shared.checkpoints
     pending_after_action: str = ""  # JSON, see shared.checkpoints
+    # Messages Exchange served as a placeholder (it could not convert them to MIME): left in the mailbox, listed
+    # here until they are gone from the folder. Stored as "1,5,9" (a table has no list type).
+    placeholder_uids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # A stored row holds plain text.
         object.__setattr__(self, "status", MailboxStatus(self.status))
         object.__setattr__(self, "mode", MailboxMode(self.mode))
+        uids = self.placeholder_uids
+        if isinstance(uids, str):
+            object.__setattr__(self, "placeholder_uids", tuple(int(u) for u in uids.split(",") if u.strip()))
 
     @property
     def key(self) -> str:
@@ -187,12 +193,17 @@ CHECKPOINT_COLUMNS = frozenset({"uidvalidity", "last_uid", "folder_checkpoints"}
 MAX_ERROR_CHARS = 1000  # of last_error: the message and its remedy, not a traceback
 
 
+def _uid_list(uids: Sequence[int]) -> str:
+    return ",".join(str(int(uid)) for uid in uids)
+
+
 def _to_entity(mailbox: Mailbox) -> dict[str, Any]:
     entity: dict[str, Any] = {"PartitionKey": PARTITION, "RowKey": mailbox.key}
     for name in _ROW_FIELDS:
         value = getattr(mailbox, name)
         if value is not None:
             entity[name] = value
+    entity["placeholder_uids"] = _uid_list(mailbox.placeholder_uids)
     for name in _OPTION_FIELDS:
         entity[f"opt_{name}"] = getattr(mailbox.options, name)
     # Table storage has 64-bit integers only as a typed value; Python ints above 2**31 need it.
@@ -288,6 +299,10 @@ class MailboxRegistry:
     def record_pending_after_action(self, address: str, pending: str) -> None:
         """The after-action still owed to queued mail (empty text: none)."""
         self._merge(address, pending_after_action=pending)
+
+    def record_placeholders(self, address: str, uids: Sequence[int]) -> None:
+        """The messages Exchange serves as placeholders in the collected folder now (empty: none any more)."""
+        self._merge(address, placeholder_uids=_uid_list(sorted(set(uids))))
 
     def record_success(
         self,

@@ -17,12 +17,16 @@ from collectors.envelope.notes import short
 LOOP_HEADER = "X-Mail-Collector-Loop"
 # The kinds a mailbox's refuse_to folder receives, as GLPI refuses them; bulk and list mail is still accepted.
 REFUSED_KINDS = ("auto_reply", "bounce", "loop")
+# When Exchange Online cannot convert a stored message to MIME, IMAP serves a placeholder in its place: a short
+# plain-text message whose body starts with this sentence. The real message stays in the mailbox, readable in
+# Outlook; the placeholder is flagged so that no consumer takes it for the customer's mail.
+PLACEHOLDER_TEXT = "Retrieval using the IMAP4 protocol failed for the following message"
 
 
 def classify(headers: dict[str, list[str]], body: Body, from_: list[dict[str, str]]) -> dict[str, Any]:
     """Flag what consumers must not answer or must treat apart; each flag names the header behind it."""
     reasons: list[str] = []
-    flags = {"auto_reply": False, "bounce": False, "bulk": False, "list": False, "loop": False}
+    flags = {"auto_reply": False, "bounce": False, "bulk": False, "list": False, "loop": False, "placeholder": False}
 
     def value(name: str) -> str | None:
         values = headers.get(name)
@@ -70,12 +74,20 @@ def classify(headers: dict[str, list[str]], body: Body, from_: list[dict[str, st
         if mailer or not flags["auto_reply"]:
             flag("bounce", "return-path: <> (null sender)")
 
+    if body.content_type == "text/plain" and (body.preview or "").startswith(PLACEHOLDER_TEXT):
+        flag("placeholder", "body: Exchange could not convert the message (Retrieval using the IMAP4 protocol failed)")
+
     loop_header = LOOP_HEADER.lower()
     for name in (loop_header, "x-loop"):
         loop = value(name)
         if loop is not None:
             flag("loop", f"{name}: {short(loop)}")
     return {**flags, "reasons": reasons}
+
+
+def placeholder(classification: dict[str, Any]) -> bool:
+    """Whether the server served a placeholder instead of the message (left in place, never after-actioned)."""
+    return bool(classification.get("placeholder"))
 
 
 def refused(classification: dict[str, Any]) -> bool:

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from devstack import dovecot
-from shared.registry import ACTIVE
+from shared.registry import MailboxStatus
 from tests.conftest import simple_message
-from tests.support.faults import check_delivery, collect, stored_version
+from tests.support.faults import check_delivery, collect, doveadm, stored_version
 from tests.support.imap_proxy import ImapProxy, proxy_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -73,7 +73,7 @@ def test_authenticated_but_not_connected_is_a_mailbox_access_error_with_the_full
 
     assert failed.outcome == "mailbox_access", failed.error
     row = services.registry.get(address)
-    assert (row.status, row.last_error_class, row.last_uid) == (ACTIVE, "mailbox_access", 0)
+    assert (row.status, row.last_error_class, row.last_uid) == (MailboxStatus.ACTIVE, "mailbox_access", 0)
     assert "not connected" in row.last_error and "Full Access" in row.last_error
     assert "create the folder" not in row.last_error, "the folder exists: the account cannot open the mailbox"
     assert stored_version(services, address) == version, "a valid token is kept"
@@ -130,10 +130,16 @@ def test_a_placeholder_is_flagged_left_in_place_and_reported_on_the_mailbox(
     assert uids(stack, address) == [stuck], "the placeholder stays in the mailbox; the normal message moved"
     assert len(uids(stack, address, "Done")) == 1
     row = services.registry.get(address)
-    assert row.placeholder_uids == [stuck]
-    assert str(stuck) in row.to_public()["placeholder_uids"].__repr__()
+    assert row.placeholder_uids == (stuck,)
+    assert list(row.to_public()["placeholder_uids"]) == [stuck], "the admin's status lists it"
 
     again = collect(services, address)
 
     assert (again.outcome, again.messages) == ("ok", 0), "the placeholder is not collected again"
-    assert services.registry.get(address).placeholder_uids == [stuck], "it stays reported until it is dealt with"
+    assert services.registry.get(address).placeholder_uids == (stuck,), "it stays reported until it is dealt with"
+
+    # The admin deals with it in Outlook: the message leaves the folder.
+    doveadm(stack, "expunge", "-u", address, "mailbox", "INBOX", "uid", str(stuck))
+
+    assert collect(services, address).outcome == "ok"
+    assert services.registry.get(address).placeholder_uids == (), "no longer reported once it is gone"

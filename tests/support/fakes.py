@@ -456,6 +456,10 @@ class FakeFolder:
                     self._server.folders.setdefault(step.folder, {})[uid] = raw
         self._journal.append(event)
 
+    def existing(self, ids: Iterable[int]) -> list[int]:
+        box = self._server.folders.get(self._name, {})
+        return sorted(uid for uid in set(ids) if uid in box)
+
     def checkpoint_after(self, last_id: int) -> Checkpoint:
         return {"uidvalidity": self._server.uidvalidity, "last_uid": last_id}
 

@@ -256,3 +256,30 @@ def test_a_refused_after_action_is_owed_not_queued_again_and_done_first_next_run
     assert world.journal.index("apply:move:1,2:Done") < world.journal.index("send:3"), "the owed step went first"
     assert [m["uid"] for m in world.queue.messages] == [1, 2, 3], "nothing was queued twice"
     assert world.registry.get(ADDRESS).pending_after_action == ""
+
+
+def test_a_placeholder_is_queued_flagged_never_acted_on_and_reported_until_it_leaves_the_folder() -> None:
+    world = World()
+    register(world, after_action="move", move_to="Done")
+    stuck = world.server.deliver(
+        plain(
+            ("Subject", "figures"),
+            body="Retrieval using the IMAP4 protocol failed for the following message:\r\nSubject: figures\r\n",
+        )
+    )
+    normal = world.server.deliver(mail("normal"))
+
+    result = collect(world)
+
+    assert (result.outcome, result.messages, result.placeholders) == (RunOutcome.OK, 2, [stuck])
+    flags = {m["uid"]: m["classification"]["placeholder"] for m in world.queue.messages}
+    assert flags == {stuck: True, normal: False}
+    assert f"apply:move:{normal}:Done" in world.journal and not any(f":{stuck}" in e for e in world.journal[-3:])
+    assert list(world.server.folders["INBOX"]) == [stuck], "the real message stays where Exchange keeps it"
+    assert world.registry.get(ADDRESS).placeholder_uids == (stuck,)
+
+    assert collect(world).messages == 0
+    assert world.registry.get(ADDRESS).placeholder_uids == (stuck,), "still there: still reported"
+    del world.server.folders["INBOX"][stuck]  # an admin dealt with it in Outlook
+    collect(world)
+    assert world.registry.get(ADDRESS).placeholder_uids == ()

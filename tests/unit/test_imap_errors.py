@@ -67,4 +67,16 @@ def test_an_app_token_refused_at_select_gets_the_modes_own_remedy(monkeypatch: A
     delegated = session()
     with pytest.raises(MailboxAccessError) as folder:
         delegated.select("INBOX")
-    assert "cannot open folder" in str(folder.value), "delegated mode keeps its own wording"
+    assert "not connected" in str(folder.value) and "Full Access" in folder.value.remedy, "delegated mode's remedy"
+    assert "create the folder" not in folder.value.remedy
+
+
+def test_not_connected_is_an_access_problem_whichever_command_gets_it() -> None:
+    from imapclient.exceptions import IMAPClientError
+
+    for command in ("SELECT", "NAMESPACE", "LIST", "UID SEARCH"):
+        error = session()._translate(
+            IMAPClientError(f"{command} command error: BAD [b'User is authenticated but not connected.']")
+        )
+        assert isinstance(error, MailboxAccessError), command
+        assert "Full Access" in error.remedy and "delegate=" in error.remedy
