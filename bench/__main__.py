@@ -18,10 +18,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from bench import cold_start, end_to_end, glpi_tickets, keyvault_economy, latency, many_mailboxes, memory
+from bench import cold_start, end_to_end, glpi_tickets, keyvault_economy, latency, many_mailboxes, memory, round_trips
 from bench.common import OUT, OwnKeyVault, Row, say, stack_info, table
 
-ORDER = ("latency", "end_to_end", "memory", "cold_start", "keyvault", "many_mailboxes", "glpi")
+ORDER = ("latency", "end_to_end", "memory", "cold_start", "keyvault", "many_mailboxes", "glpi", "round_trips")
 
 
 def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[dict[str, Any]], list[Row]]]:
@@ -32,6 +32,7 @@ def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[dict[str, Any]]
         "cold_start": lambda info: cold_start.run(info, repeat=max(args.repeat, 5)),
         "keyvault": lambda info: keyvault_economy.run(info, hours=args.hours),
         "many_mailboxes": lambda info: many_mailboxes.run(info, mailboxes=args.mailboxes),
+        "round_trips": round_trips.run,
         "glpi": lambda info: glpi_tickets.run(info, messages=max(8, int(200 * args.scale)), repeat=args.repeat),
     }
 

@@ -134,7 +134,7 @@ def diagnose(
                     report.problems.append(f"the {what} {folder!r} is not in the folder list (it {verb})")
             uidvalidity = imap.select(options.folder)
             after = mailbox.last_uid if uidvalidity == mailbox.uidvalidity else 0
-            report.pending = len(imap.uids_after(after))
+            report.pending = len(imap.new_sizes(after))
             if mailbox.uidvalidity and uidvalidity != mailbox.uidvalidity:
                 report.problems.append(
                     f"UIDVALIDITY changed ({mailbox.uidvalidity} -> {uidvalidity}): the folder is collected again"

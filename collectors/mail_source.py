@@ -100,7 +100,7 @@ class ImapFolder:
         return self.checkpoint_after(self._last_uid)
 
     def sizes(self) -> dict[int, int]:
-        return self._session.sizes(self._session.uids_after(self._last_uid))
+        return self._session.new_sizes(self._last_uid)
 
     def fetch_batches(self, batches: Iterable[list[int]]) -> Iterator[tuple[list[int], dict[int, bytes]]]:
         return self._session.fetch_batches(batches)
@@ -145,9 +145,10 @@ class ImapSource:
             signed_in_as=mailbox.signed_in_as,
             refused=login_refused,
         ) as session:
-            uidvalidity = session.select(folder)
             legacy = FolderCheckpoint(mailbox.uidvalidity, mailbox.last_uid)  # rows from before per-folder ones
             start = checkpoint_of(mailbox.folder_checkpoints, folder, legacy=legacy)
+            # The new messages' sizes are asked with SELECT; a changed UIDVALIDITY asks again from the start.
+            uidvalidity = session.select(folder, sizes_after=start.last_uid)
             last_uid = start.last_uid
             if uidvalidity != start.uidvalidity:
                 if start.uidvalidity:

@@ -276,7 +276,7 @@ def test_a_new_uidvalidity_collects_the_folder_again_under_new_ids(
     assert tally.new_ids == 3
 
 
-@pytest.mark.parametrize("step", ["uids_after", "sizes"], ids=["after-search", "after-size-fetch"])
+@pytest.mark.parametrize("step", ["new_sizes"], ids=["after-size-fetch"])
 def test_a_message_expunged_between_search_and_fetch_is_skipped_and_the_rest_collected(
     stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any,
     monkeypatch: pytest.MonkeyPatch, step: str,

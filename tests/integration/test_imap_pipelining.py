@@ -32,7 +32,7 @@ def test_batches_arrive_whole_and_in_order_with_after_actions_in_between(
         stack.imap_host, stack.imap_port, address=address, access_token=token, ca_bundle=stack.ca_bundle
     ) as imap:
         imap.select("INBOX")
-        uids = imap.uids_after(0)
+        uids = list(imap.new_sizes(0))
         batches = [uids[i : i + 50] for i in range(0, len(uids), 50)]
         got: list[bytes] = []
         for index, (batch, messages) in enumerate(imap.fetch_batches(batches)):
@@ -63,7 +63,7 @@ def test_leaving_early_leaves_the_session_usable(
         stack.imap_host, stack.imap_port, address=address, access_token=token, ca_bundle=stack.ca_bundle
     ) as imap:
         imap.select("INBOX")
-        uids = imap.uids_after(0)
+        uids = list(imap.new_sizes(0))
         for _batch, _messages in imap.fetch_batches([uids[:4], uids[4:8], uids[8:]]):
             break  # two FETCHes are abandoned on the wire
         assert imap.sizes(uids[:2]) == {uid: len(sent[i]) for i, uid in enumerate(uids[:2])}

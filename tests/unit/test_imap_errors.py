@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
+from imapclient import exceptions as imap_errors
 
 from collectors.imap_session import DEFAULT_THROTTLE_BACKOFF, ImapSession, _throttle
 from shared.errors import MailboxAccessError, TransientError
@@ -49,24 +48,72 @@ def test_an_app_token_refused_at_login_gets_the_modes_own_remedy_even_when_throt
     assert isinstance(throttled, TransientError), "throttling stays transient in app mode"
 
 
-def test_an_app_token_refused_at_select_gets_the_modes_own_remedy(monkeypatch: Any) -> None:
-    from imapclient import exceptions as imap_errors
+class Scripted:
+    """imaplib's side of a connection whose server answers each command from a script, in the order sent: what
+    a server does with a pipeline. ``drained`` lists the commands whose answers were read."""
 
+    def __init__(self, **answers: tuple[str, list[bytes], dict[str, list[bytes]]] | Exception) -> None:
+        self.answers = answers  # by the command's first word: (status, data, untagged answers) or an error raised
+        self.writes: list[bytes] = []
+        self.drained: list[str] = []
+        self.untagged_responses: dict[str, list[bytes]] = {}
+        self.state = "AUTH"
+        self._tags = 0
+        self._commands: dict[bytes, str] = {}
+
+    def _new_tag(self) -> bytes:
+        self._tags += 1
+        return b"T%d" % self._tags
+
+    def send(self, data: bytes) -> None:
+        self.writes.append(data)
+        for line in data.split(b"\r\n"):
+            if line:
+                tag, _, command = line.partition(b" ")
+                self._commands[tag] = command.decode()
+
+    def _command_complete(self, name: str, tag: bytes) -> tuple[str, list[bytes]]:
+        command = self._commands.pop(tag)
+        self.drained.append(command)
+        answer = self.answers[command.split()[0] if not command.startswith("UID ") else "FETCH"]
+        if isinstance(answer, Exception):
+            raise answer
+        status, data, untagged = answer
+        for key, values in untagged.items():
+            self.untagged_responses.setdefault(key, []).extend(values)
+        return status, data
+
+    def _untagged_response(self, status: str, data: list[bytes], name: str) -> tuple[str, list[bytes | None]]:
+        return status, list(self.untagged_responses.pop(name, [None]))
+
+
+class ScriptedClient:
+    def __init__(self, imap: Scripted) -> None:
+        self._imap = imap
+
+    def _normalise_folder(self, folder: str) -> bytes:
+        return b'"' + folder.encode() + b'"'
+
+
+def over(session: ImapSession, imap: Scripted) -> ImapSession:
+    session._client = ScriptedClient(imap)  # type: ignore[assignment]
+    return session
+
+
+NOT_CONNECTED = imap_errors.IMAPClientError("SELECT command error: BAD [b'User is authenticated but not connected.']")
+
+
+def test_an_app_token_refused_at_select_gets_the_modes_own_remedy() -> None:
     own = MailboxAccessError("refused for the app", remedy="Add-MailboxPermission ...")
     app = ImapSession("imap.example", 993, address="shared@contoso.com", access_token="x", refused=lambda: own)
-
-    class Refusing:
-        def select_folder(self, folder: str) -> None:
-            raise imap_errors.IMAPClientError("select failed: User is authenticated but not connected.")
-
-    monkeypatch.setattr(ImapSession, "client", property(lambda self: Refusing()))
+    imap = Scripted(SELECT=NOT_CONNECTED, FETCH=NOT_CONNECTED)
     with pytest.raises(MailboxAccessError) as refused:
-        app.select("INBOX")
+        over(app, imap).select("INBOX", sizes_after=0)
     assert refused.value is own
+    assert imap.drained == ['SELECT "INBOX"', "UID FETCH 1:* (UID RFC822.SIZE)"], "the pipelined answer is read"
 
-    delegated = session()
     with pytest.raises(MailboxAccessError) as folder:
-        delegated.select("INBOX")
+        over(session(), Scripted(SELECT=NOT_CONNECTED)).select("INBOX")
     assert "not connected" in str(folder.value) and "Full Access" in folder.value.remedy, "delegated mode's remedy"
     assert "create the folder" not in folder.value.remedy
 
@@ -80,3 +127,40 @@ def test_not_connected_is_an_access_problem_whichever_command_gets_it() -> None:
         )
         assert isinstance(error, MailboxAccessError), command
         assert "Full Access" in error.remedy and "delegate=" in error.remedy
+
+
+def test_a_no_to_select_in_a_pipeline_reads_the_next_answer_and_names_the_folder() -> None:
+    imap = Scripted(
+        SELECT=("NO", [b"Mailbox doesn't exist: Archive"], {}),
+        FETCH=imap_errors.IMAPClientError("FETCH command error: BAD [b'No mailbox selected']"),
+    )
+    with pytest.raises(MailboxAccessError) as missing:
+        over(session(), imap).select("Archive", sizes_after=7)
+    assert "cannot open folder 'Archive'" in str(missing.value) and "create the folder" in missing.value.remedy
+    assert imap.writes == [b'T1 SELECT "Archive"\r\nT2 UID FETCH 8:* (UID RFC822.SIZE)\r\n'], "one write"
+    assert len(imap.drained) == 2 and imap.state == "AUTH"
+
+
+def test_throttling_in_the_middle_of_a_pipeline_is_transient() -> None:
+    throttled = imap_errors.IMAPClientError(
+        "FETCH command error: BAD [b'Request is throttled. Suggested Backoff Time: 1500 milliseconds']"
+    )
+    imap = Scripted(SELECT=("OK", [b"[READ-WRITE] done"], {"UIDVALIDITY": [b"9"]}), FETCH=throttled)
+    with pytest.raises(TransientError) as error:
+        over(session(), imap).select("INBOX", sizes_after=0)
+    assert error.value.retry_after == 1.5
+
+
+def test_new_sizes_come_with_select_and_leave_out_the_last_message_below_the_checkpoint() -> None:
+    selected = ("OK", [b"[READ-WRITE] done"], {"UIDVALIDITY": [b"9"]})
+    # "UID FETCH 8:*" when the highest UID is 7: the server answers with message 7 (RFC 3501 6.4.8).
+    imap = Scripted(SELECT=selected, FETCH=("OK", [b"done"], {"FETCH": [b"3 (UID 7 RFC822.SIZE 120)"]}))
+    imap_session = over(session(), imap)
+    assert imap_session.select("INBOX", sizes_after=7) == 9
+    assert imap_session.new_sizes(7) == {}
+    assert len(imap.writes) == 1, "the sizes came with SELECT's answer"
+
+    newer = {"FETCH": [b"4 (UID 9 RFC822.SIZE 20)", b"3 (UID 8 RFC822.SIZE 10)", b"2 (FLAGS (\\Seen))"]}
+    imap.answers["FETCH"] = ("OK", [b"done"], newer)
+    assert imap_session.new_sizes(7) == {8: 10, 9: 20}, "a second call asks the server again"
+    assert len(imap.writes) == 2
