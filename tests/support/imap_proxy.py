@@ -289,6 +289,8 @@ class ImapProxy:
         """A server line before the login, as Exchange Online words it (see the module's docstring)."""
         if line.startswith(b"* OK") and b"Dovecot" in line:
             return GREETING
+        if line.upper().startswith(b"* CAPABILITY ") and connection.login_tag:
+            return b""  # Dovecot lists its capabilities again while logging in; Exchange does not
         if line.upper().startswith(b"* CAPABILITY "):
             words = line.rstrip(b"\r\n").split(b" ")
             return b" ".join(w for w in words if w.upper() not in AFTER_LOGIN_ONLY) + b"\r\n"
