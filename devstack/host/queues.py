@@ -6,8 +6,10 @@ import base64
 import binascii
 import contextlib
 import logging
+import os
 import threading
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from datetime import UTC, datetime, timedelta
@@ -17,6 +19,7 @@ from azure.core.exceptions import AzureError, ResourceExistsError
 from azure.functions.queue import QueueMessage as TriggerQueueMessage
 from azure.storage.queue import QueueServiceClient
 
+from devstack.host.errors import HostError
 from devstack.host.indexing import FunctionEntry
 from devstack.host.invocation import log_invocation
 
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 QUEUE_PROCESSING_VISIBILITY_SECONDS = 600  # Azure hides a message for 10 minutes while a function holds it
+# A local-only app setting that shortens those 10 minutes, so that a test can watch a killed host's messages come
+# back to another host. Azure has no such setting.
+VISIBILITY_SETTING = "LOCAL_QUEUE_PROCESSING_VISIBILITY_SECONDS"
 MIN_POLLING_INTERVAL_SECONDS = 0.1
 QUEUE_ERROR_BACKOFF_SECONDS = 2.0  # storage unreachable (e.g. Azurite not up yet): retry without spinning
 # The poller retries on its own schedule; the SDK's default chain (15 s backoff, growing) would only delay a stop.
@@ -53,6 +59,7 @@ class QueueRunner(threading.Thread):
         self._options = host.options
         self._queue: Any = None
         self._poison: Any = None
+        self.processing_visibility = processing_visibility(os.environ)
 
     def _connect(self) -> None:
         # No encode/decode policy: the raw text is decoded here and moved to the poison queue unchanged.
@@ -77,7 +84,7 @@ class QueueRunner(threading.Thread):
                         self._queue.receive_messages(
                             messages_per_page=self._options.batch_size,
                             max_messages=self._options.batch_size,
-                            visibility_timeout=QUEUE_PROCESSING_VISIBILITY_SECONDS,
+                            visibility_timeout=self.processing_visibility,
                         )
                     )
                 except AzureError as error:
@@ -176,6 +183,20 @@ class QueueRunner(threading.Thread):
             message.dequeue_count,
             reason,
         )
+
+
+def processing_visibility(environ: Mapping[str, str]) -> int:
+    """Seconds a received message stays hidden while its function runs: Azure's 10 minutes unless the local setting
+    says otherwise. Raises HostError for a value that is not a whole number of seconds from 1 to 600."""
+    text = environ.get(VISIBILITY_SETTING, "").strip()
+    if not text:
+        return QUEUE_PROCESSING_VISIBILITY_SECONDS
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= QUEUE_PROCESSING_VISIBILITY_SECONDS:
+        raise HostError(
+            f"{VISIBILITY_SETTING} must be a whole number of seconds from 1 to {QUEUE_PROCESSING_VISIBILITY_SECONDS}"
+            " (or absent, for Azure's 10 minutes)"
+        )
+    return int(text)
 
 
 def on_demand_message(text: str) -> TriggerQueueMessage:

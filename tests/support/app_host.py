@@ -2,8 +2,10 @@
 
 ``serve_app(env, folder)`` starts ``python -m tests.support.app_host`` on a free loopback port with ``env`` as
 its local.settings.json and stops it afterwards; the host's log is handed to the secret scan. Run as a module,
-this file is the host's command line with one difference: the log level comes from TEST_HOST_LOG_LEVEL (the
-secret scan sets DEBUG), and at DEBUG the Azure SDK's request lines stay in, which the plain host mutes.
+this file is the host's command line with two differences: the log level comes from TEST_HOST_LOG_LEVEL (the
+secret scan sets DEBUG), and at DEBUG the Azure SDK's request lines stay in, which the plain host mutes; and
+TEST_KILL_AT=POINT:N kills the host at the Nth POINT of a collection, as ``tests.support.kill_at`` does (SIGKILL's
+way: no lease released, no queue message settled).
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ class LocalApp:
 
 
 @contextlib.contextmanager
-def serve_app(env: Mapping[str, str], folder: Path, *, port: int | None = None) -> Iterator[LocalApp]:
+def serve_app(
+    env: Mapping[str, str], folder: Path, *, port: int | None = None, kill_at: str = ""
+) -> Iterator[LocalApp]:
     """Serve function_app.py with ``env`` as app settings until the block ends. Fails with the host's log tail
-    when it does not answer within START_TIMEOUT_SECONDS."""
+    when it does not answer within START_TIMEOUT_SECONDS. ``kill_at`` ("POINT:N") makes the host die there."""
     from tests.support import secret_scan
 
     port = port or free_port()
@@ -61,6 +65,7 @@ def serve_app(env: Mapping[str, str], folder: Path, *, port: int | None = None) 
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "TEST_KILL_AT": kill_at},
         )
     origin = f"http://localhost:{port}"
     try:
@@ -82,6 +87,11 @@ def serve_app(env: Mapping[str, str], folder: Path, *, port: int | None = None) 
 def main() -> int:
     from devstack import host
 
+    if kill := os.environ.get("TEST_KILL_AT"):
+        from tests.support import kill_at
+
+        point, _, nth = kill.partition(":")
+        kill_at.install(point, int(nth or "1"))
     level = os.environ.get("TEST_HOST_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if level == "DEBUG":
