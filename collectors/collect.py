@@ -51,7 +51,11 @@ BATCH_BYTES = 16 * 1024 * 1024  # and at most this much mail per FETCH (one larg
 # One instance collects up to this many times COLLECT_MAX_CONCURRENCY mailboxes in a run; above that the timer fans
 # out one work item per mailbox and queue-triggered instances collect them in parallel.
 FANOUT_FACTOR = 4
-WORK_ITEM_TTL = 600  # seconds: a work item not taken by then is dropped; the next tick schedules the mailbox again
+# Seconds: a work item not taken by then is dropped; the next tick schedules the mailbox again. An item taken by an
+# instance that dies comes back after the queue trigger's 10-minute visibility timeout, when this has passed too:
+# by then later ticks have put new items for its mailbox on the queue, and its lease (60 s) has long lapsed.
+WORK_ITEM_TTL = 600
+FANOUT_THREADS = 16  # concurrent work-item sends: 2,000 one by one cost 2,000 storage round trips in a row
 STORE_THREADS = 8  # concurrent blob uploads, shared by the mailboxes of a worker
 
 
@@ -200,12 +204,12 @@ class Collector:
 
     # -- the run --------------------------------------------------------------------------------------------
 
-    def due_mailboxes(self) -> list[Mailbox]:
-        """Active mailboxes whose throttling backoff, if any, has passed."""
+    def due_mailboxes(self, mailboxes: list[Mailbox] | None = None) -> list[Mailbox]:
+        """Active mailboxes whose throttling backoff, if any, has passed, of ``mailboxes`` (default: the registry's)."""
         now = utcnow()
         return [
             m
-            for m in self._registry.list()
+            for m in (self._registry.list() if mailboxes is None else mailboxes)
             if m.status is MailboxStatus.ACTIVE and (m.retry_after is None or m.retry_after <= now)
         ]
 
@@ -214,12 +218,18 @@ class Collector:
         return count > self._settings.max_concurrency * FANOUT_FACTOR
 
     def fan_out(self, mailboxes: list[Mailbox], work_queue: WorkQueue) -> int:
-        """Put one work item per mailbox on the work queue (each expires before the next tick would add another)."""
-        for mailbox in mailboxes:
+        """Put one work item per mailbox on the work queue, FANOUT_THREADS at a time. A failed send raises (after the
+        sends already started end): its mailbox waits for the next tick, and the run is reported as failed."""
+
+        def send(mailbox: Mailbox) -> None:
             work_queue.send_message(
                 json.dumps({"mailbox": mailbox.address, "enqueued_at": utcnow().isoformat()}),
                 time_to_live=WORK_ITEM_TTL,
             )
+
+        with ThreadPoolExecutor(max(1, min(FANOUT_THREADS, len(mailboxes))), thread_name_prefix="fan-out") as pool:
+            for sent in [pool.submit(carried(send), mailbox) for mailbox in mailboxes]:
+                sent.result()
         logger.info("collect fan-out mailboxes=%d queue=%s", len(mailboxes), work_queue.queue_name)
         return len(mailboxes)
 

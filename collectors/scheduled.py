@@ -7,6 +7,7 @@ import logging
 
 from collectors.services import Services
 from shared.errors import CollectorError
+from shared.registry import Mailbox
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +17,9 @@ def run_scheduled(services: Services, *, past_due: bool) -> None:
     if past_due:
         logger.warning("collection run is past due; collecting now")
     services.credential_check.run()
-    due = services.collector.due_mailboxes()
+    # The planning's listing serves the keep-alive too: at 2,000 mailboxes each listing is a few pages of rows.
+    mailboxes = services.registry.list()
+    due = services.collector.due_mailboxes(mailboxes)
     if services.collector.fan_out_needed(len(due)):
         services.collector.fan_out(due, services.work_queue())
         logger.info("collect run completed mode=fan_out mailboxes=%d", len(due))
@@ -31,18 +34,20 @@ def run_scheduled(services: Services, *, past_due: bool) -> None:
             sum(r.messages for r in results),
             len(failed),
         )
-    upkeep(services)
+    upkeep(services, mailboxes)
 
 
-def upkeep(services: Services) -> None:
-    """After the collection: keep unused refresh tokens alive, write the daily lines about mailboxes that need
-    someone (re-consent, a token that will expire) and the line for each mailbox not collected for an hour or more;
-    delete expired consent flows. A failure here is logged; it never fails the run."""
+def upkeep(services: Services, mailboxes: list[Mailbox] | None = None) -> None:
+    """After the collection: keep unused refresh tokens alive (of ``mailboxes``, the run's listing, when given),
+    write the daily lines about mailboxes that need someone (re-consent, a token that will expire) and the line for
+    each mailbox not collected for an hour or more; delete expired consent flows. A failure here is logged; it never
+    fails the run."""
     services.consent.purge_expired_flows()
     try:
-        services.operations.keep_alive(services.registry.list())
-        mailboxes = services.registry.list()
-        services.operations.report_daily(mailboxes)
-        services.operations.report_stale(mailboxes)
+        services.operations.keep_alive(services.registry.list() if mailboxes is None else mailboxes)
+        # The reports read the rows fresh: the run and the keep-alive have just changed some of them.
+        fresh = services.registry.list()
+        services.operations.report_daily(fresh)
+        services.operations.report_stale(fresh)
     except CollectorError as e:
         logger.warning("upkeep failed error_class=%s error=%s", e.error_class, e.describe())

@@ -3,11 +3,13 @@ refuse decisions, deadlines, leases and revocation. The fault suite checks the s
 
 from __future__ import annotations
 
+import json
+import threading
 from typing import Any
 
 import pytest
 
-from collectors.collect import BATCH_MESSAGES
+from collectors.collect import BATCH_MESSAGES, WORK_ITEM_TTL
 from shared.errors import AfterActionError, MailboxAccessError, NeedsReconsentError, RunOutcome, TransientError
 from shared.registry import Mailbox, MailboxOptions, MailboxStatus
 from tests.mail_corpus import plain
@@ -283,3 +285,40 @@ def test_a_placeholder_is_queued_flagged_never_acted_on_and_reported_until_it_le
     del world.server.folders["INBOX"][stuck]  # an admin dealt with it in Outlook
     collect(world)
     assert world.registry.get(ADDRESS).placeholder_uids == ()
+
+
+class _WorkQueue:
+    """The work queue's two calls the fan-out makes; ``fail_for`` names a mailbox whose send fails."""
+
+    queue_name = "work"
+
+    def __init__(self, fail_for: str = "") -> None:
+        self.items: list[tuple[str, int]] = []
+        self._fail_for = fail_for
+        self._lock = threading.Lock()
+
+    def send_message(self, content: Any, **kwargs: Any) -> None:
+        if self._fail_for and self._fail_for in content:
+            raise TransientError("the queue refused the item")
+        with self._lock:
+            self.items.append((content, kwargs["time_to_live"]))
+
+
+def test_fan_out_puts_one_item_per_mailbox_each_with_its_time_to_live() -> None:
+    mailboxes = [Mailbox(f"m{i:03d}@example.test") for i in range(100)]
+    work = _WorkQueue()
+
+    assert World().collector().fan_out(mailboxes, work) == 100
+
+    assert sorted(json.loads(text)["mailbox"] for text, _ in work.items) == [m.address for m in mailboxes]
+    assert {ttl for _, ttl in work.items} == {WORK_ITEM_TTL}
+
+
+def test_a_failed_work_item_send_fails_the_fan_out_after_the_others_are_sent() -> None:
+    mailboxes = [Mailbox(f"m{i:03d}@example.test") for i in range(40)]
+    work = _WorkQueue(fail_for="m007@")
+
+    with pytest.raises(TransientError):
+        World().collector().fan_out(mailboxes, work)
+
+    assert len(work.items) == 39  # the others reached the queue; the failed mailbox waits for the next tick
