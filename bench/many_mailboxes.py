@@ -17,7 +17,7 @@ from bench.common import KB, Row, Timer, Workspace, deliver_maildir, make_messag
 GOAL = 2.0
 
 
-def _collect_all(ws: Workspace, expected: int) -> float:
+def collect_all(ws: Workspace, expected: int) -> float:
     timer = Timer()
     results = ws.services.collector.run()
     seconds = timer.elapsed()
@@ -39,8 +39,8 @@ def run(info: dict[str, Any], *, mailboxes: int = 500, per_mailbox: int = 10, si
         single = one.address("single")
         one.consent([single], max_messages=str(total), max_bytes=str(4 * 1024**3))
 
-        empty_seconds = _collect_all(many, 0)
-        _collect_all(one, 0)
+        empty_seconds = collect_all(many, 0)
+        collect_all(one, 0)
 
         rng = random.Random(6)
         serial = iter(range(1, 1 << 30))
@@ -53,11 +53,11 @@ def run(info: dict[str, Any], *, mailboxes: int = 500, per_mailbox: int = 10, si
 
         # The single mailbox is collected before and after the 500 (its checkpoint reset in between), so that a
         # change of load on the shared machine during the long run weighs on both sides.
-        before = _collect_all(one, total)
-        many_seconds = _collect_all(many, total)
+        before = collect_all(one, total)
+        many_seconds = collect_all(many, total)
         one.reset_checkpoint(single)
         one.clear_queue()
-        after = _collect_all(one, total)
+        after = collect_all(one, total)
         one_seconds = (before + after) / 2
         ratio = many_seconds / one_seconds
         say(f"many mailboxes: {mailboxes} x {per_mailbox} in {many_seconds:.1f} s, 1 x {total} in {one_seconds:.1f} s")
