@@ -17,6 +17,7 @@ from shared.registry import MailboxStatus
 from tests.conftest import simple_message
 from tests.support.faults import check_delivery, collect, doveadm, stored_version
 from tests.support.imap_proxy import ImapProxy, proxy_for
+from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -24,7 +25,7 @@ PLACEHOLDER_START = "Retrieval using the IMAP4 protocol failed for the following
 
 
 @pytest.fixture
-def proxy(stack: dict[str, Any]) -> Iterator[ImapProxy]:
+def proxy(stack: Stack) -> Iterator[ImapProxy]:
     with proxy_for(stack) as proxy:
         yield proxy
 
@@ -34,8 +35,8 @@ def app_env(app_env: dict[str, str], proxy: ImapProxy) -> dict[str, str]:
     return {**app_env, "IMAP_PORT": str(proxy.port)}
 
 
-def uids(stack: dict[str, Any], address: str, folder: str = "INBOX") -> list[int]:
-    return dovecot.list_uids(Path(stack["dovecot_config"]), address, folder)
+def uids(stack: Stack, address: str, folder: str = "INBOX") -> list[int]:
+    return dovecot.list_uids(Path(stack.dovecot_config), address, folder)
 
 
 def placeholder(subject: str) -> bytes:
@@ -58,7 +59,7 @@ def placeholder(subject: str) -> bytes:
     ids=["at-select", "at-list"],
 )
 def test_authenticated_but_not_connected_is_a_mailbox_access_error_with_the_full_access_remedy(
-    stack: dict[str, Any], services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
+    stack: Stack, services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
     queue_messages: Any, command: str, options: dict[str, str],
 ) -> None:  # fmt: skip
     address = new_address()
@@ -86,7 +87,7 @@ def test_authenticated_but_not_connected_is_a_mailbox_access_error_with_the_full
 
 
 def test_move_and_uid_expunge_are_used_though_advertised_only_after_the_login(
-    stack: dict[str, Any], services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
+    stack: Stack, services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
     queue_messages: Any,
 ) -> None:  # fmt: skip
     moved, deleted = new_address(), new_address()
@@ -109,7 +110,7 @@ def test_move_and_uid_expunge_are_used_though_advertised_only_after_the_login(
 
 
 def test_a_placeholder_is_flagged_left_in_place_and_reported_on_the_mailbox(
-    stack: dict[str, Any], services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
+    stack: Stack, services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
     queue_messages: Any,
 ) -> None:  # fmt: skip
     address = new_address()
