@@ -41,6 +41,7 @@ from shared.settings import Settings
 from shared.token_store import TokenCacheStore
 
 logger = logging.getLogger(__name__)
+_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 FLOW_TTL = timedelta(minutes=15)  # long enough to sign in with MFA, short enough that a leaked link goes stale
 FLOW_PARTITION = "flow"
@@ -248,7 +249,10 @@ class ConsentService:
         if "error" in result:
             raise self._redeem_error(result, address)
         claims: Mapping[str, Any] = result.get("id_token_claims") or {}
-        signed_in = str(claims.get("preferred_username") or claims.get("upn") or claims.get("email") or "").lower()
+        self._check_token_origin(claims, address)
+        # The sign-in name, never the email claim: Entra leaves email out by default and lets users edit it, and
+        # Microsoft says not to authorize on it (the id token claims reference).
+        signed_in = str(claims.get("preferred_username") or claims.get("upn") or "").lower()
         if signed_in != signer:
             logger.warning("consent refused mailbox=%s signer=%s signed_in=%r", address, signer, signed_in)
             raise ConsentProblem(
@@ -295,6 +299,29 @@ class ConsentService:
             after={"status": MailboxStatus.ACTIVE, "signed_in_as": signed_in},
         )
         return ConsentResult(address, signed_in, reconsent=previous is not None)
+
+    def _check_token_origin(self, claims: Mapping[str, Any], address: str) -> None:
+        """The id token was issued for this app (``aud``) in the configured tenant (``tid``); a GUID tenant only, as
+        ``organizations`` or ``common`` (a multitenant app) accepts any. MSAL checks the signature and the nonce."""
+        expected = self._settings.tenant_id.lower()
+        tenant = str(claims.get("tid") or "").lower()
+        wrong_tenant = _GUID.fullmatch(expected) is not None and tenant != expected
+        if claims.get("aud") == self._settings.client_id and not wrong_tenant:
+            return
+        logger.warning(
+            "consent refused mailbox=%s reason=token_origin tid=%s aud_matches=%s",
+            address,
+            tenant or "-",
+            claims.get("aud") == self._settings.client_id,
+        )
+        raise ConsentProblem(
+            ConsentFailure.REFUSED,
+            "Wrong tenant",
+            "The sign-in was made in another Microsoft Entra tenant or for another application than this app's. "
+            "Nothing was stored.",
+            f"Sign in with an account of tenant {self._settings.tenant_id}, or set ENTRA_TENANT_ID to the mailbox's "
+            "tenant.",
+        )
 
     def change_options(self, address: str, changes: Mapping[str, Any], *, admin: str) -> Mailbox:
         """Apply an admin's option changes to a registered mailbox and audit them. Returns the updated row.
