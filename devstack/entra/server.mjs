@@ -477,8 +477,10 @@ const provider = new Provider(ISSUER, {
   responseTypes: ['code'],
   extraParams: [EXPLICIT_CONSENT_PARAM],
   scopes: ['openid', 'offline_access', 'profile', 'email'],
+  // No email claim unless the app asks for the email scope (or the optional claim): Entra leaves it out of the id
+  // token by default, so an app must not count on it (docs/fidelity.md).
   claims: {
-    openid: ['sub', 'oid', 'tid', 'preferred_username', 'email', 'name'],
+    openid: ['sub', 'oid', 'tid', 'preferred_username', 'name'],
     profile: ['name', 'preferred_username'],
     email: ['email'],
   },
