@@ -37,8 +37,8 @@ def test_batches_arrive_whole_and_in_order_with_after_actions_in_between(
         got: list[bytes] = []
         for index, (batch, messages) in enumerate(imap.fetch_batches(batches)):
             assert batch == batches[index]
-            if index + 1 < len(batches):
-                assert imap._in_flight, "the next FETCH was not sent ahead"
+            if index == 0:  # 130 small messages are well within the window: every FETCH is on the wire already
+                assert len(imap._in_flight) == len(batches) - 1, "the next FETCHes were not sent ahead"
             assert sorted(messages) == batch
             got += [messages[uid] for uid in batch]
             imap.apply(Step(AfterAction.SEEN, tuple(batch)))  # a UID STORE while the next FETCH is on the wire

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import io
+
 import pytest
 from imapclient import exceptions as imap_errors
 
-from collectors.imap_session import DEFAULT_THROTTLE_BACKOFF, ImapSession, _throttle
+from collectors.imap_session import DEFAULT_THROTTLE_BACKOFF, WINDOW_MAX, WINDOW_MIN, ImapSession, _throttle
 from shared.errors import MailboxAccessError, TransientError
 
 
@@ -164,3 +166,88 @@ def test_new_sizes_come_with_select_and_leave_out_the_last_message_below_the_che
     imap.answers["FETCH"] = ("OK", [b"done"], newer)
     assert imap_session.new_sizes(7) == {8: 10, 9: 20}, "a second call asks the server again"
     assert len(imap.writes) == 2
+
+
+class Wire:
+    """The reading side of imaplib over a scripted byte stream: what the FETCH reader sees of a server."""
+
+    def __init__(self, data: bytes) -> None:
+        self.stream = io.BytesIO(data)
+        self.sent: list[bytes] = []
+        self.tagged_commands: dict[bytes, object] = {}
+        self._tags = 0
+
+    def readline(self) -> bytes:
+        return self.stream.readline()
+
+    def read(self, size: int) -> bytes:
+        return self.stream.read(size)
+
+    def _new_tag(self) -> bytes:
+        self._tags += 1
+        return b"T%d" % self._tags
+
+    def _command(self, *words: str) -> bytes:
+        self.sent.append(" ".join(words).encode())
+        return self._new_tag()
+
+
+def reading(data: bytes) -> ImapSession:
+    imap_session = session()
+    imap_session._client = ScriptedClient(Wire(data))  # type: ignore[arg-type, assignment]
+    return imap_session
+
+
+def test_the_fetch_reader_takes_bodies_whatever_the_order_of_the_items() -> None:
+    first, second = b"Subject: a\r\n\r\nUID 99 in a body\r\n", b"Subject: b\r\n\r\n{5}\r\n"
+    answer = (
+        b"* 1 FETCH (UID 7 BODY[] {%d}\r\n%s)\r\n" % (len(first), first)
+        + b"* 2 FETCH (BODY[] {%d}\r\n%s UID 8 FLAGS (\\Seen))\r\n" % (len(second), second)  # Exchange's order
+        + b"* 3 FETCH (UID 9 BODY[] NIL)\r\n"  # expunged meanwhile by another client
+        + b"* 4 FETCH (FLAGS (\\Seen) UID 12)\r\n"  # a flag change nobody asked about
+        + b"* 5 EXISTS\r\n"
+        + b"T1 OK FETCH completed.\r\n"
+    )
+    assert reading(answer).fetch([7, 8, 9]) == {7: first, 8: second}
+
+
+def test_a_later_fetch_finished_first_is_kept_for_its_own_batch() -> None:
+    answer = b"* 1 FETCH (UID 7 BODY[] {1}\r\na)\r\nT2 OK done\r\n* 2 FETCH (UID 8 BODY[] {1}\r\nb)\r\nT1 OK done\r\n"
+    imap_session = reading(answer)
+    assert list(imap_session.fetch_batches([[8], [7]])) == [([8], {8: b"b"}), ([7], {7: b"a"})]
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"* 1 FETCH (UID 7 BODY[] {100}\r\nshort", "lost"),
+        (
+            b"T1 BAD Request is throttled. Suggested Backoff Time: 900 milliseconds\r\n* BYE Connection closed.\r\n",
+            "throttling",
+        ),
+        (b"T1 NO [UNAVAILABLE] Internal error\r\n", "FETCH failed"),
+        (b"* BYE Connection closed. 14\r\n", "lost"),
+    ],
+    ids=["cut-in-a-body", "throttled", "no", "bye"],
+)
+def test_the_fetch_reader_turns_a_broken_answer_into_a_transient_error(answer: bytes, error: str) -> None:
+    with pytest.raises(TransientError) as failed:
+        reading(answer).fetch([7])
+    assert error in str(failed.value)
+
+
+def test_the_window_follows_the_round_trip_and_counts_bytes_not_batches() -> None:
+    imap_session = reading(b"")
+    imap_session.rtt = 0.02
+    assert imap_session.window() == WINDOW_MIN
+    imap_session.rtt = 0.08
+    assert WINDOW_MIN < imap_session.window() <= WINDOW_MAX
+    imap_session.rtt = 5.0
+    assert imap_session.window() == WINDOW_MAX
+
+    imap_session._sizes = {uid: 3 * 1024 * 1024 for uid in range(1, 11)}  # ten 3 MB messages, one per batch
+    batches = iter(imap_session.fetch_batches([[uid] for uid in range(1, 11)]))
+    with pytest.raises(TransientError):
+        next(batches)  # the scripted server has nothing to say; what counts is what was requested before reading
+    sent = imap_session._connection()._imap.sent
+    assert len(sent) == 2 + imap_session.window() // (3 * 1024 * 1024), sent
