@@ -37,8 +37,8 @@ def floor(ws: Workspace, mailbox: Any) -> int:
     with ImapSession(
         settings.imap_host, settings.imap_port, address=address, access_token=token, ca_bundle=settings.ca_bundle
     ) as imap:
-        uidvalidity = imap.select("INBOX")
-        sizes = imap.sizes(imap.uids_after(0))
+        uidvalidity = imap.select("INBOX", sizes_after=0)
+        sizes = imap.new_sizes(0)
         for uids in Collector._plan(sizes, mailbox.options.max_messages, mailbox.options.max_bytes):
             messages = imap.fetch(uids)
             for uid in uids:
