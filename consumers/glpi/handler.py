@@ -234,6 +234,10 @@ class TicketConsumer:
     def _refusal(self, envelope: dict[str, Any], options: TicketOptions) -> str:
         classification = envelope.get("classification") if isinstance(envelope.get("classification"), dict) else {}
         assert isinstance(classification, dict)
+        if classification.get("placeholder") is True:
+            # Not the customer's mail but Exchange's stand-in text for a message it could not convert: never a
+            # ticket, whatever the options say; the mailbox's status lists the UID for an admin to open in Outlook.
+            return "placeholder: Exchange could not convert the message; open it in Outlook on the web"
         for kind in sorted(options.refuse):
             if classification.get(kind) is True:
                 reasons = classification.get("reasons") or []

@@ -323,6 +323,26 @@ def test_auto_replies_bounces_and_loops_are_refused_and_logged(
     assert row is not None and row["status"] == "refused" and row["reason"].startswith(reason)
 
 
+def test_exchanges_placeholder_is_never_a_ticket_whatever_the_refuse_option(
+    stack: Stack, app_env: dict[str, str]
+) -> None:
+    from shared.settings import load_settings
+
+    settings = load_settings({**app_env, "GLPI_MAILBOX_OPTIONS": '{"*": {"refuse": []}}'})
+    word = _id()
+    body = "Retrieval using the IMAP4 protocol failed for the following message: 7"
+    envelope = post_mail(settings, mail(f"Placeholder {word}", body), mailbox="s@x.test", uid=1)
+    assert envelope["classification"]["placeholder"] is True
+    assert run(settings, retry_visibility=0) == {"refused": 1}
+    assert tickets_with(stack, word) == []
+    consumer = build_consumer(settings)
+    try:
+        row = consumer.state.envelope(envelope["id"])
+    finally:
+        consumer.close()
+    assert row is not None and row["status"] == "refused" and row["reason"].startswith("placeholder")
+
+
 def test_glpis_own_notification_is_refused_as_a_loop(stack: Stack, glpi_settings: Any, drain: Any) -> None:
     word = _id()
     raw = mail(f"[GLPI #0000001] New ticket {word}", message_id="<GLPI_3c2a1b-Ticket-1/new@glpi.example>")
