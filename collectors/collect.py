@@ -55,7 +55,9 @@ FANOUT_FACTOR = 4
 # instance that dies comes back after the queue trigger's 10-minute visibility timeout, when this has passed too:
 # by then later ticks have put new items for its mailbox on the queue, and its lease (60 s) has long lapsed.
 WORK_ITEM_TTL = 600
-FANOUT_THREADS = 16  # concurrent work-item sends: 2,000 one by one cost 2,000 storage round trips in a row
+# Concurrent work-item sends (2,000 one by one cost 2,000 storage round trips in a row), within the queue client's
+# connection pool of 10: more threads would open and drop a connection per send.
+FANOUT_THREADS = 8
 STORE_THREADS = 8  # concurrent blob uploads, shared by the mailboxes of a worker
 
 
