@@ -18,10 +18,30 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from bench import cold_start, end_to_end, glpi_tickets, keyvault_economy, latency, many_mailboxes, memory, round_trips
+from bench import (
+    cold_start,
+    end_to_end,
+    glpi_tickets,
+    keyvault_economy,
+    latency,
+    many_fanout,
+    many_mailboxes,
+    memory,
+    round_trips,
+)
 from bench.common import OUT, OwnKeyVault, Row, say, stack_info, table
 
-ORDER = ("latency", "end_to_end", "memory", "cold_start", "keyvault", "many_mailboxes", "glpi", "round_trips")
+ORDER = (
+    "latency",
+    "end_to_end",
+    "memory",
+    "cold_start",
+    "keyvault",
+    "many_mailboxes",
+    "many_fanout",
+    "glpi",
+    "round_trips",
+)
 
 
 def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[dict[str, Any]], list[Row]]]:
@@ -32,6 +52,9 @@ def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[dict[str, Any]]
         "cold_start": lambda info: cold_start.run(info, repeat=max(args.repeat, 5)),
         "keyvault": lambda info: keyvault_economy.run(info, hours=args.hours),
         "many_mailboxes": lambda info: many_mailboxes.run(info, mailboxes=args.mailboxes),
+        "many_fanout": lambda info: many_fanout.run(
+            info, mailboxes=args.fanout_mailboxes, latency_mailboxes=args.latency_mailboxes
+        ),
         "round_trips": round_trips.run,
         "glpi": lambda info: glpi_tickets.run(info, messages=max(8, int(200 * args.scale)), repeat=args.repeat),
     }
@@ -42,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(ORDER)}")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the 2,000-message sets (default 1)")
     parser.add_argument("--mailboxes", type=int, default=500, help="mailboxes of benchmark 6 (default 500)")
+    parser.add_argument(
+        "--fanout-mailboxes", type=int, default=2000, help="mailboxes of benchmark 6b, fanned out (default 2000)"
+    )
+    parser.add_argument(
+        "--latency-mailboxes", type=int, default=500, help="mailboxes of benchmark 6d, at 20 ms RTT (default 500)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs per comparison (default 3)")
     parser.add_argument(
         "--hours", type=int, default=keyvault_economy.HOURS, help="simulated hours of benchmark 5 (default 26)"

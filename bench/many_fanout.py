@@ -1,0 +1,193 @@
+"""Benchmark 6b, many mailboxes across instances: the timer's fan-out of 2,000 mailboxes with 5 new messages each,
+collected by two worker processes (two local Functions hosts taking the work items from the Azurite queue, as two
+Flex Consumption instances would), against one mailbox with the same 10,000 messages collected by one worker.
+
+Also timed: the empty run over the 2,000 mailboxes (planning and fan-out, then every item collected), which must
+fit within one 5-minute schedule period; and the empty run over 500 mailboxes in one worker through the 20 ms
+latency proxy, the round trips' share of a run (a figure, no goal here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    KB,
+    OUT,
+    ROOT,
+    Row,
+    Timer,
+    Workspace,
+    deliver_maildir,
+    free_port,
+    make_message,
+    say,
+    sync_mailboxes,
+)
+from bench.latency_proxy import LatencyProxy
+from bench.many_mailboxes import collect_all
+
+GOAL = 1.5  # fan-out time over the single mailbox's
+PERIOD_SECONDS = 300.0  # the default schedule, every 5 minutes
+WORKERS = 2
+START_SECONDS = 60.0
+
+
+@contextlib.contextmanager
+def _workers(ws: Workspace, count: int, folder: Path) -> Iterator[None]:
+    """``count`` local Functions hosts on the workspace's settings, the timer off (the benchmark plays the tick)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = folder / f"{ws.tag}.settings.json"
+    env = {**ws.env, "AzureWebJobs.collect_mail.Disabled": "true"}
+    settings.write_text(json.dumps({"IsEncrypted": False, "Values": env}))
+    settings.chmod(0o600)
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(count):
+            port = free_port()
+            command = [sys.executable, "-m", "devstack.host", "--settings", str(settings), "--port", str(port)]
+            log = (folder / f"{ws.tag}-{port}.log").open("wb")
+            processes.append(subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+            deadline = time.monotonic() + START_SECONDS
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/host/ping", timeout=1).close()
+                    break
+                except OSError:
+                    if processes[-1].poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"worker host did not start; see {log.name}") from None
+                    time.sleep(0.2)
+        yield
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        settings.unlink(missing_ok=True)
+
+
+def _fan_out_and_drain(ws: Workspace, expected: int) -> tuple[float, float]:
+    """The tick's planning (list, due, fan-out) and then the wait until every work item is settled and the expected
+    envelopes are on the queue. Returns (planning seconds, total seconds)."""
+    from collectors.scheduled import run_scheduled
+    from shared import azure_clients
+
+    work = ws.services.work_queue()
+    mail = azure_clients.queue(ws.settings, ws.settings.mail_queue)
+    timer = Timer()
+    run_scheduled(ws.services, past_due=False)
+    planning = timer.elapsed()
+    while True:
+        pending = work.get_queue_properties().approximate_message_count
+        queued = mail.get_queue_properties().approximate_message_count
+        if pending == 0 and queued >= expected:
+            break
+        time.sleep(0.25)
+    total = timer.elapsed()
+    failed = [m.address for m in ws.services.registry.list() if m.last_error_class]
+    if failed or queued != expected:
+        raise RuntimeError(f"fan-out run queued {queued} of {expected} envelopes; failed: {failed[:3]}")
+    return planning, total
+
+
+def run(
+    info: dict[str, Any], *, mailboxes: int = 2000, per_mailbox: int = 5, latency_mailboxes: int = 500
+) -> list[Row]:
+    many = Workspace(info, "fan-out")
+    one = Workspace(info, "one-worker")
+    total = mailboxes * per_mailbox
+    folder = OUT / "fan-out"
+    rows: list[Row] = []
+    try:
+        addresses = [many.address(f"f{i:04d}") for i in range(mailboxes)]
+        consent_seconds = many.consent(addresses)
+        say(f"fan-out: {mailboxes} consents in {consent_seconds:.0f} s")
+        single = one.address("single")
+        one.consent([single], max_messages=str(total), max_bytes=str(4 * 1024**3))
+
+        with _workers(many, WORKERS, folder):
+            empty_planning, empty_seconds = _fan_out_and_drain(many, 0)
+            say(f"fan-out: empty run over {mailboxes} in {empty_seconds:.1f} s (planning {empty_planning:.1f} s)")
+            collect_all(one, 0)
+
+            rng = random.Random(66)
+            serial = iter(range(1, 1 << 30))
+            for address in addresses:
+                deliver_maildir(
+                    info, address, (make_message(20 * KB, serial=next(serial), rng=rng) for _ in range(per_mailbox))
+                )
+            sync_mailboxes(info, addresses)
+            one.deliver(single, (make_message(20 * KB, serial=next(serial), rng=rng) for _ in range(total)))
+
+            before = collect_all(one, total)
+            planning, many_seconds = _fan_out_and_drain(many, total)
+            one.reset_checkpoint(single)
+            one.clear_queue()
+            after = collect_all(one, total)
+        one_seconds = (before + after) / 2
+        ratio = many_seconds / one_seconds
+        say(f"fan-out: {mailboxes} x {per_mailbox} in {many_seconds:.1f} s, 1 x {total} in {one_seconds:.1f} s")
+        rows.append(
+            Row(
+                f"6b fan-out, {mailboxes} x {per_mailbox} over {WORKERS} workers",
+                f"{many_seconds:.1f} s ({total / many_seconds:.0f} msg/s; planning {planning:.1f} s)",
+                f"1 x {total} on one worker in {one_seconds:.1f} s (mean of {before:.1f} and {after:.1f})",
+                ratio,
+                f"<= {GOAL}x",
+                ratio <= GOAL,
+                f"{WORKERS} local Functions hosts on the Azurite work queue, 20 KB messages; "
+                f"their consents took {consent_seconds:.0f} s",
+            )
+        )
+        rows.append(
+            Row(
+                f"6c empty run, {mailboxes} mailboxes over {WORKERS} workers",
+                f"{empty_seconds:.1f} s (planning {empty_planning:.1f} s)",
+                f"one schedule period {PERIOD_SECONDS:.0f} s",
+                empty_seconds / PERIOD_SECONDS,
+                "<= 1x",
+                empty_seconds <= PERIOD_SECONDS,
+                "from the tick's start until every work item is settled",
+            )
+        )
+    finally:
+        many.close()
+        one.close()
+    rows.append(_empty_through_latency(info, latency_mailboxes))
+    return rows
+
+
+def _empty_through_latency(info: dict[str, Any], mailboxes: int) -> Row:
+    """The empty run over ``mailboxes`` in one worker, its IMAP through the 20 ms round-trip proxy."""
+    with LatencyProxy(info["ports"]["imaps"], delay_ms=10) as port:
+        ws = Workspace(info, "empty-latency", IMAP_PORT=str(port))
+        try:
+            addresses = [ws.address(f"l{i:04d}") for i in range(mailboxes)]
+            ws.consent(addresses)
+            collect_all(ws, 0)  # warm: tokens read, first logins done
+            seconds = collect_all(ws, 0)
+        finally:
+            ws.close()
+    say(f"empty run over {mailboxes} mailboxes at 20 ms RTT: {seconds:.1f} s")
+    return Row(
+        f"6d empty run, {mailboxes} mailboxes, 20 ms RTT",
+        f"{seconds:.1f} s ({seconds / mailboxes * 1000:.0f} ms per mailbox)",
+        "-",
+        None,
+        "a figure (the wire work aims to halve it)",
+        True,
+        f"one worker, COLLECT_MAX_CONCURRENCY={ws.settings.max_concurrency}, second of two runs",
+    )
