@@ -6,16 +6,44 @@ folder. A refusal names the missing step with the ids filled in; nothing is writ
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from collectors.app_tokens import AppTokenProvider, exchange_refusal, normalize_tenant
 from collectors.imap_session import ImapSession
 from shared import audit
+from shared.errors import MailboxAccessError
 from shared.registry import Mailbox, MailboxMode, MailboxOptions, MailboxRegistry, utcnow
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+def prove_access(
+    settings: Settings,
+    address: str,
+    access_token: str,
+    folder: str,
+    *,
+    signed_in_as: str = "",
+    refused: Callable[[], MailboxAccessError] | None = None,
+) -> int:
+    """Log in to IMAP with ``access_token`` as ``user=<address>`` and SELECT ``folder``, as a collection run will:
+    the one proof that the token opens this mailbox (Exchange goes by the token's account, not by a name).
+
+    Returns the folder's UIDVALIDITY. Raises MailboxAccessError (the server refuses the account or the folder is
+    missing) or TransientError.
+    """
+    with ImapSession(
+        settings.imap_host,
+        settings.imap_port,
+        address=address,
+        access_token=access_token,
+        ca_bundle=settings.ca_bundle,
+        signed_in_as=signed_in_as,
+        refused=refused,
+    ) as imap:
+        return imap.select(folder)
 
 
 class MailboxExistsError(ValueError):
@@ -48,15 +76,9 @@ class AppMailboxes:
             )
         mailbox = Mailbox(address=address, options=chosen, mode=MailboxMode.APP, tenant_id=tenant_id)
         token = self._tokens.access_token(mailbox)
-        with ImapSession(
-            self._settings.imap_host,
-            self._settings.imap_port,
-            address=address,
-            access_token=token.token,
-            ca_bundle=self._settings.ca_bundle,
-            refused=lambda: exchange_refusal(address, token),
-        ) as imap:
-            uidvalidity = imap.select(chosen.folder)
+        uidvalidity = prove_access(
+            self._settings, address, token.token, chosen.folder, refused=lambda: exchange_refusal(address, token)
+        )
         now = utcnow()
         # The checkpoint starts at the folder's current UIDVALIDITY and UID 0: the first run collects what is there.
         registered = Mailbox(

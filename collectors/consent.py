@@ -8,7 +8,9 @@ Guarantees:
   same state exactly one redeems the code;
 - expired flows are deleted as new ones start, and a mailbox has at most MAX_OPEN_FLOWS open at a time;
 - whatever the callback is sent, a bad field is an INVALID ConsentProblem, never an unexpected error;
-- nothing is stored unless the signed-in account is the mailbox or the delegate named at the start;
+- nothing is stored unless the fresh access token logs in to IMAP as ``user=<mailbox>`` and opens the folder: the
+  account that signed in is the mailbox or has Full Access to it, whatever its sign-in name (Exchange goes by the
+  account, and a UPN often differs from the mailbox's addresses);
 - the secret is written before the registry row, so a row never points to a missing secret;
 - no token, code, verifier or secret appears in a page or a log line.
 """
@@ -31,10 +33,11 @@ from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
+from collectors.app_mailboxes import prove_access
 from collectors.entra import RECONSENT_CODES, UNREACHABLE, aadsts_codes, confidential_app, error_from_result
 from collectors.tokens import TokenProvider
 from shared import audit
-from shared.errors import CollectorError, ConfigurationError, TransientError
+from shared.errors import CollectorError, ConfigurationError, MailboxAccessError, TransientError
 from shared.mailboxes import InvalidMailboxError, normalize_address
 from shared.registry import Mailbox, MailboxMode, MailboxOptions, MailboxRegistry, MailboxStatus, utcnow
 from shared.settings import Settings
@@ -140,6 +143,7 @@ class ConsentService:
         app_factory: Callable[[Settings, msal.TokenCache | None], msal.ConfidentialClientApplication] = (
             confidential_app
         ),
+        prove: Callable[..., int] = prove_access,
     ) -> None:
         self._settings = settings
         self._app_factory = app_factory  # the identity provider's client (a fake one in unit tests)
@@ -147,6 +151,7 @@ class ConsentService:
         self._registry = registry
         self._store = store
         self._tokens = tokens
+        self._prove = prove  # the IMAP login and SELECT of collectors.app_mailboxes (a fake one in unit tests)
 
     def start(
         self,
@@ -250,20 +255,12 @@ class ConsentService:
             raise self._redeem_error(result, address)
         claims: Mapping[str, Any] = result.get("id_token_claims") or {}
         self._check_token_origin(claims, address)
-        # The sign-in name, never the email claim: Entra leaves email out by default and lets users edit it, and
-        # Microsoft says not to authorize on it (the id token claims reference).
+        # The sign-in name is shown and kept, never compared: it is the UPN, which may differ from every address of
+        # the mailbox, and Microsoft says not to authorize on preferred_username or email (id token claims
+        # reference). The grant is proven where it counts instead: IMAP with the fresh token.
         signed_in = str(claims.get("preferred_username") or claims.get("upn") or "").lower()
-        if signed_in != signer:
-            logger.warning("consent refused mailbox=%s signer=%s signed_in=%r", address, signer, signed_in)
-            raise ConsentProblem(
-                ConsentFailure.REFUSED,
-                "Wrong account",
-                f"You signed in as {signed_in or 'an unknown account'}, but this authorization is for {signer}. "
-                "Nothing was stored.",
-                "Sign out of Microsoft (or use a private window), open the authorize link again and sign in as "
-                f"{signer}.",
-            )
         options = MailboxOptions(**json.loads(str(entity["options"])))
+        self._prove_grant(address, signer, signed_in, str(result.get("access_token") or ""), options.folder)
         previous = self._registry.find(address)
         # A consent after a revoke writes the secret again, purged first or with every older version disabled.
         saved = self._store.save(
@@ -299,6 +296,46 @@ class ConsentService:
             after={"status": MailboxStatus.ACTIVE, "signed_in_as": signed_in},
         )
         return ConsentResult(address, signed_in, reconsent=previous is not None)
+
+    def _prove_grant(self, address: str, signer: str, signed_in: str, access_token: str, folder: str) -> None:
+        """Log in as ``user=<address>`` with the fresh token and SELECT the folder, or refuse with the account named.
+
+        Raises ConsentProblem (nothing is stored then) or TransientError (IMAP unreachable: start over later).
+        """
+        account = signed_in or "an account whose name Entra ID did not send"
+        try:
+            self._prove(
+                self._settings,
+                address,
+                access_token,
+                folder,
+                signed_in_as=signed_in or signer,
+                refused=lambda: _AccountRefused(f"IMAP refused the token of {account} for {address}"),
+            )
+        except _AccountRefused:
+            logger.warning(
+                "consent refused mailbox=%s signer=%s signed_in=%s reason=no_mailbox_access", address, signer, account
+            )
+            raise ConsentProblem(
+                ConsentFailure.REFUSED,
+                "Wrong account",
+                f"You signed in as {account}, but this account cannot open the mailbox {address}: the mail server "
+                "refused its login. Nothing was stored.",
+                "Sign out of Microsoft (or use a private window), open the authorize link again and sign in as the "
+                f"mailbox {address} itself or as an account with Full Access to it (Add-MailboxPermission -Identity "
+                f"{address} -User <account> -AccessRights FullAccess; for a shared mailbox add delegate=<account> to "
+                "the link). Also check that IMAP is enabled for the mailbox (Exchange admin center > mailbox > Email "
+                "apps).",
+            ) from None
+        except MailboxAccessError as e:
+            logger.warning("consent refused mailbox=%s signed_in=%s reason=folder folder=%s", address, account, folder)
+            raise ConsentProblem(
+                ConsentFailure.REFUSED,
+                "Folder cannot be opened",
+                f"Signed in as {account}, the mailbox {address} opened but its folder {folder!r} did not. "
+                "Nothing was stored.",
+                f"{e.remedy[:1].upper()}{e.remedy[1:]}, then open the authorize link again.",
+            ) from None
 
     def _check_token_origin(self, claims: Mapping[str, Any], address: str) -> None:
         """The id token was issued for this app (``aud``) in the configured tenant (``tid``); a GUID tenant only, as
@@ -474,6 +511,11 @@ class ConsentService:
             f"Entra ID refused to redeem the sign-in ({result.get('error')}, "
             f"{', '.join(f'AADSTS{c}' for c in codes) or 'no AADSTS code'}): {detail}.",
         )
+
+
+class _AccountRefused(MailboxAccessError):
+    """IMAP refused the signed-in account for the mailbox (the login, or Exchange's "authenticated but not
+    connected"): the account is neither the mailbox nor a Full Access delegate."""
 
 
 def _msal_reason(error: Exception, form: Mapping[str, str]) -> str:

@@ -3,8 +3,10 @@
 ``write_config`` renders ``dovecot.conf.in`` into ``<run_dir>/dovecot/``; the stack then runs
 ``dovecot -F -c <that file>``. Logins use SASL XOAUTH2 or OAUTHBEARER with an access token from the Entra
 stand-in: Dovecot's oauth2 passdb checks the JWT signature against the stand-in's public key, the issuer, the
-audience and the expiry locally, and takes the user name from ``preferred_username``, which must equal the SASL
-user. Mailboxes (Maildir, one per address) appear on first use.
+audience and the expiry locally. Like Exchange, it goes by the account, not by the sign-in name: the token's
+``x_stand_in_mailbox`` (the account's primary SMTP address) opens that mailbox; any other ``user=`` (an alias, or a
+mailbox the account has Full Access to) must be in the access list, keyed by the token's ``oid``, which also maps
+the name to its mailbox. Mailboxes (Maildir, one per primary address) appear on first use.
 
 The first login after a start spawns the auth and imap processes and loads their crypto, which can take seconds
 on a loaded machine: call ``warm_up`` once before timing anything.
@@ -27,6 +29,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -119,10 +122,23 @@ def write_config(
         "# Local validation of the Entra stand-in's access tokens (no introspection round trip).\n"
         "introspection_mode = local\n"
         f"local_validation_key_dict = fs:posix:prefix={keys}/\n"
-        "username_attribute = preferred_username\n"
+        "# The account's primary SMTP address (Exchange finds the mailbox from the oid; Dovecot cannot look it up).\n"
+        "username_attribute = x_stand_in_mailbox\n"
         f"issuers = {issuers}\n"
         "# With local validation, client_id is matched against the token's aud: only IMAP tokens get in.\n"
         f"client_id = {IMAP_AUDIENCE}\n"
+    )
+    oauth2_delegate_conf = root / "dovecot-oauth2-delegate.conf.ext"
+    oauth2_delegate_conf.write_text(
+        "# Delegated tokens for another name than the account's own mailbox: the user check compares a constant;\n"
+        "# the access list that follows decides, by the account's object id (oid), which names it may open.\n"
+        "introspection_mode = local\n"
+        f"local_validation_key_dict = fs:posix:prefix={keys}/\n"
+        "username_attribute = oid\n"
+        "username_format = account\n"
+        f"issuers = {issuers}\n"
+        f"client_id = {IMAP_AUDIENCE}\n"
+        "pass_attrs = imap_account=FullAccess/%{oauth2:oid}\n"
     )
     oauth2_app_conf = root / "dovecot-oauth2-app.conf.ext"
     oauth2_app_conf.write_text(
@@ -156,6 +172,7 @@ def write_config(
         "tls_key": str(Path(tls_key).resolve()),
         "oauth2_conf": str(oauth2_conf),
         "oauth2_app_conf": str(oauth2_app_conf),
+        "oauth2_delegate_conf": str(oauth2_delegate_conf),
         "app_grants": str(grants),
         "mail_user": MAIL_USER,
         "mail_group": MAIL_USER,
@@ -251,21 +268,51 @@ def grant_app(config: Path, service_principal_id: str, *mailboxes: str) -> None:
     for value in (service_principal_id, *mailboxes):
         if not re.fullmatch(r"[A-Za-z0-9@._+-]+", value):
             raise ValueError(f"{value!r}: only letters, digits and @._+- in a grant")
-    path = _grants_path(config)
-    new = [_grant_line(service_principal_id, mailbox) for mailbox in mailboxes]
-    with _grants_lock(path):
-        lines = path.read_text().splitlines() if path.exists() else []
-        _write_grants(path, [*lines, *(line for line in new if line not in lines)])
+    _change_grants(config, add=[_grant_line(service_principal_id, mailbox) for mailbox in mailboxes])
 
 
 def revoke_app(config: Path, service_principal_id: str, *mailboxes: str) -> None:
     """Take the permission back (Remove-MailboxPermission). Succeeds when there was none; returns once Dovecot sees
     the change."""
+    _change_grants(config, remove=[_grant_line(service_principal_id, mailbox) for mailbox in mailboxes])
+
+
+def account_oid(address: str) -> str:
+    """The object id the Entra stand-in gives the account whose primary SMTP address is ``address``."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"mailto:{address.lower()}"))
+
+
+def _access_lines(account: str, mailbox: str, names: Sequence[str]) -> list[str]:
+    for value in (account, mailbox, *names):
+        if not re.fullmatch(r"[A-Za-z0-9._+-]+@[A-Za-z0-9.-]+", value):
+            raise ValueError(f"{value!r}: an address of letters, digits and @._+- only")
+    owner = account_oid(account)
+    return [f"FullAccess/{owner}/{name.lower()}:::::::nopassword=y user={mailbox.lower()}" for name in names]
+
+
+def add_aliases(config: Path, mailbox: str, *aliases: str) -> None:
+    """Give ``mailbox`` further SMTP addresses (proxyAddresses): its own account may log in with ``user=<alias>``
+    and lands in the one mailbox. Idempotent; returns once Dovecot sees the change."""
+    _change_grants(config, add=_access_lines(mailbox, mailbox, aliases))
+
+
+def grant_full_access(config: Path, delegate: str, mailbox: str, *aliases: str) -> None:
+    """Give the account whose primary address is ``delegate`` Full Access to ``mailbox`` (Add-MailboxPermission
+    -AccessRights FullAccess), by its primary address and ``aliases``. Idempotent; returns once Dovecot sees it."""
+    _change_grants(config, add=_access_lines(delegate, mailbox, [mailbox, *aliases]))
+
+
+def revoke_full_access(config: Path, delegate: str, mailbox: str, *aliases: str) -> None:
+    """Take Full Access back (Remove-MailboxPermission). Succeeds when there was none."""
+    _change_grants(config, remove=_access_lines(delegate, mailbox, [mailbox, *aliases]))
+
+
+def _change_grants(config: Path, *, add: Sequence[str] = (), remove: Sequence[str] = ()) -> None:
     path = _grants_path(config)
-    gone = {_grant_line(service_principal_id, mailbox) for mailbox in mailboxes}
     with _grants_lock(path):
         lines = path.read_text().splitlines() if path.exists() else []
-        _write_grants(path, [x for x in lines if x not in gone])
+        kept = [line for line in lines if line not in remove]
+        _write_grants(path, [*kept, *(line for line in add if line not in kept)])
 
 
 @contextlib.contextmanager
@@ -298,6 +345,7 @@ def _mint_token(signing_key: Path, kid: str, issuer: str, user: str, ttl: int = 
         "aud": IMAP_AUDIENCE,
         "sub": user,
         "preferred_username": user,
+        "x_stand_in_mailbox": user,
         "scp": "IMAP.AccessAsUser.All",
         "iat": now,
         "exp": now + ttl,

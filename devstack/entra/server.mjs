@@ -167,7 +167,10 @@ const state = {
   accountTtls: new Map(),
   faults: [],
   stats: newStats(),
-  users: new Map(), // oid -> { email, name }
+  users: new Map(), // oid -> { email (the primary SMTP address), upn, name }
+  // Any name an account signs in with (UPN, primary SMTP address, alias) -> { upn, mail, aliases }. A name that is
+  // in no entry is an account whose UPN is that address, as in a tenant whose UPNs match the mail addresses.
+  directory: new Map(),
   consents: new Map(), // `${oid}|${clientId}` -> Set of granted scope keys
   retired: new Map(), // rotated-away refresh token -> oid
   revoked: new Map(), // refresh token -> { oid, code }
@@ -200,6 +203,13 @@ function oidFor(email) {
 function displayName(email) {
   return email.split('@')[0].split(/[._-]+/).filter(Boolean)
     .map((part) => part[0].toUpperCase() + part.slice(1)).join(' ');
+}
+
+// The account a sign-in name (or login_hint) stands for: Entra accepts the UPN, and the mail address where email
+// sign-in is enabled.
+function accountFor(name) {
+  const entry = state.directory.get(name.toLowerCase());
+  return entry ?? { upn: name.toLowerCase(), mail: name.toLowerCase(), aliases: [] };
 }
 
 function emailOf(oid) {
@@ -447,7 +457,7 @@ policy.get('login').checks.push(new interactionPolicy.Check(
     const hint = ctx.oidc.params.login_hint;
     const { accountId } = ctx.oidc.session;
     if (ctx.oidc.result?.login) return interactionPolicy.Check.NO_NEED_TO_PROMPT;
-    if (hint && accountId && oidFor(hint) !== accountId) return interactionPolicy.Check.REQUEST_PROMPT;
+    if (hint && accountId && oidFor(accountFor(hint).mail) !== accountId) return interactionPolicy.Check.REQUEST_PROMPT;
     return interactionPolicy.Check.NO_NEED_TO_PROMPT;
   },
 ));
@@ -554,14 +564,18 @@ const provider = new Provider(ISSUER, {
         payload.appid = payload.client_id;
         const email = token.accountId ? emailOf(token.accountId) : undefined;
         if (email) {
+          const user = state.users.get(token.accountId);
+          // Entra's access tokens name the account by its UPN (upn, unique_name) and carry no mail address;
+          // Exchange finds the mailbox from the object id. Dovecot cannot look an oid up, so the stand-in adds the
+          // account's primary SMTP address in a claim of its own (see docs/fidelity.md).
           Object.assign(payload, {
             scp: [...new Set(granted.map(bareScope))].join(' '),
             oid: token.accountId,
-            preferred_username: email,
-            upn: email,
-            unique_name: email,
-            email,
-            name: state.users.get(token.accountId).name,
+            preferred_username: user.upn,
+            upn: user.upn,
+            unique_name: user.upn,
+            x_stand_in_mailbox: email,
+            name: user.name,
           });
         } else {
           payload.oid = oidFor(`${payload.client_id}@apps.${TENANT}`);
@@ -576,7 +590,7 @@ const provider = new Provider(ISSUER, {
     return {
       accountId: sub,
       claims: async () => ({
-        sub, oid: sub, tid: TENANT, preferred_username: user.email, email: user.email, name: user.name,
+        sub, oid: sub, tid: TENANT, preferred_username: user.upn, email: user.email, name: user.name,
       }),
     };
   },
@@ -856,6 +870,21 @@ provider.use(async (ctx, next) => {
       };
       return undefined;
     }
+    case 'POST /_control/accounts': {
+      // { upn, mail, aliases }: an account whose user principal name differs from its primary SMTP address, and
+      // the other addresses of its mailbox. Each name signs in as the same account (one oid, from mail).
+      const { upn, mail, aliases = [] } = (await readJson(ctx)) ?? {};
+      const names = [upn, mail, ...(Array.isArray(aliases) ? aliases : [null])];
+      if (!names.every((n) => typeof n === 'string' && /^[^@\s:/]+@[^@\s:/]+$/.test(n))) {
+        ctx.status = 400;
+        ctx.body = { error: 'upn, mail and aliases must be addresses (aliases a list)' };
+        return undefined;
+      }
+      const entry = { upn: upn.toLowerCase(), mail: mail.toLowerCase(), aliases: aliases.map((a) => a.toLowerCase()) };
+      for (const name of names) state.directory.set(name.toLowerCase(), entry);
+      ctx.body = { ...entry, oid: oidFor(entry.mail) };
+      return undefined;
+    }
     case 'GET /_control/stats':
       ctx.body = { ...state.stats, faults_pending: state.faults.length };
       return undefined;
@@ -978,8 +1007,9 @@ async function interactions(ctx, uid, action) {
       ctx.body = loginPage(uid, login, `AADSTS50126: ${AADSTS_MESSAGES[50126]}`);
       return;
     }
-    const oid = oidFor(login);
-    state.users.set(oid, { email: login, name: displayName(login) });
+    const account = accountFor(login);
+    const oid = oidFor(account.mail);
+    state.users.set(oid, { email: account.mail, upn: account.upn, name: displayName(account.mail) });
     const target = await provider.interactionResult(ctx.req, ctx.res, { login: { accountId: oid } }, {
       mergeWithLastSubmission: false,
     });

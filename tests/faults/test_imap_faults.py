@@ -208,11 +208,15 @@ def test_throttling_defers_the_mailbox_for_the_suggested_backoff_and_the_others_
 
 
 def test_a_login_refused_for_a_valid_token_is_explained_and_the_others_go_on(
-    services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
 ) -> None:
     shared_box, delegate, other = new_address(), new_address(), new_address()
-    # The delegate signs in for the shared mailbox; the server does not let that account open it (no Full Access).
+    # The delegate authorizes the shared mailbox with Full Access, which is then taken away: the token is still
+    # valid, but the server no longer lets that account open the mailbox.
+    config = Path(stack.dovecot_config)
+    dovecot.grant_full_access(config, delegate, shared_box)
     consent(shared_box, delegate=delegate)
+    dovecot.revoke_full_access(config, delegate, shared_box)
     deliver(shared_box, simple_message("for the shared mailbox"))
     sent = mailbox_with_mail(consent, deliver, other, 2)
     version = stored_version(services, shared_box)

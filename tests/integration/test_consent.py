@@ -7,6 +7,7 @@ import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,10 +16,13 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableClient
 
 from collectors.consent import FLOW_PARTITION, ConsentFailure, ConsentProblem, ConsentService
+from devstack import dovecot
 from shared import azure_clients, redaction
 from shared.errors import NeedsReconsentError, TransientError
 from shared.mailboxes import mailbox_key
 from shared.registry import MailboxRegistry, MailboxStatus, utcnow
+from tests.conftest import simple_message
+from tests.support.faults import collect
 from tests.support.signin import sign_in
 from tests.support.stack import Stack
 from tests.support.standins import tls_session
@@ -147,17 +151,66 @@ def test_signing_in_as_another_account_stores_nothing(services: Any, signed_in: 
     with pytest.raises(ConsentProblem) as problem:
         services.consent.complete(fields)
     assert problem.value.kind is ConsentFailure.REFUSED
+    assert problem.value.title == "Wrong account"
     assert other in problem.value.detail and address in problem.value.next_step
+    assert "Full Access" in problem.value.next_step
     assert nothing_stored(services, address)
 
 
-def test_a_shared_mailbox_is_authorized_by_its_delegate(services: Any, signed_in: Any, new_address: Any) -> None:
+def test_a_shared_mailbox_is_authorized_by_its_delegate(
+    stack: Stack, services: Any, signed_in: Any, new_address: Any
+) -> None:
     shared, delegate, stranger = new_address(), new_address(), new_address()
-    with pytest.raises(ConsentProblem):
+    # Another account than the one named in delegate= is refused by IMAP: it has no access.
+    with pytest.raises(ConsentProblem, match="Wrong account"):
         services.consent.complete(signed_in(shared, delegate=delegate, login=stranger))
+    # The delegate named at the start, but with no Full Access yet: refused too, by IMAP, not by its name.
+    with pytest.raises(ConsentProblem, match="Wrong account"):
+        services.consent.complete(signed_in(shared, delegate=delegate))
+    assert nothing_stored(services, shared)
+    dovecot.grant_full_access(Path(stack.dovecot_config), delegate, shared)
     result = services.consent.complete(signed_in(shared, delegate=delegate))
     assert (result.address, result.signed_in_as) == (shared, delegate)
     assert services.registry.get(shared).signed_in_as == delegate
+
+
+def test_an_account_whose_upn_differs_from_its_mailbox_authorizes_it(
+    stack: Stack, services: Any, signed_in: Any, new_address: Any, entra_control: Any, deliver: Any
+) -> None:
+    address = new_address()
+    upn = f"{address.split('@')[0]}@contoso.onmicrosoft.com"
+    entra_control("accounts", {"upn": upn, "mail": address, "aliases": []})
+    result = services.consent.complete(signed_in(address, login=upn))
+    assert (result.address, result.signed_in_as) == (address, upn)
+    deliver(address, simple_message("collected after a consent by UPN"))
+    outcome = collect(services, address)
+    assert (outcome.outcome, outcome.messages) == ("ok", 1)
+
+
+def test_an_alias_is_authorized_by_its_mailbox_account(
+    stack: Stack, services: Any, signed_in: Any, new_address: Any, entra_control: Any, deliver: Any
+) -> None:
+    primary, alias = new_address(), new_address()
+    upn = f"{primary.split('@')[0]}@contoso.onmicrosoft.com"
+    entra_control("accounts", {"upn": upn, "mail": primary, "aliases": [alias]})
+    dovecot.add_aliases(Path(stack.dovecot_config), primary, alias)
+    result = services.consent.complete(signed_in(alias))  # login_hint and the sign-in name are the alias
+    assert (result.address, result.signed_in_as) == (alias, upn)
+    deliver(primary, simple_message("sent to the alias, delivered to the mailbox"))
+    outcome = collect(services, alias)
+    assert (outcome.outcome, outcome.messages) == ("ok", 1)
+
+
+def test_an_account_with_a_differing_upn_and_no_access_is_refused(
+    services: Any, signed_in: Any, new_address: Any, entra_control: Any
+) -> None:
+    address, own = new_address(), new_address()
+    upn = f"{own.split('@')[0]}@contoso.onmicrosoft.com"
+    entra_control("accounts", {"upn": upn, "mail": own, "aliases": []})
+    with pytest.raises(ConsentProblem) as problem:
+        services.consent.complete(signed_in(address, login=upn))
+    assert problem.value.title == "Wrong account" and upn in problem.value.detail
+    assert nothing_stored(services, address)
 
 
 def test_declined_consent_is_explained(services: Any, signed_in: Any, new_address: Any) -> None:

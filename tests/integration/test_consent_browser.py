@@ -10,7 +10,9 @@ import pytest
 
 from collectors.imap_session import ImapSession
 from devstack.browser import consent_in_browser
+from tests.conftest import simple_message
 from tests.support.app_host import LocalApp
+from tests.support.faults import collect
 from tests.support.secret_scan import record_page
 from tests.support.stack import Stack
 
@@ -50,6 +52,45 @@ def test_an_admin_authorizes_a_mailbox_in_chromium_and_its_token_logs_in_to_imap
     for secret in (token.token, stack.client_secret):
         assert secret not in page.text
         assert secret not in local_host.log.read_text()
+
+
+def test_an_account_whose_upn_differs_from_the_mailbox_authorizes_it_in_chromium_and_collection_works(
+    stack: Stack, local_host: LocalApp, services: Any, new_address: Any, entra_control: Any, deliver: Any,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    address = new_address()
+    upn = f"{address.split('@')[0]}@contoso.onmicrosoft.com"
+    entra_control("accounts", {"upn": upn, "mail": address, "aliases": []})
+    page = consent_in_browser(
+        authorize_link(local_host, address),
+        login=upn,
+        password=stack.user_password,
+        trust_cert=Path(stack.tls_cert),
+    )
+    record_page("browser consent page", page.text)
+    assert (page.status, page.title) == (200, "Mailbox authorized")
+    assert services.registry.get(address).signed_in_as == upn
+    deliver(address, simple_message("collected after a consent by UPN in Chromium"))
+    result = collect(services, address)
+    assert (result.outcome, result.messages) == ("ok", 1)
+
+
+def test_an_account_without_access_is_refused_in_chromium_and_nothing_is_stored(
+    stack: Stack, local_host: LocalApp, services: Any, new_address: Any, entra_control: Any
+) -> None:
+    address, own = new_address(), new_address()
+    upn = f"{own.split('@')[0]}@contoso.onmicrosoft.com"
+    entra_control("accounts", {"upn": upn, "mail": own, "aliases": []})
+    page = consent_in_browser(
+        authorize_link(local_host, address),
+        login=upn,
+        password=stack.user_password,
+        trust_cert=Path(stack.tls_cert),
+    )
+    record_page("browser consent page", page.text)
+    assert (page.status, page.title) == (403, "Wrong account")
+    assert upn in page.text and "Full Access" in page.text and "Nothing was stored" in page.text
+    assert services.registry.find(address) is None and services.tokens._store.load(address) is None
 
 
 def test_declining_in_chromium_shows_why_and_stores_nothing(

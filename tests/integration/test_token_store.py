@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msal
@@ -23,6 +24,7 @@ import pytest
 import collectors.tokens as tokens_module
 import shared.token_store as store_module
 from collectors.services import build_services
+from devstack import dovecot
 from devstack.stack import app_object_id
 from shared import azure_clients
 from shared.errors import ConfigurationError, TransientError
@@ -171,6 +173,8 @@ def test_a_stale_unsaved_token_never_replaces_a_newer_consent(
 ) -> None:  # fmt: skip
     monkeypatch.setattr(tokens_module, "TOKEN_REWRITE_AFTER", 0)
     shared_box, first, second = new_address(), new_address(), new_address()
+    for delegate in (first, second):
+        dovecot.grant_full_access(Path(stack.dovecot_config), delegate, shared_box)
     consent(shared_box, delegate=first)
     expire_access_tokens(services, shared_box)
     name = mailbox_key(shared_box)

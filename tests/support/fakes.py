@@ -342,7 +342,8 @@ class _FakeApp:
         self._idp.codes.discard(form["code"])
         self._idp.valid.add("rt-0")
         _grant(self._cache, "at-0", "rt-0", 3600, self._idp.signs_in_as)
-        return {"access_token": "at-0", "id_token_claims": {"preferred_username": self._idp.signs_in_as}}
+        claims = {"preferred_username": self._idp.signs_in_as, "aud": SETTINGS_ENV["ENTRA_CLIENT_ID"]}
+        return {"access_token": "at-0", "id_token_claims": claims}
 
 
 class FakeStore:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from collectors.consent import ConsentProblem, ConsentService
-from shared.errors import TransientError
+from shared.errors import MailboxAccessError, TransientError
 from shared.registry import MailboxRegistry, MailboxStatus
 from tests.support.fakes import FakeFlowTable, FakeIdentityProvider, FakeStore, FakeTable, settings
 
@@ -30,7 +30,18 @@ class Consent:
             registry=self.registry,
             store=self.store,  # type: ignore[arg-type]
             app_factory=self.idp.app,
+            prove=self.prove,
         )
+        self.opens: dict[str, set[str]] = {}  # account -> the other mailboxes it has Full Access to
+        self.proofs: list[tuple[str, str]] = []
+
+    def prove(self, _settings: Any, address: str, token: str, folder: str, *, signed_in_as: str, refused: Any) -> int:
+        """The IMAP side: the account opens its own mailbox and those it was given, nothing else."""
+        self.proofs.append((address, folder))
+        assert token == "at-0"
+        if signed_in_as != address and address not in self.opens.get(signed_in_as, set()):
+            raise refused()
+        return 1
 
     def signed_in(self, address: str = ADDRESS, **options: str) -> dict[str, str]:
         return self.idp.sign_in(self.service.start(address, redirect_uri=REDIRECT, options=options))
@@ -66,8 +77,29 @@ def test_a_flow_is_used_once(consent: Consent) -> None:
 
 def test_the_wrong_account_stores_nothing(consent: Consent) -> None:
     consent.idp.signs_in_as = "someone.else@contoso.example"
-    with pytest.raises(ConsentProblem, match="Wrong account"):
+    with pytest.raises(ConsentProblem, match="Wrong account") as problem:
         consent.service.complete(consent.signed_in())
+    assert "someone.else@contoso.example" in problem.value.detail and "Full Access" in problem.value.next_step
+    assert consent.store.versions == [] and consent.registry.find(ADDRESS) is None
+
+
+def test_the_grant_is_proven_by_imap_not_by_the_sign_in_name(consent: Consent) -> None:
+    # A UPN that is none of the mailbox's addresses, for an account the IMAP side lets in: stored.
+    consent.idp.signs_in_as = "s.upport@contoso.onmicrosoft.com"
+    consent.opens["s.upport@contoso.onmicrosoft.com"] = {ADDRESS}
+    result = consent.service.complete(consent.signed_in(folder="Tickets"))
+    assert result.signed_in_as == "s.upport@contoso.onmicrosoft.com"
+    assert consent.proofs == [(ADDRESS, "Tickets")]
+
+
+def test_a_folder_that_does_not_open_stores_nothing(consent: Consent) -> None:
+    def missing(*_a: Any, **_k: Any) -> int:
+        raise MailboxAccessError("cannot open folder 'Tickets'", remedy="create the folder or change the option")
+
+    consent.service._prove = missing
+    with pytest.raises(ConsentProblem, match="Folder cannot be opened") as problem:
+        consent.service.complete(consent.signed_in(folder="Tickets"))
+    assert problem.value.next_step.startswith("Create the folder")
     assert consent.store.versions == [] and consent.registry.find(ADDRESS) is None
 
 
