@@ -54,20 +54,22 @@ def test_an_admin_authorizes_a_mailbox_in_chromium_and_its_token_logs_in_to_imap
         assert secret not in local_host.log.read_text()
 
 
-def test_an_account_whose_upn_differs_from_the_mailbox_authorizes_it_in_chromium_and_collection_works(
-    stack: Stack, local_host: LocalApp, services: Any, new_address: Any, entra_control: Any, deliver: Any,
-    tmp_path: Path,
-) -> None:  # fmt: skip
-    address = new_address()
-    upn = f"{address.split('@')[0]}@contoso.onmicrosoft.com"
-    entra_control("accounts", {"upn": upn, "mail": address, "aliases": []})
+def sign_in_by_upn(stack: Stack, host: LocalApp, entra_control: Any, address: str, own: str) -> Any:
+    """Make an account whose UPN is not its mailbox address ``own``, and authorize ``address`` as it in Chromium."""
+    upn = f"{own.split('@', maxsplit=1)[0]}@contoso.onmicrosoft.com"
+    entra_control("accounts", {"upn": upn, "mail": own, "aliases": []})
     page = consent_in_browser(
-        authorize_link(local_host, address),
-        login=upn,
-        password=stack.user_password,
-        trust_cert=Path(stack.tls_cert),
+        authorize_link(host, address), login=upn, password=stack.user_password, trust_cert=Path(stack.tls_cert)
     )
     record_page("browser consent page", page.text)
+    return upn, page
+
+
+def test_an_account_whose_upn_differs_from_the_mailbox_authorizes_it_in_chromium_and_collection_works(
+    stack: Stack, local_host: LocalApp, services: Any, new_address: Any, entra_control: Any, deliver: Any
+) -> None:
+    address = new_address()
+    upn, page = sign_in_by_upn(stack, local_host, entra_control, address, own=address)
     assert (page.status, page.title) == (200, "Mailbox authorized")
     assert services.registry.get(address).signed_in_as == upn
     deliver(address, simple_message("collected after a consent by UPN in Chromium"))
@@ -78,16 +80,8 @@ def test_an_account_whose_upn_differs_from_the_mailbox_authorizes_it_in_chromium
 def test_an_account_without_access_is_refused_in_chromium_and_nothing_is_stored(
     stack: Stack, local_host: LocalApp, services: Any, new_address: Any, entra_control: Any
 ) -> None:
-    address, own = new_address(), new_address()
-    upn = f"{own.split('@')[0]}@contoso.onmicrosoft.com"
-    entra_control("accounts", {"upn": upn, "mail": own, "aliases": []})
-    page = consent_in_browser(
-        authorize_link(local_host, address),
-        login=upn,
-        password=stack.user_password,
-        trust_cert=Path(stack.tls_cert),
-    )
-    record_page("browser consent page", page.text)
+    address = new_address()
+    upn, page = sign_in_by_upn(stack, local_host, entra_control, address, own=new_address())
     assert (page.status, page.title) == (403, "Wrong account")
     assert upn in page.text and "Full Access" in page.text and "Nothing was stored" in page.text
     assert services.registry.find(address) is None and services.tokens._store.load(address) is None
