@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import collectors.imap_session as imap_session
+from collectors.consent import ConsentProblem
 from devstack import dovecot
 from shared.registry import MailboxStatus, utcnow
 from tests.conftest import simple_message
@@ -238,8 +239,16 @@ def test_a_missing_folder_is_a_mailbox_access_error_with_its_remedy(
     stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
 ) -> None:
     address = new_address()
+    config = Path(stack.dovecot_config)
+    # At consent the folder must open, or nothing is stored.
+    with pytest.raises(ConsentProblem, match="Folder cannot be opened"):
+        consent(address, folder="Nope")
+    assert services.registry.find(address) is None and stored_version(services, address) is None
+    # Later it goes away.
+    dovecot.create_folder(config, address, "Nope")
     consent(address, folder="Nope")
     version = stored_version(services, address)
+    doveadm(stack, "mailbox", "delete", "-u", address, "Nope")
 
     failed = collect(services, address)
 
@@ -249,7 +258,6 @@ def test_a_missing_folder_is_a_mailbox_access_error_with_its_remedy(
     assert "'Nope'" in row.last_error and "create the folder or change the mailbox's folder option" in row.last_error
     assert stored_version(services, address) == version
 
-    config = Path(stack.dovecot_config)
     dovecot.create_folder(config, address, "Nope")
     raw = simple_message("in the new folder")
     deliver(address, raw, "Nope")

@@ -63,8 +63,9 @@ def test_each_alert_finds_its_mailbox_in_the_log_of_a_real_run(
 ) -> None:
     revoked, failing, stale = new_address(), new_address(), new_address()
     consent(revoked)
-    consent(failing, folder="Missing")  # the server has no such folder: mailbox_access at every run
-    consent(stale, folder="Missing")
+    for address in (failing, stale):  # then a folder the server does not have: mailbox_access at every run
+        consent(address)
+        services.consent.change_options(address, {"folder": "Missing"}, admin="test")
     row = services.registry.get(stale)  # consented seven hours ago and never collected since
     services.registry.put(dataclasses.replace(row, consented_at=row.consented_at - timedelta(hours=7)))
     expire_access_tokens(services, revoked)
