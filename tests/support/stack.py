@@ -63,8 +63,3 @@ class Stack:
         """Build from the description; raises KeyError naming a field the description lacks."""
         names = [name for name in cls.__dataclass_fields__ if name not in ("info", "ports")]
         return cls(info=dict(info), ports=Ports(**info["ports"]), **{name: info[name] for name in names})
-
-    def __getitem__(self, name: str) -> Any:
-        """The description's field ``name``. Only for tests written against the old dictionary fixture while they
-        move to the attributes; new code uses the attributes, which mypy checks."""
-        return self.info[name]

@@ -1,11 +1,16 @@
 """The test harness stays in one place: tests take free ports, the Azurite key and the stand-ins' control clients
-from tests/support. (The stack fixture is typed, tests/support/stack.py; it still answers ``stack[name]`` for tests
-written against the old dictionary, so that reading it that way is a style matter, not a failure.)"""
+from tests/support. (The stack fixture is typed, tests/support/stack.py: it answers attributes only, which mypy and
+a reader can check, and a test that still reads it by name fails.)"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+import pytest
+
+from devstack.stack import Ports
+from tests.support.stack import Stack
 
 TESTS = Path(__file__).resolve().parent.parent
 HARNESS = TESTS / "support"
@@ -44,3 +49,13 @@ def test_the_check_finds_what_it_looks_for() -> None:
     for line, what in samples.items():
         assert any(pattern.search(line) for name, pattern in REWRITTEN.items() if name.startswith(what)), line
     assert not any(pattern.search('f"{origin}/_control/health"') for pattern in REWRITTEN.values())
+
+
+def test_the_stack_fixture_answers_attributes_only() -> None:
+    names = [name for name in Stack.__dataclass_fields__ if name not in ("info", "ports")]
+    info: dict[str, object] = dict.fromkeys(names, "x")
+    info["ports"] = {field: 1 for field in Ports.__dataclass_fields__}
+    stack = Stack.from_info(info)
+    assert stack.ca == "x"
+    with pytest.raises(TypeError):
+        stack["ca"]  # type: ignore[index]
