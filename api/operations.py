@@ -32,8 +32,9 @@ from collectors.diagnose import diagnose
 from collectors.replay import replay
 from collectors.services import Services, get_services
 from shared.audit import FUNCTION_KEY
-from shared.errors import CollectorError, NotFoundError
+from shared.errors import CollectorError, NotFoundError, RunOutcome
 from shared.mailboxes import InvalidMailboxError, normalize_address
+from shared.registry import MailboxStatus
 from shared.signed_links import InvalidLink
 
 logger = logging.getLogger(__name__)
@@ -220,10 +221,10 @@ def _do(services: Services, req: func.HttpRequest, action: str, address: str, wh
             return notice(f"{address} is revoked.", detail=[revoked.in_key_vault, revoked.at_entra])
         if action == "collect":
             mailbox = services.registry.get(address)
-            if mailbox.status != "active":
+            if mailbox.status != MailboxStatus.ACTIVE:
                 return notice(f"{address} is {mailbox.status}: only active mailboxes are collected.", ok=False)
             result = services.collector.collect_mailbox(mailbox, deadline=time.monotonic() + COLLECT_NOW_BUDGET)
-            ok = result.outcome in ("ok", "busy")
+            ok = result.outcome in (RunOutcome.OK, RunOutcome.BUSY)  # busy: a run already collecting it
             text = f"{address}: {result.outcome}, {result.messages} messages collected"
             return notice(
                 text + (" (more next run)" if result.more else "") + ".",
