@@ -7,8 +7,10 @@ mailbox registry deal with four outcomes only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 
 class RunOutcome(StrEnum):
@@ -44,11 +46,36 @@ class NotFoundError(LookupError):
         self.address = address
 
 
+# What the operator does next after a run ends so: the remedy an error of that outcome carries unless it names its own.
+REMEDIES: Mapping[RunOutcome, str] = MappingProxyType(
+    {
+        RunOutcome.ERROR: "see the log line for details",
+        RunOutcome.CONFIGURATION: "fix the configuration named in the message, then run again",
+        RunOutcome.TRANSIENT: "nothing to do: the next run retries",
+        RunOutcome.NEEDS_RECONSENT: "open the mailbox's authorize link and sign in as the mailbox again",
+        RunOutcome.MAILBOX_ACCESS: (
+            "check that the signed-in account has access to the mailbox and that the folder exists"
+        ),
+        RunOutcome.AFTER_ACTION: (
+            "change the mailbox's after-action options (move_to, refuse_to) or fix the folder on the server"
+        ),
+    }
+)
+
+
 class CollectorError(Exception):
-    """Base class. ``error_class`` is the stable name written to the registry and to logs."""
+    """Base class. ``error_class`` is the stable name written to the registry and to logs; ``remedy`` says what to
+    do next. A subclass names its outcome in its class line, ``class X(CollectorError, outcome=RunOutcome.Y)``,
+    and takes that outcome's remedy from ``REMEDIES``; a subclass or an instance may say a more precise one."""
 
     error_class: ClassVar[RunOutcome] = RunOutcome.ERROR
-    remedy = "see the log line for details"
+    remedy: str = REMEDIES[RunOutcome.ERROR]
+
+    def __init_subclass__(cls, *, outcome: RunOutcome | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if outcome is not None:
+            cls.error_class = outcome
+            cls.remedy = REMEDIES[outcome]
 
     def __init__(self, message: str, *, remedy: str | None = None) -> None:
         super().__init__(message)
@@ -59,42 +86,27 @@ class CollectorError(Exception):
         return f"{self} -- {self.remedy}"
 
 
-class ConfigurationError(CollectorError):
+class ConfigurationError(CollectorError, outcome=RunOutcome.CONFIGURATION):
     """A setting, the app registration or the deployment is wrong; retrying will not help until it is fixed."""
 
-    error_class = RunOutcome.CONFIGURATION
-    remedy = "fix the configuration named in the message, then run again"
 
-
-class TransientError(CollectorError):
+class TransientError(CollectorError, outcome=RunOutcome.TRANSIENT):
     """Network, throttling or a 5xx: nothing is lost and the next run retries. ``retry_after`` in seconds."""
-
-    error_class = RunOutcome.TRANSIENT
-    remedy = "nothing to do: the next run retries"
 
     def __init__(self, message: str, *, remedy: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message, remedy=remedy)
         self.retry_after = retry_after
 
 
-class NeedsReconsentError(CollectorError):
+class NeedsReconsentError(CollectorError, outcome=RunOutcome.NEEDS_RECONSENT):
     """The stored grant is definitively unusable (``invalid_grant``): an admin must authorize the mailbox again."""
 
-    error_class = RunOutcome.NEEDS_RECONSENT
-    remedy = "open the mailbox's authorize link and sign in as the mailbox again"
 
-
-class MailboxAccessError(CollectorError):
+class MailboxAccessError(CollectorError, outcome=RunOutcome.MAILBOX_ACCESS):
     """The token is valid but the server refuses the mailbox (wrong account, missing permission, folder gone)."""
 
-    error_class = RunOutcome.MAILBOX_ACCESS
-    remedy = "check that the signed-in account has access to the mailbox and that the folder exists"
 
-
-class AfterActionError(MailboxAccessError):
+class AfterActionError(MailboxAccessError, outcome=RunOutcome.AFTER_ACTION):
     """The server refused the after-action (a folder it cannot create, a permission) for mail that is already
     stored and queued. The run records it as pending with the checkpoint: the mail is not queued again, and the
     next run applies the after-action first."""
-
-    error_class = RunOutcome.AFTER_ACTION
-    remedy = "change the mailbox's after-action options (move_to, refuse_to) or fix the folder on the server"
