@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
+from typing import Any
 
 from imapclient import IMAPClient, SocketTimeout
 from imapclient import exceptions as imap_errors
@@ -368,26 +369,24 @@ class ImapSession:
 
     def sizes(self, uids: Iterable[int]) -> dict[int, int]:
         """RFC822.SIZE of each UID that still exists."""
-        uids = list(uids)
-        if not uids:
-            return {}
-        try:
-            answer = self.client.fetch(uids, [b"RFC822.SIZE"])
-        except Exception as e:
-            raise self._translate(e) from e
-        return {int(uid): int(data[b"RFC822.SIZE"]) for uid, data in answer.items() if b"RFC822.SIZE" in data}
+        return {uid: int(size) for uid, size in self._fetch_item(uids, b"RFC822.SIZE", b"RFC822.SIZE").items()}
 
     def fetch_headers(self, uids: Iterable[int]) -> dict[int, bytes]:
         """The header section of each message (BODY.PEEK[HEADER]: the \\Seen flag is untouched), for messages too
         large to collect whole."""
-        uids = list(uids)
-        if not uids:
+        return {uid: bytes(head) for uid, head in self._fetch_item(uids, b"BODY.PEEK[HEADER]", b"BODY[HEADER]").items()}
+
+    def _fetch_item(self, uids: Iterable[int], item: bytes, answered_as: bytes) -> dict[int, Any]:
+        """One FETCH data item of each UID that still exists; the server names ``item`` ``answered_as`` in its
+        answer (a PEEK is answered without the .PEEK)."""
+        wanted = list(uids)
+        if not wanted:
             return {}
         try:
-            answer = self.client.fetch(uids, [b"BODY.PEEK[HEADER]"])
+            answer = self.client.fetch(wanted, [item])
         except Exception as e:
             raise self._translate(e) from e
-        return {int(uid): bytes(data[b"BODY[HEADER]"]) for uid, data in answer.items() if b"BODY[HEADER]" in data}
+        return {int(uid): data[answered_as] for uid, data in answer.items() if answered_as in data}
 
     def fetch(self, uids: list[int]) -> dict[int, bytes]:
         """The exact bytes of each message (BODY.PEEK[], so the \\Seen flag is untouched).
