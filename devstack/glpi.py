@@ -241,28 +241,21 @@ class _Handler(DispatchingHandler):
 
     # --- plumbing
 
-    def _dispatch(self) -> None:
-        started = time.monotonic()
-        path = urlsplit(self.path).path
-        status = 500
-        try:
-            status = self._handle(path)
-        except GlpiError as e:
-            status = self._send(e.status, [e.code, e.message])
-        except _Dropped:
-            status = 0
+    log = logger
+    log_name = "glpi"
+
+    def _answer_error(self, error: Exception) -> int | None:
+        if isinstance(error, GlpiError):
+            return self._send(error.status, [error.code, error.message])
+        if isinstance(error, _Dropped):
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(2)
-        except (ConnectionError, TimeoutError):
-            status = 0
-            self.close_connection = True
-        except Exception:
-            logger.exception("glpi request failed method=%s path=%s", self.command, path)
-            status = self._send(500, ["ERROR", "stand-in failure"])
-        finally:
-            ms = int((time.monotonic() - started) * 1000)
-            logger.info("glpi method=%s path=%s status=%d ms=%d", self.command, path, status, ms)
+            return 0
+        return None
+
+    def _answer_failure(self) -> int:
+        return self._send(500, ["ERROR", "stand-in failure"])
 
     def _send(
         self, status: int, payload: Any, headers: dict[str, str] | None = None, *, raw: bytes | None = None

@@ -761,23 +761,16 @@ class _Handler(DispatchingHandler):
     server: KeyVaultServer
     server_version = "KeyVaultStandIn/1.0"
 
-    def _dispatch(self) -> None:
-        started = time.monotonic()
-        path = urlsplit(self.path).path
-        status = 500
-        try:
-            status = self._handle(path)
-        except VaultError as e:
-            status = self._send(e.status, e.body(), e.headers)
-        except (ConnectionError, TimeoutError):
-            status = 0  # the client went away; nothing was answered
-            self.close_connection = True
-        except Exception:
-            logger.exception("kv request failed method=%s path=%s", self.command, path)
-            status = self._send(500, VaultError(500, "InternalServerError", "stand-in failure").body())
-        finally:
-            elapsed_ms = int((time.monotonic() - started) * 1000)
-            logger.info("kv method=%s path=%s status=%d ms=%d", self.command, path, status, elapsed_ms)
+    log = logger
+    log_name = "kv"
+
+    def _answer_error(self, error: Exception) -> int | None:
+        if isinstance(error, VaultError):
+            return self._send(error.status, error.body(), error.headers)
+        return None
+
+    def _answer_failure(self) -> int:
+        return self._send(500, VaultError(500, "InternalServerError", "stand-in failure").body())
 
     def _handle(self, path: str) -> int:
         query = parse_qs(urlsplit(self.path).query, keep_blank_values=True)

@@ -1,12 +1,15 @@
 """The HTTPS plumbing the Python stand-ins share: a threading server that runs each TLS handshake in the
-connection's own thread, and a request handler that sends every method to one ``_dispatch``."""
+connection's own thread, and a request handler that sends every method to one ``_dispatch``, which answers with
+the stand-in's ``_handle`` and its error hooks and writes one log line a request."""
 
 from __future__ import annotations
 
 import logging
 import ssl
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +51,46 @@ class TlsServer(ThreadingHTTPServer):
 
 
 class DispatchingHandler(BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive; every method goes to ``_dispatch``, which writes its own log line."""
+    """HTTP/1.1 with keep-alive; every method goes to ``_dispatch``. A stand-in supplies ``_handle`` (answer the
+    request, return the status sent), ``_answer_error`` (its answer to an error of its own, such as its service's
+    error document) and ``_answer_failure`` (its 500 for anything else), and names its logger and log prefix."""
 
     protocol_version = "HTTP/1.1"  # clients keep connections alive; every answer carries Content-Length
     sys_version = ""
     # Headers and body go out in two writes; with Nagle on, the client's delayed ACK stalls each answer ~40 ms.
     disable_nagle_algorithm = True
+    log: ClassVar[logging.Logger] = logger
+    log_name: ClassVar[str] = "http"  # the first word of each request's log line
+
+    def _handle(self, path: str) -> int:
+        raise NotImplementedError
+
+    def _answer_error(self, error: Exception) -> int | None:
+        """Answer ``error``, raised by ``_handle``, and return the status sent (0: the connection was closed
+        unanswered); None when it is not one of the stand-in's own, which ``_answer_failure`` answers."""
+        return None
+
+    def _answer_failure(self) -> int:
+        raise NotImplementedError
 
     def _dispatch(self) -> None:
-        raise NotImplementedError
+        started = time.monotonic()
+        path = urlsplit(self.path).path
+        status = 500
+        try:
+            status = self._handle(path)
+        except (ConnectionError, TimeoutError):
+            status = 0  # the client went away; nothing was answered
+            self.close_connection = True
+        except Exception as e:
+            answered = self._answer_error(e)
+            if answered is None:
+                self.log.exception("%s request failed method=%s path=%s", self.log_name, self.command, path)
+                answered = self._answer_failure()
+            status = answered
+        finally:
+            ms = int((time.monotonic() - started) * 1000)
+            self.log.info("%s method=%s path=%s status=%d ms=%d", self.log_name, self.command, path, status, ms)
 
     def do_GET(self) -> None:
         self._dispatch()
