@@ -11,6 +11,7 @@ import logging
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
@@ -53,16 +54,76 @@ def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=ca_bundle)
 
 
-class _Wire(IMAP4_TLS):  # type: ignore[misc]
-    """imaplib over TLS, minus two stalls: TCP_NODELAY, so that a short command is not held back by Nagle's
-    algorithm waiting for the acknowledgement of the previous one (about 40 ms each at AUTHENTICATE and at the first
-    command after it), and the greeting's capabilities used when it lists them, instead of a CAPABILITY round trip.
+class TlsSessions:
+    """The last resumable TLS session of each server (host, port, TLS context), offered to the next connection.
+
+    A resumed handshake skips the certificate chain's verification and the server's signature: CPU on both sides,
+    per mailbox and run, which is most of an empty mailbox's handshake. A server that does not know the session
+    (expired, another front end, a rotated ticket key) simply does a full handshake, and that connection's session
+    replaces the old one. With TLS 1.3 the ticket arrives after the handshake, so a session is taken once the
+    greeting has been read. Thread-safe: the sessions of one process are shared by its collector threads.
     """
 
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock  # wall-clock seconds, as the sessions' issue times
+        self._lock = threading.Lock()
+        self._sessions: dict[tuple[str, int, ssl.SSLContext], ssl.SSLSession] = {}
+
+    @staticmethod
+    def _key(host: str, port: int, context: ssl.SSLContext) -> tuple[str, int, ssl.SSLContext]:
+        return host.lower(), port, context  # a session may only be offered through the context that made it
+
+    def get(self, host: str, port: int, context: ssl.SSLContext) -> ssl.SSLSession | None:
+        """The session to offer, or None when there is none or its ticket has expired."""
+        key = self._key(host, port, context)
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is not None and self._clock() >= session.time + session.ticket_lifetime_hint:
+                del self._sessions[key]
+                session = None
+        return session
+
+    def keep(self, host: str, port: int, context: ssl.SSLContext, sock: ssl.SSLSocket) -> None:
+        """Keep the connection's session when the server gave one that can be resumed."""
+        session = sock.session
+        if session is None or not session.has_ticket or session.ticket_lifetime_hint <= 0:
+            return
+        with self._lock:
+            self._sessions[self._key(host, port, context)] = session
+
+
+TLS_SESSIONS = TlsSessions()
+
+
+class _Wire(IMAP4_TLS):  # type: ignore[misc]
+    """imaplib over TLS, minus three costs: TCP_NODELAY, so that a short command is not held back by Nagle's
+    algorithm waiting for the acknowledgement of the previous one (about 40 ms each at AUTHENTICATE and at the first
+    command after it); the greeting's capabilities used when it lists them, instead of a CAPABILITY round trip; and
+    the server's last TLS session offered for resumption (``TlsSessions``).
+    """
+
+    def __init__(
+        self, host: str, port: int, ssl_context: ssl.SSLContext, timeout: float | None, sessions: TlsSessions
+    ) -> None:
+        self._sessions = sessions
+        super().__init__(host, port, ssl_context, timeout)  # connects and reads the greeting
+        self._sessions.keep(self.host, self.port, self.ssl_context, self.sock)
+
     def _create_socket(self, timeout: float | None = None) -> socket.socket:
-        sock: socket.socket = super()._create_socket(timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        sock = socket.create_connection((self.host, self.port), timeout=self._timeout if timeout is None else timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            offered = self._sessions.get(self.host, self.port, self.ssl_context)
+            tls: ssl.SSLSocket = self.ssl_context.wrap_socket(sock, server_hostname=self.host, session=offered)
+            return tls
+        except BaseException:
+            sock.close()
+            raise
+
+    @property
+    def resumed(self) -> bool:
+        """Whether this connection's TLS handshake resumed an earlier session."""
+        return bool(self.sock.session_reused)
 
     def _get_capabilities(self) -> None:
         greeted = self.untagged_responses.pop("CAPABILITY", None)  # "* OK [CAPABILITY ...] ready."
@@ -73,8 +134,12 @@ class _Wire(IMAP4_TLS):  # type: ignore[misc]
 
 
 class _Client(IMAPClient):  # type: ignore[misc]
+    def __init__(self, host: str, *, sessions: TlsSessions, **options: object) -> None:
+        self._sessions = sessions
+        super().__init__(host, **options)
+
     def _create_IMAP4(self) -> _Wire:  # noqa: N802 - imapclient's name
-        return _Wire(self.host, self.port, self.ssl_context, getattr(self._timeout, "connect", None))
+        return _Wire(self.host, self.port, self.ssl_context, getattr(self._timeout, "connect", None), self._sessions)
 
 
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r\n$")  # a line announcing a literal of that many bytes
@@ -120,9 +185,12 @@ class ImapSession:
         ca_bundle: str | None = None,
         signed_in_as: str = "",
         refused: Callable[[], MailboxAccessError] | None = None,
+        tls_sessions: TlsSessions = TLS_SESSIONS,
     ) -> None:
-        """``refused``: the error for a refused login when the generic one would mislead (an app-only token)."""
+        """``refused``: the error for a refused login when the generic one would mislead (an app-only token).
+        ``tls_sessions``: where the servers' TLS sessions are kept for resumption (the process's own by default)."""
         self._host, self._port = host, port
+        self._tls_sessions = tls_sessions
         self._address = address
         self._token = access_token
         self._signed_in_as = signed_in_as or address
@@ -142,6 +210,7 @@ class ImapSession:
         try:
             self._client = _Client(
                 self._host,
+                sessions=self._tls_sessions,
                 port=self._port,
                 ssl=True,
                 ssl_context=self._context,
@@ -153,6 +222,7 @@ class ImapSession:
             # imapclient sets imaplib's debug level to 5, at which imaplib formats a repr() of every answer, message
             # bodies included, before the logger drops it: a 25 MB message cost 100 MB of text and its CPU time.
             self._client._imap.debug = 0
+        logger.debug("IMAP connected host=%s tls_resumed=%s", self._host, self._client._imap.resumed)
         try:
             self._login(self._client)
         except imap_errors.LoginError as e:
@@ -262,6 +332,11 @@ class ImapSession:
         if isinstance(error, OSError | imap_errors.IMAPClientAbortError | EOFError):
             return TransientError(f"IMAP connection to {self._host} was lost: {type(error).__name__}")
         return TransientError(f"IMAP command failed on {self._host}: {type(error).__name__}: {text[:200]}")
+
+    @property
+    def tls_resumed(self) -> bool:
+        """Whether the connection's TLS handshake resumed an earlier session with this server."""
+        return self._client is not None and bool(self._client._imap.resumed)
 
     @property
     def client(self) -> IMAPClient:
