@@ -112,7 +112,7 @@ class Operations:
             mailbox=address,
             who=admin,
             before={},
-            after={"expires_at": signed.expires_at.isoformat(), "link_id": signed.nonce[:8]},
+            after={"expires_at": signed.expires_at.isoformat(), "link_id": signed.link_id},
         )
         return ReconsentLink(value, signed.expires_at)
 
@@ -131,9 +131,9 @@ class Operations:
         self._signer.redeem(value, RECONSENT_PURPOSE)
         delegate = mailbox.signed_in_as if mailbox.signed_in_as and mailbox.signed_in_as != mailbox.address else ""
         url = self._consent.start(
-            mailbox.address, redirect_uri=redirect_uri, delegate=delegate, admin=f"re-consent link {signed.nonce[:8]}"
+            mailbox.address, redirect_uri=redirect_uri, delegate=delegate, admin=f"re-consent link {signed.link_id}"
         )
-        logger.info("reconsent link opened mailbox=%s link_id=%s", mailbox.address, signed.nonce[:8])
+        logger.info("reconsent link opened mailbox=%s link_id=%s", mailbox.address, signed.link_id)
         return url
 
     def _bound_mailbox(self, signed: Signed) -> Mailbox:

@@ -43,6 +43,7 @@ PURGE_BATCH = 50  # expired used-link records deleted per redemption
 MAX_VALUE_CHARS = 2048  # a link is a few hundred characters; anything longer is not ours
 RECONSENT_TTL = timedelta(days=7)  # long enough for an owner on holiday for a week, short enough to go stale
 MAX_RECONSENT_TTL = timedelta(days=30)
+LINK_ID_CHARS = 12  # hex digits of the SHA-256 of a nonce: 48 bits tell a day's links apart in a log
 ALREADY_USED = "the link was already used: ask for a new one"
 
 
@@ -57,6 +58,12 @@ class Signed:
     mode: str
     nonce: str
     expires_at: datetime
+
+    @property
+    def link_id(self) -> str:
+        """Names the value in logs and audit lines: a digest of the nonce, so that no part of the nonce (the
+        used-link record's key) is ever written out."""
+        return hashlib.sha256(self.nonce.encode()).hexdigest()[:LINK_ID_CHARS]
 
 
 def _b64(data: bytes) -> str:
