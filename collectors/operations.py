@@ -148,7 +148,9 @@ class Operations:
 
     def keep_alive(self, mailboxes: Iterable[Mailbox]) -> list[str]:
         """Renew the refresh token of every paused or disabled delegated mailbox whose token was last saved more
-        than KEEP_ALIVE_EVERY ago. Returns the addresses renewed. A failure is logged and recorded, never raised.
+        than KEEP_ALIVE_EVERY ago. Returns the addresses whose renewed token reached Key Vault; only those get a new
+        ``token_saved_at`` (a renewal that wrote nothing leaves the token's age as it was). A failure is logged and
+        recorded, never raised.
 
         Active mailboxes are left to their collection, which renews the token under the mailbox's lease whenever
         the access token runs out (hourly); renewing here too would do it outside the lease."""
@@ -179,7 +181,16 @@ class Operations:
                         needs_reconsent=True,
                     )
                 continue
-            self._registry.record_token_saved(mailbox.address, token.saved_at or now, token.secret_name)
+            if token.saved_at is None:
+                # Renewed at Entra, but nothing reached Key Vault (the write failed or another writer's is newer):
+                # the stored token is as old as before, so its age stays; the next keep-alive writes the renewed one.
+                logger.warning(
+                    "token keep-alive not saved mailbox=%s outcome=token_save_pending status=%s",
+                    mailbox.address,
+                    mailbox.status,
+                )
+                continue
+            self._registry.record_token_saved(mailbox.address, token.saved_at, token.secret_name)
             logger.info("token kept alive mailbox=%s status=%s", mailbox.address, mailbox.status)
             renewed.append(mailbox.address)
         return renewed
