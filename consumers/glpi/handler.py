@@ -7,7 +7,8 @@ The order of the steps is what makes it once:
 3. Before creating the ticket or follow-up, a retry (``resumed``) looks in GLPI for the marker that the first
    attempt wrote into the text: a create whose answer was lost (crash, timeout) is found, not repeated.
 4. Documents are linked (a retry links only what is missing).
-5. The message row becomes done, with the envelope row and the thread map, in one transaction.
+5. The thread map (this Message-ID -> the ticket) is written, then the message row becomes done (the claim's
+   conditional write).
 
 A failure of GLPI or storage raises TransientError: the message goes back to the queue (host.json
 ``visibilityTimeout``) and after ``maxDequeueCount`` attempts to the poison queue, with the reason kept in the
@@ -18,11 +19,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import html
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -121,7 +124,8 @@ class TicketConsumer:
         self.options = options
         self.read_blob = read_blob
         self._uploads = ThreadPoolExecutor(upload_threads, thread_name_prefix="glpi-upload")
-        self._users: dict[str, tuple[float, int]] = {}
+        self._users: dict[str, tuple[float, Future[int]]] = {}
+        self._users_lock = threading.Lock()
 
     def close(self) -> None:
         self._uploads.shutdown(wait=True)
@@ -174,8 +178,11 @@ class TicketConsumer:
         state = self.state.claim(key, envelope["id"])
         if state.status in (DONE, REFUSED):
             logger.info("glpi duplicate dropped %s status=%s ticket=%s", log, state.status, state.ticket_id)
+            thread = self._record_thread(envelope, state) if state.status == DONE else None
             if state.envelope_id != envelope["id"]:
                 self.state.record_envelope(envelope["id"], state)
+            if thread is not None:
+                thread.result()
             return Outcome("duplicate", state.ticket_id, state.followup_id, state.reason)
         try:
             return self._process(envelope, state, key, log, blob)
@@ -210,15 +217,25 @@ class TicketConsumer:
         mail = mail_content.parse_message(
             raw, max_attachment_bytes=options.max_attachment_bytes, reply=state.kind == "followup"
         )
-        self._upload_documents(state, mail, options)
+        saved = self._upload_documents(state, mail, options)
         text = self._text(envelope, mail, state, key)
-        if state.kind == "ticket":
-            outcome = self._ticket(envelope, state, text, options, key)
-        else:
-            outcome = self._followup(state, text, options, key)
-        self._link_documents(state, mail)
-        message_id = envelope.get("message_id")
-        self.state.finish(state, DONE, threads=[message_id] if isinstance(message_id, str) else [])
+        try:
+            if state.kind == "ticket":
+                outcome = self._ticket(envelope, state, text, options, key)
+            else:
+                outcome = self._followup(state, text, options, key)
+        finally:
+            if saved is not None:
+                state.etag = saved.result().etag
+        # The thread row is written beside the links and the finish: it names a ticket that exists, and a message
+        # finished without it (a crash, a failed write) writes it again when its retry is dropped as a duplicate.
+        thread = self._record_thread(envelope, state)
+        try:
+            self._link_documents(state, mail)
+            self.state.finish(state, DONE)
+        finally:
+            if thread is not None:
+                thread.result()
         logger.info(
             "glpi message done %s kind=%s ticket=%s followup=%s documents=%d",
             log,
@@ -228,6 +245,12 @@ class TicketConsumer:
             len(state.documents),
         )
         return outcome
+
+    def _record_thread(self, envelope: dict[str, Any], state: MessageState) -> Future[None] | None:
+        message_id = envelope.get("message_id")
+        if not isinstance(message_id, str) or not message_id.strip() or not state.ticket_id:
+            return None
+        return self._uploads.submit(carried(self.state.record_thread), message_id, state.ticket_id)
 
     # --- decisions
 
@@ -298,17 +321,34 @@ class TicketConsumer:
         return ""
 
     def _user_id(self, address: str) -> int | None:
+        """The GLPI user with this e-mail address (cached for a while). A look-up already under way for the same
+        address (the early one that runs beside the claim) is waited for, not sent again."""
         now = time.monotonic()
-        cached = self._users.get(address)
-        if cached and now - cached[0] < USER_CACHE_SECONDS:
-            return cached[1] or None
-        rows = self.client.search("User", [(5, "equals", address)])
+        with self._users_lock:
+            cached = self._users.get(address)
+            if cached is not None and now - cached[0] < USER_CACHE_SECONDS:
+                pending = cached[1]
+                mine = False
+            else:
+                pending = Future()
+                self._users[address] = (now, pending)
+                mine = True
+        if not mine:
+            return pending.result() or None
+        try:
+            rows = self.client.search("User", [(5, "equals", address)])
+        except BaseException as e:
+            with self._users_lock:
+                if self._users.get(address, (0.0, None))[1] is pending:
+                    del self._users[address]  # a failure is not remembered: the next message asks again
+            pending.set_exception(e)
+            raise
         user_id = 0
         for row in rows:
             if str(row.get("5", "")).lower() == address:
                 user_id = int(row.get("2") or 0)
                 break
-        self._users[address] = (now, user_id)
+        pending.set_result(user_id)
         return user_id or None
 
     # --- content
@@ -337,10 +377,14 @@ class TicketConsumer:
 
     # --- documents
 
-    def _upload_documents(self, state: MessageState, mail: mail_content.MailContent, options: TicketOptions) -> None:
+    def _upload_documents(
+        self, state: MessageState, mail: mail_content.MailContent, options: TicketOptions
+    ) -> Future[MessageState] | None:
+        """Upload the attachments not uploaded yet. Their ids are saved (so that a retry does not upload them
+        again) while the ticket is created: the returned save is waited for before anything else is written."""
         missing = [a for a in mail.attachments if str(a.index) not in state.documents]
         if not missing:
-            return
+            return None
 
         def upload(attachment: mail_content.Attachment) -> tuple[str, int | None, str]:
             try:
@@ -361,7 +405,13 @@ class TicketConsumer:
                 refused.append(problem)
         for problem in refused:
             mail.notes.append(f"GLPI refused an attached file: {problem}.")
-        self.state.save(state)
+        snapshot = dataclasses.replace(state, documents=dict(state.documents))  # the row as it is now
+
+        def save() -> MessageState:
+            self.state.save(snapshot)
+            return snapshot
+
+        return self._uploads.submit(carried(save))
 
     def _link_documents(self, state: MessageState, mail: mail_content.MailContent) -> None:
         if state.linked:

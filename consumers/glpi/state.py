@@ -6,12 +6,17 @@ Three kinds of row, in one partition so that the rows of one step are written in
   envelope id (after a UIDVALIDITY change) is the same row. It holds the claim (``claim``, ``claimed_until``),
   the status (``pending`` -> ``done`` or ``refused``, or ``failed`` with its ``reason``) and the GLPI ids, and
   is the only row whose writes are conditional (ETag): two invocations never both hold a message.
-- ``envelope-…``: keyed by the envelope id, the outcome (``done``, ``refused``, ``failed``) with the GLPI ids,
-  for the operator who looks up an envelope; while a message is pending, its ``message`` row names the envelope.
+- ``envelope-…``: keyed by an envelope id whose ``message`` row names another envelope (the same mail collected
+  again under a new id, or a failure recorded before any claim): the outcome with the GLPI ids. An envelope whose
+  ``message`` row names it needs no row of its own: the operator's look-up finds that row by its ``envelope_id``.
 - ``thread-…``: keyed by a Message-ID that became a ticket or follow-up, the ticket id: replies are threaded.
 
 Row keys are hashes: envelope ids hold ``/`` and Message-IDs anything, which table keys may not. One partition
-takes a few thousand writes a second, far above a helpdesk's mail; a message costs two writes (three with files).
+takes a few thousand writes a second, far above a helpdesk's mail. A message costs three single-row writes (four
+with files): the claim, its thread row, the finish. No write is a transaction: on Azurite and in the SDK an
+entity-group transaction costs about what three single writes cost (a multipart body built and parsed by the
+email package), and nothing here needs one: the thread row may be written before the finish (it names a ticket
+that exists), and only the ``message`` row carries the claim.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableClient, TableTransactionError, UpdateMode
+from azure.data.tables import TableClient, UpdateMode
 
 from shared.errors import TransientError
 
@@ -124,9 +129,6 @@ def _thread_entity(message_id: str, ticket_id: int) -> dict[str, Any]:
     return {"PartitionKey": PARTITION, "RowKey": f"thread-{_key(message_id.strip().lower())}", "ticket_id": ticket_id}
 
 
-_REPLACE = {"mode": UpdateMode.REPLACE}
-
-
 class StateStore:
     """The table of one consumer. Every method raises TransientError when storage fails, ClaimLost on a race."""
 
@@ -175,13 +177,20 @@ class StateStore:
         """Write the row if this invocation still holds it (renewing the claim). Raises ClaimLost otherwise."""
         self._write(state, "saving progress")
 
-    def finish(self, state: MessageState, status: str, *, reason: str = "", threads: list[str] | None = None) -> None:
-        """The message's final status, its envelope row and the thread rows, in one transaction."""
+    def finish(self, state: MessageState, status: str, *, reason: str = "") -> None:
+        """The message's final status, written if this invocation still holds it. Raises ClaimLost otherwise."""
         state.status = status
         state.reason = reason or (state.reason if status == FAILED else "")
         state.claim = ""
-        extra = [("upsert", _thread_entity(m, state.ticket_id), _REPLACE) for m in threads or [] if state.ticket_id]
-        self._commit(state, [self._update(state), *extra], state.envelope_id, "finishing a message")
+        self._write(state, "finishing a message")
+
+    def record_thread(self, message_id: str, ticket_id: int) -> None:
+        """Replies naming ``message_id`` belong to ``ticket_id`` (unconditional: written before the finish, it
+        names a ticket that exists whatever happens next)."""
+        try:
+            self._table.upsert_entity(_thread_entity(message_id, ticket_id), mode=UpdateMode.REPLACE)
+        except AzureError as e:
+            raise _transient("recording a thread", e) from e
 
     def release(self, state: MessageState) -> None:
         """Drop this invocation's claim after a failure (best effort: a claim left behind lapses by itself)."""
@@ -190,26 +199,6 @@ class StateStore:
             self._write(state, "releasing a message")
         except TransientError as e:
             logger.warning("glpi claim not released message=%s error=%s", state.key[:12], e)
-
-    def _update(self, state: MessageState) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        return (
-            "update",
-            state.entity(),
-            {**_REPLACE, "etag": state.etag, "match_condition": MatchConditions.IfNotModified},
-        )
-
-    def _commit(self, state: MessageState, operations: list[Any], envelope_id: str, action: str) -> None:
-        """The message row's operations plus the envelope row, in one transaction; the new ETag kept."""
-        batch = [*operations, ("upsert", _envelope_entity(envelope_id, state), _REPLACE)]
-        try:
-            results = self._table.submit_transaction(batch)
-        except TableTransactionError as e:
-            if e.status_code in (404, 409, 412):
-                raise ClaimLost(f"message {state.key[:12]} was taken over by another invocation") from e
-            raise _transient(action, e) from e
-        except AzureError as e:
-            raise _transient(action, e) from e
-        state.etag = results[0].get("etag")
 
     def _write(self, state: MessageState, action: str) -> None:
         try:
@@ -230,12 +219,25 @@ class StateStore:
             raise _transient("recording an envelope", e) from e
 
     def envelope(self, envelope_id: str) -> dict[str, Any] | None:
+        """What became of one envelope: its own row, else the ``message`` row that names it (a query over the
+        partition: an operator's look-up, never on the message path)."""
         try:
             return dict(self._table.get_entity(PARTITION, f"envelope-{_key(envelope_id)}"))
         except ResourceNotFoundError:
-            return None
+            pass
         except AzureError as e:
             raise _transient("reading an envelope", e) from e
+        try:
+            rows = self._table.query_entities(
+                "PartitionKey eq @partition and envelope_id eq @envelope",
+                parameters={"partition": PARTITION, "envelope": envelope_id},
+            )
+            for row in rows:
+                if str(row["RowKey"]).startswith("message-"):
+                    return {**dict(row), "message_key": str(row["RowKey"]).removeprefix("message-")}
+        except AzureError as e:
+            raise _transient("reading an envelope", e) from e
+        return None
 
     def thread_ticket(self, message_ids: list[str]) -> int | None:
         """The ticket of the first of ``message_ids`` that became a ticket or follow-up here."""
