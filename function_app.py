@@ -48,12 +48,17 @@ def collect_work(item: func.QueueMessage, context: func.Context) -> None:
 
 @app.queue_trigger(arg_name="envelope", queue_name="%MAIL_QUEUE_NAME%", connection="AzureWebJobsStorage")
 def glpi_tickets(envelope: func.QueueMessage, context: func.Context) -> None:
-    """Make the envelope's message a GLPI ticket or follow-up, once. A failure puts it back on the queue."""
-    from consumers.glpi.service import MAX_DEQUEUE_COUNT, get_consumer  # imported on first use: import stays cheap
+    """Make the envelope's message a GLPI ticket or follow-up, once. A failure puts it back on the queue, for
+    longer after each attempt (consumers/glpi/retries.py)."""
+    from consumers.glpi.service import get_consumer, get_mail_queue, handle_queue_message  # imported on first use
 
     with invocation_logs.invocation(context.thread_local_storage, context.invocation_id):
-        get_consumer().handle(
+        handle_queue_message(
+            get_consumer(),
+            get_mail_queue(),
             envelope.get_body().decode("utf-8", errors="replace"),
+            message_id=envelope.id or "",
+            pop_receipt=envelope.pop_receipt,
             dequeue_count=envelope.dequeue_count or 1,
-            max_dequeue_count=MAX_DEQUEUE_COUNT,
+            expires_on=envelope.expiration_time,
         )

@@ -5,8 +5,9 @@
     python -m consumers.glpi status  ENVELOPE_ID [--settings ...]         what became of one envelope
 
 Settings come from the environment; ``--settings`` adds the Values of a local.settings.json (the environment wins).
-``run`` follows the Functions host's rules: a message that fails goes back to the queue (visible again after the
-host.json ``visibilityTimeout``), and after ``maxDequeueCount`` attempts it moves to ``<queue>-poison``.
+``run`` follows the function's rules: a message that fails goes back to the queue, visible again after a delay
+that grows with its dequeue count (consumers/glpi/retries.py), and after ``maxDequeueCount`` attempts it moves to
+``<queue>-poison``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from consumers.glpi.service import MAX_DEQUEUE_COUNT, build_consumer
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+from consumers.glpi.service import MAX_DEQUEUE_COUNT, build_consumer, handle_queue_message
 from shared import azure_clients
 from shared.errors import CollectorError, ConfigurationError
 from shared.settings import Settings, load_settings
@@ -36,8 +40,9 @@ def _load_settings_file(path: Path) -> None:
         os.environ.setdefault(name, str(value))
 
 
-def run(settings: Settings, *, retry_visibility: int = RETRY_VISIBILITY_SECONDS) -> dict[str, int]:
-    """Handle every message on the mail queue once; returns counts by outcome."""
+def run(settings: Settings, *, retry_visibility: int | None = None) -> dict[str, int]:
+    """Handle every message on the mail queue once; returns counts by outcome. A failed message comes back after
+    its growing retry delay, as under the function (``retry_visibility`` sets one fixed delay instead)."""
     consumer = build_consumer(settings)
     queue = azure_clients.queue(settings, settings.mail_queue)
     counts: dict[str, int] = {}
@@ -49,8 +54,14 @@ def run(settings: Settings, *, retry_visibility: int = RETRY_VISIBILITY_SECONDS)
             for message in batch:
                 dequeue_count = int(message.dequeue_count or 1)
                 try:
-                    outcome = consumer.handle(
-                        message.content, dequeue_count=dequeue_count, max_dequeue_count=MAX_DEQUEUE_COUNT
+                    outcome = handle_queue_message(
+                        consumer,
+                        queue,
+                        message.content,
+                        message_id=message.id,
+                        pop_receipt=message.pop_receipt if retry_visibility is None else None,
+                        dequeue_count=dequeue_count,
+                        expires_on=message.expires_on,
                     ).status
                     queue.delete_message(message)
                 except Exception as e:  # every failure is settled the same way: back on the queue, or poisoned
@@ -61,10 +72,24 @@ def run(settings: Settings, *, retry_visibility: int = RETRY_VISIBILITY_SECONDS)
                         queue.delete_message(message)
                         outcome = "poisoned"
                     else:
-                        queue.update_message(message, visibility_timeout=retry_visibility)
+                        _release(
+                            queue, message, RETRY_VISIBILITY_SECONDS if retry_visibility is None else retry_visibility
+                        )
                 counts[outcome] = counts.get(outcome, 0) + 1
     finally:
         consumer.close()
+
+
+def _release(queue: Any, message: Any, seconds: int) -> None:
+    """The host's release after a failure: a message whose retry delay the consumer set has a new pop receipt,
+    and is left as it is (as the queue extension leaves it)."""
+    try:
+        queue.update_message(message, visibility_timeout=seconds)
+    except ResourceNotFoundError:
+        pass
+    except HttpResponseError as e:
+        if e.status_code != 400 or getattr(e, "error_code", None) != "PopReceiptMismatch":
+            raise
 
 
 def replay(settings: Settings) -> int:

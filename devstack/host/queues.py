@@ -15,7 +15,7 @@ from concurrent.futures import wait as wait_futures
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from azure.core.exceptions import AzureError, ResourceExistsError
+from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.functions.queue import QueueMessage as TriggerQueueMessage
 from azure.storage.queue import QueueServiceClient
 
@@ -156,12 +156,7 @@ class QueueRunner(threading.Thread):
                 self._move_to_poison(message, reason="max_dequeue_count")
                 status = "poisoned"
             else:
-                self._queue.update_message(
-                    message.id,
-                    pop_receipt=message.pop_receipt,
-                    visibility_timeout=int(self._options.retry_visibility.total_seconds()),
-                )
-                status = "retry"
+                status = self._release(message)
         except Exception as error:
             # The message comes back after its visibility timeout; the function must tolerate the repeat.
             logger.warning(
@@ -169,6 +164,24 @@ class QueueRunner(threading.Thread):
             )
             status = "unsettled"
         log_invocation(entry, invocation, status=status, error=invocation.error)
+
+    def _release(self, message: Any) -> str:
+        """Back on the queue after host.json's visibilityTimeout. A function that set the message's visibility
+        itself changed its pop receipt: like the queue extension (QueueProcessor.ReleaseMessageAsync), the host
+        then leaves the message as it is, and does the same when the message is gone."""
+        try:
+            self._queue.update_message(
+                message.id,
+                pop_receipt=message.pop_receipt,
+                visibility_timeout=int(self._options.retry_visibility.total_seconds()),
+            )
+        except ResourceNotFoundError:
+            return "retry-gone"
+        except HttpResponseError as e:
+            if e.status_code == 400 and getattr(e, "error_code", None) == "PopReceiptMismatch":
+                return "retry-set-by-function"
+            raise
+        return "retry"
 
     def _move_to_poison(self, message: Any, *, reason: str) -> None:
         with contextlib.suppress(ResourceExistsError):

@@ -674,3 +674,49 @@ def test_a_consumer_killed_while_adding_a_followup_never_adds_it_twice(
     (followup,) = one_ticket(stack, f"Original {word}")["followups"]
     assert [d["filename"] for d in followup["documents"]] == ["r.txt"]
 
+
+# --- retries: later each time -------------------------------------------------------------------------------
+
+
+def _visible_again(queue: Any, since: float, limit: float) -> tuple[float, int]:
+    """Seconds from ``since`` until the message shows on the queue again (peek: no dequeue), and its count."""
+    while time.monotonic() - since < limit:
+        shown = list(queue.peek_messages())
+        if shown:
+            return time.monotonic() - since, int(shown[0].dequeue_count)
+        time.sleep(0.1)
+    raise AssertionError(f"the message did not come back within {limit} s")
+
+
+def test_glpi_down_brings_a_message_back_later_each_time_then_poisons_it(
+    stack: Stack, glpi_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from consumers.glpi import retries
+
+    # The schedule, shortened: 1, 3, 4, 4 s (production: 1, 5, 25, 120 min); host.json would say 30 s each time.
+    monkeypatch.setattr(retries, "BASE_SECONDS", 1)
+    monkeypatch.setattr(retries, "FACTOR", 3)
+    monkeypatch.setattr(retries, "MAX_SECONDS", 4)
+    monkeypatch.setattr(state_module, "CLAIM_SECONDS", 1)
+    word = _id()
+    post_mail(glpi_settings, mail(f"Down {word}"), mailbox="s@x.test", uid=1)
+    queue = azure_clients.queue(glpi_settings, glpi_settings.mail_queue)
+    poison = azure_clients.queue(glpi_settings, glpi_settings.mail_queue + "-poison")
+    glpi_control(stack, "faults", {"status": 503, "count": -1, "path": "/apirest.php/"})
+    try:
+        gaps: list[tuple[float, int]] = []
+        for attempt in range(1, 5):
+            assert run(glpi_settings) == {"failed": 1}
+            failed_at = time.monotonic()
+            assert list(queue.peek_messages()) == []  # hidden for its delay, not handed out again
+            gaps.append(_visible_again(queue, failed_at, limit=25))
+        assert run(glpi_settings) == {"poisoned": 1}
+    finally:
+        glpi_control(stack, "faults", method="DELETE")
+    assert [count for _, count in gaps] == [1, 2, 3, 4]  # each attempt counted by the queue
+    # Azurite keeps visibility to the second: a delay may end up to a second early, never 30 s late.
+    for (seconds, _), expected in zip(gaps, [1, 3, 4, 4], strict=True):
+        assert expected - 1 <= seconds < 25, gaps
+    assert gaps[1][0] > gaps[0][0]
+    assert len(list(poison.peek_messages())) == 1
+    assert list(queue.peek_messages()) == []

@@ -96,3 +96,30 @@ def test_the_function_stays_off_by_default_and_leaves_the_queue_alone(
     assert "function disabled by setting function=glpi_tickets" in app.log.read_text()
     assert tickets_with(stack, word) == []
     assert len(list(azure_clients.queue(services.settings, services.settings.mail_queue).peek_messages())) == 1
+
+
+def test_under_the_host_a_failed_message_is_hidden_for_its_retry_delay_not_the_hosts(
+    stack: Stack, services: Any, app_env: dict[str, str], tmp_path: Path
+) -> None:
+    from tests.support.glpi import glpi_control, post_mail
+
+    word = uuid.uuid4().hex[:10]
+    post_mail(services.settings, _mail(f"Later {word}", "x"), mailbox="s@x.test", uid=1)
+    queue = azure_clients.queue(services.settings, services.settings.mail_queue)
+    env = {**app_env, "AzureWebJobs.glpi_tickets.Disabled": "false"}
+    glpi_control(stack, "faults", {"status": 503, "count": -1, "path": "/apirest.php/"})
+    try:
+        with serve_app(env, tmp_path / "host") as app:
+            deadline = time.monotonic() + 60
+            while "outcome=failed" not in app.log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.3)
+            time.sleep(1)
+            log = app.log.read_text()
+            assert list(queue.peek_messages()) == []  # hidden, and not handed out again while the host runs
+    finally:
+        glpi_control(stack, "faults", method="DELETE")
+    # The function hid it for the first delay (60 s); the host's own release (host.json's 30 s) found the pop
+    # receipt changed and left it so, as the queue extension does.
+    assert "glpi message deferred" in log and "attempt=1 seconds=60" in log, log[-3000:]
+    assert "status=retry-set-by-function" in log, log[-3000:]
+    assert tickets_with(stack, word) == []
