@@ -34,7 +34,7 @@ from collectors.services import Services, get_services
 from shared.audit import FUNCTION_KEY
 from shared.errors import CollectorError, NotFoundError, RunOutcome
 from shared.mailboxes import InvalidMailboxError, normalize_address
-from shared.registry import MailboxStatus
+from shared.registry import MailboxMode, MailboxStatus
 from shared.signed_links import InvalidLink
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,10 @@ def _action(services: Services, req: func.HttpRequest, who: str, nonce: str) -> 
     except InvalidMailboxError as e:
         return page(400, "Invalid mailbox", str(e))
     if action == "revoke" and form.get("confirm") != address:
-        return _html(200, status_page.render_confirm_revoke(address, services.signer.mac(CSRF_PURPOSE, nonce)))
+        mailbox = services.registry.find(address)
+        app_mode = mailbox is not None and mailbox.mode == MailboxMode.APP
+        csrf = services.signer.mac(CSRF_PURPOSE, nonce)
+        return _html(200, status_page.render_confirm_revoke(address, csrf, app_mode=app_mode))
     notice = _do(services, req, action, address, who)
     logger.info("status page action=%s mailbox=%s ok=%s", action, address, str(notice.ok).lower())
     return _html(200, _render(services, who, nonce, {}, notice))

@@ -166,13 +166,20 @@ def render_status(
     )
 
 
-def render_confirm_revoke(address: str, csrf: str) -> str:
-    """The confirmation a revoke needs: a second form naming the mailbox."""
+def render_confirm_revoke(address: str, csrf: str, *, app_mode: bool = False) -> str:
+    """The confirmation a revoke needs: a second form naming the mailbox, and what the revoke removes."""
+    removes = (
+        "Its row is deleted from the registry: it is no longer collected. Nothing of it is in Key Vault (app mode); "
+        "the app keeps its access to the mailbox in Exchange until an Exchange admin removes it, as the next page "
+        "says."
+        if app_mode
+        else "Its token is deleted from Key Vault and its row from the registry: it is no longer collected, and "
+        "authorizing it again needs a new sign-in."
+    )
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>Revoke a mailbox</title>"
         f"<style>{STYLE}</style></head><body><h1>Revoke {_e(address)}?</h1>"
-        "<p>Its token is deleted from Key Vault and its row from the registry: it is no longer collected, and "
-        "authorizing it again needs a new sign-in.</p>"
+        f"<p>{removes}</p>"
         f"<form method=post action={PAGE_ROUTE}><input type=hidden name=csrf value='{_e(csrf)}'>"
         f"<input type=hidden name=mailbox value='{_e(address)}'><input type=hidden name=confirm value='{_e(address)}'>"
         "<button name=action value=revoke>Yes, revoke it</button></form>"

@@ -96,15 +96,19 @@ class ConsentProblem(Exception):
 
 @dataclass(frozen=True)
 class Revocation:
-    """What a revoke removed, and what it cannot remove: the grant at Entra ID."""
+    """What a revoke removed, and what it cannot remove: the grant at Entra ID (delegated), or the app's access to
+    the mailbox in Exchange (app mode)."""
 
     address: str
     existed: bool
     signed_in_as: str
     secret_purged: bool
+    mode: MailboxMode = MailboxMode.DELEGATED
 
     @property
     def in_key_vault(self) -> str:
+        if self.mode == MailboxMode.APP:
+            return "Nothing was stored in Key Vault for this mailbox: app mode keeps no secret per mailbox."
         if self.secret_purged:
             return "The token secret is deleted with every version and purged."
         return (
@@ -114,6 +118,16 @@ class Revocation:
 
     @property
     def at_entra(self) -> str:
+        if self.mode == MailboxMode.APP:
+            return (
+                f"The app itself can still open {self.address}: Exchange lets it in for as long as the app holds "
+                "IMAP.AccessAsApp and its permission on the mailbox. To end that, an Exchange admin runs "
+                f"Remove-MailboxPermission -Identity {self.address} -User <enterprise application object id> "
+                "-AccessRights FullAccess (Exchange Online PowerShell); if the access was given through RBAC for "
+                "Applications instead, remove the mailbox from that role assignment's management scope (or the "
+                "assignment, Remove-ManagementRoleAssignment). Removing the app's admin consent to IMAP.AccessAsApp "
+                "ends its access to every app-mode mailbox at once."
+            )
         account = self.signed_in_as or self.address
         return (
             f"Refresh tokens that Entra ID already issued to this app for {account} stay valid at Entra ID until they "
@@ -374,32 +388,45 @@ class ConsentService:
         return self._registry.get(address)
 
     def revoke(self, address_text: str, *, admin: str = audit.FUNCTION_KEY) -> Revocation:
-        """Delete the mailbox's registry row, then its secret with every version (purged when the vault allows).
+        """Delete the mailbox's registry row, then (delegated) its secret with every version, purged when the vault
+        allows; an app-mode mailbox has no secret and its revoke touches no Key Vault.
 
         A run collecting the mailbox meanwhile stops at its next checkpoint (the row is gone). What stays valid
-        at Entra ID is said in ``Revocation.at_entra``.
+        elsewhere (at Entra ID, or in Exchange for app mode) is said in ``Revocation.at_entra``.
         """
         address = self._address(address_text, "mailbox")
         previous = self._registry.find(address)
+        mode = previous.mode if previous is not None else MailboxMode.DELEGATED
         self._registry.delete(address)
-        removal = self._store.remove(address, previous.token_secret if previous else "")
-        if self._tokens is not None:
-            self._tokens.forget(address)
+        purged = False
+        after: dict[str, object] = {"status": "revoked"}
+        if mode == MailboxMode.DELEGATED:
+            # An app-mode mailbox has no secret, and its revoke makes no Key Vault call; an unregistered address
+            # is cleaned up as delegated, in case a failed consent left its secret behind.
+            purged = self._store.remove(address, previous.token_secret if previous else "").purged
+            after["secret_purged"] = purged
+            if self._tokens is not None:
+                self._tokens.forget(address)
         logger.info(
-            "mailbox revoked mailbox=%s existed=%s secret_purged=%s", address, previous is not None, removal.purged
+            "mailbox revoked mailbox=%s mode=%s existed=%s secret_purged=%s",
+            address,
+            mode,
+            previous is not None,
+            purged,
         )
         audit.record(
             "revoke",
             mailbox=address,
             who=admin,
             before={"status": previous.status, "signed_in_as": previous.signed_in_as} if previous else {},
-            after={"status": "revoked", "secret_purged": removal.purged},
+            after=after,
         )
         return Revocation(
             address=address,
             existed=previous is not None,
             signed_in_as=previous.signed_in_as if previous else "",
-            secret_purged=removal.purged,
+            secret_purged=purged,
+            mode=mode,
         )
 
     # -- helpers ------------------------------------------------------------------------------------------------

@@ -254,3 +254,24 @@ def test_an_authorize_link_does_not_turn_an_app_mode_mailbox_into_a_delegated_on
         services.consent.start(address, redirect_uri=f"{stack.host_origin}/api/auth/callback")
     assert "app mode" in refused.value.title and "DELETE /api/mailboxes/" in refused.value.next_step
     assert services.registry.get(address).mode == MailboxMode.APP
+
+
+def test_revoking_an_app_mode_mailbox_touches_no_key_vault_and_names_what_ends_its_access(
+    local_host: Any, services: Any, app_mailbox: Any, new_address: Any, keyvault_control: Any
+) -> None:
+    address = new_address()
+    app_mailbox(address)
+    vault_before = key_vault_operations(keyvault_control)
+
+    answer = requests.delete(
+        f"{local_host.origin}/api/mailboxes/{address}", params={"code": local_host.key}, timeout=60
+    )
+
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["revoked"] is True and services.registry.find(address) is None
+    assert key_vault_operations(keyvault_control) == vault_before, "an app-mode revoke must not touch Key Vault"
+    assert "Nothing was stored in Key Vault" in body["key_vault"]
+    assert f"Remove-MailboxPermission -Identity {address}" in body["entra_id"]
+    assert "RBAC for Applications" in body["entra_id"]
+    assert "refresh token" not in (body["key_vault"] + body["entra_id"]).lower()

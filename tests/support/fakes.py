@@ -31,7 +31,7 @@ from shared.after_action import AfterAction, Step
 from shared.errors import TransientError
 from shared.registry import Mailbox, MailboxRegistry
 from shared.settings import Settings, load_settings
-from shared.token_store import SavedCache, StaleTokenError, StoredCache
+from shared.token_store import Removal, SavedCache, StaleTokenError, StoredCache
 
 SETTINGS_ENV = {
     "AzureWebJobsStorage": "UseDevelopmentStorage=true",
@@ -355,6 +355,7 @@ class FakeStore:
         self.failing_saves = 0
         self.saves: list[float | None] = []  # the deadline of each write
         self.after_load: Callable[[], None] | None = None
+        self.removed: list[str] = []  # the addresses revoked
 
     def load(self, address: str, name: str = "", *, deadline: float | None = None) -> StoredCache | None:
         latest = StoredCache(self.versions[-1], str(len(self.versions))) if self.versions else None
@@ -380,6 +381,12 @@ class FakeStore:
             raise StaleTokenError("Key Vault holds a newer token")
         self.versions.append(serialized)
         return SavedCache("", str(len(self.versions)), None)
+
+    def remove(self, address: str, name: str = "") -> Removal:
+        self.removed.append(address)
+        existed = bool(self.versions)
+        self.versions.clear()
+        return Removal(existed=existed, purged=True)
 
     def refresh_token(self) -> str:
         cache = msal.SerializableTokenCache()

@@ -11,7 +11,7 @@ import pytest
 
 from collectors.consent import ConsentProblem, ConsentService
 from shared.errors import MailboxAccessError, TransientError
-from shared.registry import MailboxRegistry, MailboxStatus
+from shared.registry import Mailbox, MailboxMode, MailboxRegistry, MailboxStatus
 from tests.support.fakes import FakeFlowTable, FakeIdentityProvider, FakeStore, FakeTable, settings
 
 ADDRESS = "support@contoso.example"
@@ -152,3 +152,28 @@ def test_bad_options_are_refused_before_any_flow(consent: Consent, options: dict
     with pytest.raises(ConsentProblem, match=field):
         consent.service.start(ADDRESS, redirect_uri=REDIRECT, options=options)
     assert consent.flows.rows == {}
+
+
+def test_a_delegated_revoke_removes_the_secret_and_names_the_grant_at_entra(consent: Consent) -> None:
+    consent.service.complete(consent.signed_in())
+
+    revoked = consent.service.revoke(ADDRESS)
+
+    assert revoked.existed and revoked.secret_purged and consent.store.removed == [ADDRESS]
+    assert consent.registry.find(ADDRESS) is None and consent.store.versions == []
+    assert "purged" in revoked.in_key_vault
+    assert "Refresh tokens" in revoked.at_entra and "Revoke-MgUserSignInSession" in revoked.at_entra
+
+
+def test_an_app_mode_revoke_touches_no_key_vault_and_names_the_exchange_permission(consent: Consent) -> None:
+    consent.registry.put(Mailbox(ADDRESS, mode=MailboxMode.APP))
+
+    revoked = consent.service.revoke(ADDRESS)
+
+    assert revoked.existed and consent.registry.find(ADDRESS) is None
+    assert consent.store.removed == []  # no Key Vault call of any kind
+    assert "Nothing was stored in Key Vault" in revoked.in_key_vault
+    assert f"Remove-MailboxPermission -Identity {ADDRESS}" in revoked.at_entra
+    assert "RBAC for Applications" in revoked.at_entra
+    for text in (revoked.in_key_vault, revoked.at_entra):
+        assert "refresh token" not in text.lower() and "Revoke-MgUserSignInSession" not in text
