@@ -6,7 +6,10 @@ A crash anywhere leaves the checkpoint behind the messages not yet finished, so 
 (at least once; a duplicate envelope carries the same ``id``).
 
 Messages are fetched in batches; while one batch is written to storage the next one is being fetched, so the
-IMAP round trips and the storage writes overlap.
+IMAP round trips and the storage writes overlap. A large message is never held whole: its bytes go from the socket
+into blob blocks as they arrive (``RawStore.open``), the blob is committed once the last byte is in, and only then
+is its envelope queued. Mail in hand is bounded per worker by a memory budget its mailboxes share
+(``collectors.memory_budget``).
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ from typing import Any, Protocol
 from collectors.app_tokens import AppTokenProvider, exchange_refusal
 from collectors.envelope import build_envelope, encode_for_queue
 from collectors.envelope.classification import placeholder, refused
+from collectors.head_envelope import HEAD_BYTES
+from collectors.head_envelope import HeadEnvelopeStream as EnvelopeStream
+from collectors.imap_session import STREAM_CHUNK
 from collectors.mail_source import Checkpoint, MailFolder, MailSource
-from collectors.sinks import EnvelopeQueue, RawStore
+from collectors.memory_budget import MemoryBudget, Reservation
+from collectors.sinks import BLOCK_BYTES, BLOCKS_IN_FLIGHT, EnvelopeQueue, RawStore, RawWriter
 from collectors.tokens import AccessToken, TokenProvider
 from shared.checkpoints import PendingAfterAction
 from shared.errors import (
@@ -59,6 +66,15 @@ WORK_ITEM_TTL = 600
 # connection pool of 10: more threads would open and drop a connection per send.
 FANOUT_THREADS = 8
 STORE_THREADS = 8  # concurrent blob uploads, shared by the mailboxes of a worker
+# A message of this size or more is streamed from the socket into blob blocks, alone in its batch; smaller ones are
+# fetched whole in batches. Held whole, a message costs about twice its size (its bytes, and the envelope parser's
+# copies) and many share one FETCH round trip (2,000 x 20 KB go 50 at a time); streamed, it costs its working set
+# below, whatever its size. The two meet at about 8 MiB: above it streaming holds less, below it batching does.
+STREAM_ABOVE = 8 * 1024 * 1024
+BATCH_COST = 2  # bytes reserved per byte of a batch held whole: the bytes as read, and the envelope parser's copies
+# A streamed message's memory: the block being filled and its joined copy, the blocks being staged, the chunk read
+# from the socket, and the head the envelope is built from.
+STREAM_WORKING_SET = (BLOCKS_IN_FLIGHT + 2) * BLOCK_BYTES + STREAM_CHUNK + HEAD_BYTES
 
 
 @dataclass
@@ -139,11 +155,12 @@ class StoredBlob:
 
 
 def envelope_of(
-    mailbox: Mailbox, uidvalidity: int, uid: int, blob: _Blob, raw: bytes, *, collected_at: datetime
+    mailbox: Mailbox, uidvalidity: int, uid: int, blob: _Blob, raw: bytes | EnvelopeStream, *, collected_at: datetime
 ) -> dict[str, Any]:
-    """The envelope of one stored message: the same for a collection and a replay of its blob."""
-    return build_envelope(
-        raw,
+    """The envelope of one stored message: the same for a collection and a replay of its blob. ``raw`` is its
+    bytes, or the stream they went through."""
+    build = functools.partial(build_envelope, raw) if isinstance(raw, bytes) else raw.envelope
+    return build(
         mailbox=mailbox.address,
         folder=mailbox.options.folder,
         uidvalidity=uidvalidity,
@@ -159,10 +176,38 @@ def blob_name(mailbox_key: str, uidvalidity: int, uid: int) -> str:
     return f"{mailbox_key}/{uidvalidity}/{uid:010d}.eml"
 
 
+class _Streamed:
+    """One message on its way from the socket: each chunk goes to its blob writer and its envelope stream."""
+
+    def __init__(self, writer: RawWriter) -> None:
+        self.writer = writer
+        self.envelope = EnvelopeStream()
+
+    def write(self, chunk: bytes) -> None:
+        self.writer.write(chunk)
+        self.envelope.feed(chunk)
+
+    def commit(self) -> None:
+        try:
+            self.writer.commit()
+        except BaseException:
+            self.writer.abort()
+            raise
+
+
 @dataclass
 class _Batch:
     uids: list[int]
     messages: dict[int, bytes] = field(default_factory=dict)
+    reservation: Reservation | None = None  # its share of the worker's memory budget, released once it is stored
+    stream: _Streamed | None = None  # the one message of a streamed batch, when the server still had it
+
+    def size_of(self, uid: int) -> int:
+        return self.stream.envelope.size if self.stream is not None else len(self.messages[uid])
+
+    def release(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
 
 
 @dataclass(frozen=True)
@@ -192,6 +237,7 @@ class Collector:
         leases: Leases,
         app_tokens: AppTokenProvider | None = None,
         clock: Callable[[], float] = time.monotonic,
+        memory_budget: MemoryBudget | None = None,
     ) -> None:
         self._settings = settings
         self._registry = registry
@@ -203,6 +249,7 @@ class Collector:
         self._clock = clock
         self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
         self._enqueue_pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="enqueue")
+        self._budget = memory_budget or MemoryBudget(settings.memory_budget_mb * 1024 * 1024)
 
     # -- the run --------------------------------------------------------------------------------------------
 
@@ -323,19 +370,60 @@ class Collector:
             oversize_handled = self._oversize(mailbox, folder, sizes)
             batches = list(self._plan(sizes, options.max_messages, options.max_bytes))
             result.more = sum(len(b) for b in batches) < len(sizes)
+            streamed = {b[0] for b in batches if sizes[b[0]] >= STREAM_ABOVE}
+            streams: dict[int, _Streamed] = {}
+
+            def sink(uid: int) -> _Streamed:
+                streams[uid] = _Streamed(self._sinks.raw.open(blob_name(mailbox.key, folder.uidvalidity, uid)))
+                return streams[uid]
+
             pending: tuple[_Batch, Future[Enqueued]] | None = None
             # The next batch's FETCH is already on the wire while this one is handled: that hides one round trip
             # to the server per batch. Batches arrive in order; the after-actions in between stay safe.
-            for uids, messages in folder.fetch_batches(batches):
-                if self._clock() > deadline:
-                    result.more = True  # this batch is not stored: the next run fetches it again
-                    break
-                batch = _Batch(uids, messages)  # overlaps with the previous batch's storage writes
+            fetched = folder.fetch_batches(batches, streamed=streamed, sink=sink)
+            try:
+                for planned in batches:
+                    whole = sum(sizes[uid] for uid in planned)
+                    cost = STREAM_WORKING_SET if planned[0] in streamed else BATCH_COST * whole
+                    if pending is not None and planned[0] in streamed:
+                        # A streamed message starts with nothing pending, so that a cut in its bytes leaves every
+                        # earlier message stored, queued, acted on and checkpointed (none is collected twice).
+                        checkpoint = self._finish(mailbox, folder, lease, *pending, result)
+                        pending = None
+                    reservation = self._budget.take(cost, wait=False)
+                    if reservation is None:
+                        # Wait for memory holding none (a holder that waits could wait for itself): the pending
+                        # batch is finished first, which returns its share.
+                        if pending is not None:
+                            checkpoint = self._finish(mailbox, folder, lease, *pending, result)
+                            pending = None
+                        reservation = self._budget.take(cost, timeout=max(0.0, deadline - self._clock()))
+                        if reservation is None:
+                            result.more = True  # the worker's memory stayed taken until the deadline
+                            break
+                    try:
+                        uids, messages = next(fetched)
+                    except BaseException:
+                        reservation.release()
+                        raise
+                    batch = _Batch(uids, messages, reservation, streams.pop(uids[0], None))
+                    if self._clock() > deadline:
+                        result.more = True  # this batch is not stored: the next run fetches it again
+                        if batch.stream is not None:
+                            batch.stream.writer.abort()
+                        batch.release()
+                        break
+                    # The batch was read while the previous one was being stored.
+                    if pending is not None:
+                        checkpoint = self._finish(mailbox, folder, lease, *pending, result)
+                    pending = (batch, self._store(mailbox, folder.uidvalidity, batch))
                 if pending is not None:
                     checkpoint = self._finish(mailbox, folder, lease, *pending, result)
-                pending = (batch, self._store(mailbox, folder.uidvalidity, batch))
-            if pending is not None:
-                checkpoint = self._finish(mailbox, folder, lease, *pending, result)
+                    pending = None
+            finally:
+                fetched.close()
+                for stream in streams.values():  # cut in the middle of its bytes: nothing of it is committed
+                    stream.writer.abort()
             if oversize_handled and not result.more:
                 # Every message is handled, the oversize ones too: the checkpoint passes them all.
                 checkpoint = folder.checkpoint_after(newest)
@@ -435,7 +523,8 @@ class Collector:
 
     @staticmethod
     def _plan(sizes: dict[int, int], max_messages: int, max_bytes: int) -> Iterator[list[int]]:
-        """Batches in UID order within the per-run caps. The first message is always taken, however big."""
+        """Batches in UID order within the per-run caps. The first message is always taken, however big. A message
+        of STREAM_ABOVE bytes or more is a batch of its own (it is streamed)."""
         total = 0
         batch: list[int] = []
         batch_bytes = 0
@@ -443,7 +532,8 @@ class Collector:
             size = sizes[uid]
             if taken >= max_messages or (taken and total + size > max_bytes):
                 break
-            if batch and (len(batch) >= BATCH_MESSAGES or batch_bytes + size > BATCH_BYTES):
+            full = len(batch) >= BATCH_MESSAGES or batch_bytes + size > BATCH_BYTES
+            if batch and (full or size >= STREAM_ABOVE or sizes[batch[0]] >= STREAM_ABOVE):
                 yield batch
                 batch, batch_bytes = [], 0
             batch.append(uid)
@@ -454,8 +544,16 @@ class Collector:
 
     def _store(self, mailbox: Mailbox, uidvalidity: int, batch: _Batch) -> Future[Enqueued]:
         """Upload the batch's blobs and build their envelopes concurrently; send the envelopes one by one in UID
-        order as they are ready."""
+        order as they are ready. The batch's memory is given back once that is done, whatever the outcome."""
         writes = []
+        if batch.stream is not None:
+            # Its blocks are staged already: commit the block list, and build the envelope from the stream.
+            uid, stream = batch.uids[0], batch.stream
+            blob = StoredBlob(self._sinks.raw.url(name := blob_name(mailbox.key, uidvalidity, uid)), name)
+            commit = self._store_pool.submit(carried(stream.commit))
+            build = carried(self._streamed_envelope)
+            envelope = self._store_pool.submit(build, mailbox, uidvalidity, uid, blob, stream)
+            writes.append((uid, commit, envelope))
         for uid in batch.uids:
             if uid not in batch.messages:
                 continue
@@ -466,7 +564,9 @@ class Collector:
             upload = self._store_pool.submit(carried(self._sinks.raw.put), name, raw)
             envelope = self._store_pool.submit(carried(self._envelope), mailbox, uidvalidity, uid, blob, raw)
             writes.append((uid, upload, envelope))
-        return self._enqueue_pool.submit(carried(self._enqueue_in_order), writes)
+        stored = self._enqueue_pool.submit(carried(self._enqueue_in_order), writes)
+        stored.add_done_callback(lambda _: batch.release())
+        return stored
 
     @staticmethod
     def _envelope(
@@ -475,7 +575,18 @@ class Collector:
         """The envelope text for the queue, whether the mailbox's refuse rule applies (an auto-reply, a bounce or a
         mail loop, as GLPI's "refused" folder), the message's Date (for the delivery delay), and whether the server
         served a placeholder instead of the message."""
-        envelope = envelope_of(mailbox, uidvalidity, uid, blob, raw, collected_at=datetime.now(UTC))
+        return Collector._queued(envelope_of(mailbox, uidvalidity, uid, blob, raw, collected_at=datetime.now(UTC)))
+
+    @staticmethod
+    def _streamed_envelope(
+        mailbox: Mailbox, uidvalidity: int, uid: int, blob: StoredBlob, stream: _Streamed
+    ) -> tuple[str, bool, datetime | None, bool]:
+        """As ``_envelope``, for a message whose bytes went through ``stream``."""
+        envelope = envelope_of(mailbox, uidvalidity, uid, blob, stream.envelope, collected_at=datetime.now(UTC))
+        return Collector._queued(envelope)
+
+    @staticmethod
+    def _queued(envelope: dict[str, Any]) -> tuple[str, bool, datetime | None, bool]:
         classification = envelope["classification"]
         return (
             encode_for_queue(envelope),
@@ -534,7 +645,7 @@ class Collector:
         if enqueued.max_delay is not None:
             result.max_delay = max(result.max_delay or 0.0, enqueued.max_delay)
         result.messages += len(enqueued.stored)
-        result.bytes += sum(len(batch.messages[uid]) for uid in enqueued.stored)
+        result.bytes += sum(batch.size_of(uid) for uid in enqueued.stored)
         for uid in sorted(enqueued.placeholders):
             logger.warning(
                 "collect placeholder mailbox=%s uid=%d: Exchange could not convert this message and served a "

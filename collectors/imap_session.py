@@ -13,9 +13,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Generator, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from imapclient import IMAPClient, SocketTimeout
 from imapclient import exceptions as imap_errors
@@ -45,6 +45,13 @@ WINDOW_MIN = 4 * 1024 * 1024
 WINDOW_MAX = 16 * 1024 * 1024
 GUESSED_SIZE = 64 * 1024  # bytes counted for a message whose size was not asked
 DEFAULT_RTT = 0.05  # seconds, until a round trip has been measured
+STREAM_CHUNK = 1024 * 1024  # bytes read from the socket at a time for a streamed message
+
+
+class ChunkSink(Protocol):
+    """Where a streamed message's bytes go as they arrive (collectors.sinks.RawWriter, an envelope stream)."""
+
+    def write(self, chunk: bytes) -> None: ...
 
 
 @functools.cache
@@ -204,6 +211,7 @@ class ImapSession:
         self._sizes_ahead: tuple[int, dict[int, int]] | None = None  # new_sizes() answer read with SELECT's
         self._done: dict[bytes, tuple[bytes, bytes]] = {}  # FETCH completions read while reading an earlier one
         self._sizes: dict[int, int] = {}  # every size learned, for the pipelining window
+        self._streaming: tuple[bytes, int, Callable[[int], ChunkSink]] | None = None  # tag, UID, sink being read
         self.rtt = DEFAULT_RTT  # seconds: SELECT's round trip, once measured
 
     def __enter__(self) -> ImapSession:
@@ -471,27 +479,65 @@ class ImapSession:
         self._settle()
         return self._answer(self._send_fetch(uids))
 
-    def fetch_batches(self, batches: Iterable[list[int]]) -> Iterator[tuple[list[int], dict[int, bytes]]]:
+    def fetch_batches(
+        self,
+        batches: Iterable[list[int]],
+        *,
+        streamed: Collection[int] = (),
+        sink: Callable[[int], ChunkSink] | None = None,
+    ) -> Generator[tuple[list[int], dict[int, bytes]]]:
         """``(uids, fetch(uids))`` for each batch in order, with the next batches already requested up to the
         window (``window()`` bytes beyond the batch being read, and always the next one).
+
+        A UID in ``streamed`` (alone in its batch) is never held whole: when its literal starts, ``sink(uid)`` is
+        called once and gets the bytes in chunks of STREAM_CHUNK as they come off the socket, and the batch is
+        yielded with the UID absent from the dict (absent from the sink's calls too when it was deleted meanwhile).
+        Its FETCH is sent only once every earlier answer is read, and nothing is requested after it until its
+        answer is read: so no other command (an after-action settling the wire) can read it whole, and every
+        ``BODY[]`` literal on the wire then is that message's, wherever the server puts the UID.
 
         The caller may run other commands (after-actions) between batches: every other command first reads the
         answers still on the wire (imaplib files all untagged FETCH answers together, and ``UID STORE`` would
         otherwise take them). Leaving the loop early abandons the requested batches.
         """
         waiting = list(batches)
+        streams = set(streamed)
+        for batch in waiting:
+            if len(batch) > 1 and streams.intersection(batch):
+                raise ValueError("a streamed message must be alone in its batch")
+        if streams and sink is None:
+            raise ValueError("streamed messages need a sink")
         sent: list[bytes] = []
         try:
             window = self.window()
             while waiting or sent:
-                while waiting and (len(sent) < 2 or self._requested_bytes(sent[1:]) < window):
+                while waiting and self._may_send(waiting[0], sent, streams, window):
                     sent.append(self._send_fetch(waiting.pop(0)))
                 tag = sent.pop(0)
-                yield self._requested[tag], self._answer(tag)
+                uids = self._requested[tag]
+                if uids[0] not in streams:
+                    yield uids, self._answer(tag)
+                    continue
+                assert sink is not None
+                self._streaming = (tag, uids[0], sink)
+                try:
+                    whole = self._answer(tag)
+                finally:
+                    self._streaming = None
+                for uid, body in whole.items():  # a server that answered it early, before its turn: already whole
+                    sink(uid).write(body)
+                yield uids, {}
         finally:
             for tag in sent:
                 for uid in self._requested.pop(tag, []):
                     self._bodies.pop(uid, None)
+
+    def _may_send(self, batch: list[int], sent: list[bytes], streams: set[int], window: int) -> bool:
+        if batch[0] in streams:
+            return not sent  # its turn only: nothing else on the wire while it is read in chunks
+        if any(self._requested[tag][0] in streams for tag in sent):
+            return False  # nothing requested after a streamed message until it is read
+        return len(sent) < 2 or self._requested_bytes(sent[1:]) < window
 
     def window(self) -> int:
         """Bytes to keep requested beyond the batch being read: the measured round trip at WINDOW_RATE."""
@@ -545,22 +591,50 @@ class ImapSession:
                 raise imap_errors.IMAPClientAbortError(f"unexpected answer from the server: {line[:100]!r}")
             texts = [line]
             body: bytes | None = None
+            streamed_to: int | None = None
             while (literal := _LITERAL_AT_END.search(line)) is not None:
                 size = int(literal.group(1))
+                is_body = line[: literal.start()].rstrip().upper().endswith(b"BODY[]")
+                if is_body and self._streaming is not None and self._streaming[0] == tag:
+                    announced = _UID_ITEM.search(b" ".join(texts))
+                    if announced is None or int(announced.group(1)) == self._streaming[1]:
+                        streamed_to = self._streaming[1]
+                        self._read_streamed(imap, size, self._streaming[2](streamed_to))
+                        line = imap.readline()
+                        texts.append(line)
+                        continue
                 data = imap.read(size)
                 if len(data) != size:
                     raise imap_errors.IMAPClientAbortError("connection closed in the middle of a message")
-                if line[: literal.start()].rstrip().upper().endswith(b"BODY[]"):
+                if is_body:
                     body = data
                 line = imap.readline()
                 texts.append(line)
             if line.startswith(b"* BYE"):
                 bye = line.rstrip(b"\r\n")
             uid = _UID_ITEM.search(b" ".join(texts))
+            if streamed_to is not None and (uid is None or int(uid.group(1)) != streamed_to):
+                # Only the streamed FETCH is on the wire, so this cannot be another batch's message: the server
+                # answered with a body the command did not ask for. Its bytes went to the sink, which is abandoned.
+                raise TransientError(
+                    f"IMAP server {self._host} answered the FETCH of UID {streamed_to} with another message's body",
+                    remedy="nothing to do: its bytes are not kept, and the next run fetches the message again",
+                )
             # Unsolicited FETCH answers (flag changes by another client) carry no body, or a UID nobody asked for; a
             # message expunged by another client since the sizes were asked comes back as "BODY[] NIL".
             if body is not None and uid is not None and int(uid.group(1)) in wanted:
                 self._bodies[int(uid.group(1))] = body
+
+    @staticmethod
+    def _read_streamed(imap: IMAP4_TLS, size: int, sink: ChunkSink) -> None:
+        """Hand a literal of ``size`` bytes to ``sink`` in chunks as it comes; a cut raises before the last chunk."""
+        remaining = size
+        while remaining:
+            data: bytes = imap.read(min(STREAM_CHUNK, remaining))
+            if not data:
+                raise imap_errors.IMAPClientAbortError("connection closed in the middle of a message")
+            remaining -= len(data)
+            sink.write(data)
 
     def _answer(self, tag: bytes) -> dict[int, bytes]:
         if tag in self._in_flight:

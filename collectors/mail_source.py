@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-from collectors.imap_session import ImapSession
+from collectors.imap_session import ChunkSink, ImapSession
 from shared.after_action import Step
 from shared.checkpoints import Checkpoint as FolderCheckpoint
 from shared.checkpoints import checkpoint_of, with_checkpoint
@@ -48,8 +48,19 @@ class MailFolder(Protocol):
         """Size in bytes of each message after the checkpoint, by message id (ascending ids are arrival order)."""
         ...
 
-    def fetch_batches(self, batches: Iterable[list[int]]) -> Iterator[tuple[list[int], dict[int, bytes]]]:
-        """``(ids, {id: exact bytes})`` per batch, in order; ids deleted meanwhile are absent from the dict."""
+    def fetch_batches(
+        self,
+        batches: Iterable[list[int]],
+        *,
+        streamed: Collection[int] = (),
+        sink: Callable[[int], ChunkSink] | None = None,
+    ) -> Generator[tuple[list[int], dict[int, bytes]]]:
+        """``(ids, {id: exact bytes})`` per batch, in order; ids deleted meanwhile are absent from the dict.
+
+        An id in ``streamed`` must be alone in its batch: its bytes are never held whole but handed to ``sink(id)``
+        (called once, when they start) in chunks as they arrive, before its batch is yielded without it. A failure
+        in the middle raises as any fetch does, after only part of the bytes reached the sink.
+        """
         ...
 
     def fetch_headers(self, ids: Iterable[int]) -> dict[int, bytes]:
@@ -102,8 +113,14 @@ class ImapFolder:
     def sizes(self) -> dict[int, int]:
         return self._session.new_sizes(self._last_uid)
 
-    def fetch_batches(self, batches: Iterable[list[int]]) -> Iterator[tuple[list[int], dict[int, bytes]]]:
-        return self._session.fetch_batches(batches)
+    def fetch_batches(
+        self,
+        batches: Iterable[list[int]],
+        *,
+        streamed: Collection[int] = (),
+        sink: Callable[[int], ChunkSink] | None = None,
+    ) -> Generator[tuple[list[int], dict[int, bytes]]]:
+        return self._session.fetch_batches(batches, streamed=streamed, sink=sink)
 
     def fetch_headers(self, ids: Iterable[int]) -> dict[int, bytes]:
         return self._session.fetch_headers(ids)

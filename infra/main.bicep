@@ -84,6 +84,11 @@ param collectMaxConcurrency int = 8
 @description('Overall time budget of one collector run, in seconds; keep it inside the schedule interval.')
 param collectTimeBudgetSeconds int = 240
 
+@minValue(64)
+@maxValue(65536)
+@description('Memory for mail in hand per worker, in MB, shared by the mailboxes it collects at once; keep it well below instanceMemoryMB.')
+param collectMemoryBudgetMB int = 512
+
 @allowed([
   512
   2048
@@ -341,6 +346,7 @@ module api 'app/api.bicep' = {
     collectSchedule: collectSchedule
     collectMaxConcurrency: collectMaxConcurrency
     collectTimeBudgetSeconds: collectTimeBudgetSeconds
+    collectMemoryBudgetMB: collectMemoryBudgetMB
     mailQueueName: mailQueueName
     mailContainerName: mailContainerName
     workQueueName: workQueueName
@@ -420,6 +426,7 @@ output IMAP_SCOPE string = imapScope
 output COLLECT_SCHEDULE string = collectSchedule
 output COLLECT_MAX_CONCURRENCY int = collectMaxConcurrency
 output COLLECT_TIME_BUDGET_SECONDS int = collectTimeBudgetSeconds
+output COLLECT_MEMORY_BUDGET_MB int = collectMemoryBudgetMB
 output MAIL_QUEUE_NAME string = mailQueueName
 output WORK_QUEUE_NAME string = workQueueName
 output MAIL_CONTAINER_NAME string = mailContainerName

@@ -51,6 +51,7 @@ SETTING_NAMES: tuple[str, ...] = (
     "COLLECT_SCHEDULE",
     "COLLECT_MAX_CONCURRENCY",
     "COLLECT_TIME_BUDGET_SECONDS",
+    "COLLECT_MEMORY_BUDGET_MB",
     "MAIL_QUEUE_NAME",
     "MAIL_CONTAINER_NAME",
     "WORK_QUEUE_NAME",
@@ -128,6 +129,7 @@ class Settings:
     collect_schedule: str
     max_concurrency: int
     time_budget_seconds: int
+    memory_budget_mb: int
     mail_queue: str
     mail_container: str
     work_queue: str
@@ -233,6 +235,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         collect_schedule=_text(env, "COLLECT_SCHEDULE", "0 */5 * * * *") or "",
         max_concurrency=_integer(env, "COLLECT_MAX_CONCURRENCY", 8, minimum=1, maximum=64),
         time_budget_seconds=_integer(env, "COLLECT_TIME_BUDGET_SECONDS", 240, minimum=10, maximum=3600),
+        memory_budget_mb=_integer(env, "COLLECT_MEMORY_BUDGET_MB", 512, minimum=64, maximum=65536),
         mail_queue=_text(env, "MAIL_QUEUE_NAME", "incoming-mail") or "",
         mail_container=_text(env, "MAIL_CONTAINER_NAME", "raw-mail") or "",
         work_queue=_text(env, "WORK_QUEUE_NAME", "collect-work") or "",

@@ -4,7 +4,9 @@ per-test isolation (own queue, containers, tables and mailbox addresses, so test
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -193,3 +195,21 @@ def simple_message(subject: str, body: str = "hello", *, sender: str = "customer
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
         f"{body}\r\n"
     ).encode()
+
+
+def large_message(subject: str, size: int) -> bytes:
+    """A mail of about ``size`` bytes: a short text and a base64 attachment of random bytes (a screenshot, a log)."""
+    boundary = uuid.uuid4().hex
+    encoded = base64.encodebytes(os.urandom(size * 3 // 4)).replace(b"\n", b"\r\n")
+    return (
+        (
+            f"From: Customer <customer@example.org>\r\nTo: support@example.test\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{uuid.uuid4().hex}@example.org>\r\nDate: Sun, 29 Nov 2026 10:00:00 +0000\r\n"
+            f'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="{boundary}"\r\n\r\n'
+            f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nThe capture is attached.\r\n"
+            f'--{boundary}\r\nContent-Type: image/png; name="capture.png"\r\nContent-Transfer-Encoding: base64\r\n'
+            f'Content-Disposition: attachment; filename="capture.png"\r\n\r\n'
+        ).encode()
+        + encoded
+        + f"--{boundary}--\r\n".encode()
+    )

@@ -39,6 +39,7 @@ param imapScope string
 param collectSchedule string
 param collectMaxConcurrency int
 param collectTimeBudgetSeconds int
+param collectMemoryBudgetMB int
 param mailQueueName string
 param mailContainerName string
 param workQueueName string
@@ -90,6 +91,7 @@ var collectorSettings = {
   COLLECT_SCHEDULE: collectSchedule
   COLLECT_MAX_CONCURRENCY: string(collectMaxConcurrency)
   COLLECT_TIME_BUDGET_SECONDS: string(collectTimeBudgetSeconds)
+  COLLECT_MEMORY_BUDGET_MB: string(collectMemoryBudgetMB)
   MAIL_QUEUE_NAME: mailQueueName
   MAIL_CONTAINER_NAME: mailContainerName
   WORK_QUEUE_NAME: workQueueName

@@ -39,6 +39,7 @@ $values = [ordered]@{
     COLLECT_SCHEDULE                     = Get-Setting 'COLLECT_SCHEDULE' '0 */5 * * * *'
     COLLECT_MAX_CONCURRENCY              = Get-Setting 'COLLECT_MAX_CONCURRENCY' '8'
     COLLECT_TIME_BUDGET_SECONDS          = Get-Setting 'COLLECT_TIME_BUDGET_SECONDS' '240'
+    COLLECT_MEMORY_BUDGET_MB             = Get-Setting 'COLLECT_MEMORY_BUDGET_MB' '512'
     MAIL_QUEUE_NAME                      = Get-Setting 'MAIL_QUEUE_NAME' 'incoming-mail'
     MAIL_CONTAINER_NAME                  = Get-Setting 'MAIL_CONTAINER_NAME' 'raw-mail'
     WORK_QUEUE_NAME                      = Get-Setting 'WORK_QUEUE_NAME' 'collect-work'

@@ -59,6 +59,7 @@ values = {
     "COLLECT_SCHEDULE": value("COLLECT_SCHEDULE", "0 */5 * * * *"),
     "COLLECT_MAX_CONCURRENCY": value("COLLECT_MAX_CONCURRENCY", "8"),
     "COLLECT_TIME_BUDGET_SECONDS": value("COLLECT_TIME_BUDGET_SECONDS", "240"),
+    "COLLECT_MEMORY_BUDGET_MB": value("COLLECT_MEMORY_BUDGET_MB", "512"),
     "MAIL_QUEUE_NAME": value("MAIL_QUEUE_NAME", "incoming-mail"),
     "MAIL_CONTAINER_NAME": value("MAIL_CONTAINER_NAME", "raw-mail"),
     "WORK_QUEUE_NAME": value("WORK_QUEUE_NAME", "collect-work"),

@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 
 import collectors.imap_session as imap_session
+from collectors.collect import blob_name
 from collectors.consent import ConsentProblem
 from devstack import dovecot
+from shared import azure_clients
 from shared.registry import MailboxStatus, utcnow
-from tests.conftest import simple_message
+from tests.conftest import large_message, simple_message
 from tests.support.faults import check_delivery, collect, doveadm, stored_version
 from tests.support.imap_proxy import ImapProxy, proxy_for
 from tests.support.stack import Stack
@@ -313,3 +315,41 @@ def test_a_message_expunged_between_search_and_fetch_is_skipped_and_the_rest_col
     envelopes = queue_messages()
     assert gone not in {e["uid"] for e in envelopes}
     check_delivery(services, [sent[0], *sent[2:]], envelopes, case=f"IMAP: message expunged {step=}")
+
+
+def test_a_connection_cut_in_the_middle_of_a_streamed_message_loses_and_repeats_nothing(
+    stack: Stack, services: Any, proxy: ImapProxy, consent: Any, new_address: Any, deliver: Any,
+    queue_messages: Any,
+) -> None:  # fmt: skip
+    address = new_address()
+    consent(address)
+    small = [simple_message(f"{address} #{i}", f"body {i}") for i in range(5)]
+    large = large_message(f"{address} large", 12 * 1024 * 1024)
+    sent = [*small[:3], large, *small[3:]]
+    for raw in sent:
+        deliver(address, raw)
+    # The second body FETCH is the large message's alone (it waits until the first batch is read): cut it when
+    # 5 MB of its 12 have come, a block staged and the next one being filled.
+    cut = proxy.add("drop", BODY_FETCH, skip=1, after_bytes=5 * 1024 * 1024)
+
+    failed = collect(services, address)
+
+    assert cut.fired == 1
+    assert failed.outcome == "transient" and "was lost" in failed.error
+    queued = queue_messages()
+    assert [e["uid"] for e in queued] == [1, 2, 3], "the messages before the cut are queued, once"
+    row = services.registry.get(address)
+    assert row.last_uid == 3, "the messages before the cut are checkpointed"
+    container = azure_clients.container(services.settings, services.settings.mail_container)
+    partial = container.get_blob_client(blob_name(row.key, row.uidvalidity, 4))
+    assert not partial.exists(), "a message cut in its bytes must leave no blob"
+    marks = flags(stack, address)
+    assert [uid for uid in sorted(marks) if "\\Seen" in marks[uid]] == [1, 2, 3]
+
+    done = collect(services, address)
+
+    assert (done.outcome, done.messages) == ("ok", 3)
+    assert all("\\Seen" in f for f in flags(stack, address).values())
+    queued += queue_messages()
+    tally = check_delivery(services, sent, queued, case="IMAP: connection cut inside a streamed message")
+    assert tally.duplicates == 0

@@ -14,11 +14,13 @@ import jsonschema
 import pytest
 from azure.storage.queue import QueueClient
 
+import collectors.collect as collect_module
+from collectors.sinks import BLOCK_BYTES
 from devstack import dovecot
 from shared import azure_clients
 from shared.mailboxes import mailbox_key
 from shared.registry import MailboxStatus
-from tests.conftest import ROOT, simple_message
+from tests.conftest import ROOT, large_message, simple_message
 from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
@@ -445,3 +447,37 @@ def test_an_unexpected_error_in_one_mailbox_does_not_stop_the_others(
     assert (row.last_error_class, row.last_uid, row.status) == ("error", 0, "active")
     monkeypatch.undo()
     assert collect(services, broken).messages == 1  # nothing was lost
+
+
+def test_a_large_message_is_streamed_into_blob_blocks_byte_exact(
+    stack: Stack, services: Any, consent: Any, new_address: Any, deliver: Any, queue_messages: Any
+) -> None:
+    address = new_address()
+    consent(address)
+    before, after = simple_message("before", "a"), simple_message("after", "b")
+    large = large_message("a 12 MB capture", 12 * 1024 * 1024)
+    assert len(large) >= collect_module.STREAM_ABOVE, "the message must be one the collector streams"
+    for raw in (before, large, after):
+        deliver(address, raw)
+
+    result = collect(services, address)
+
+    assert (result.outcome, result.messages, result.bytes) == ("ok", 3, len(before) + len(large) + len(after))
+    envelopes = queue_messages()
+    assert [e["subject"] for e in envelopes] == ["before", "a 12 MB capture", "after"]
+    streamed = envelopes[1]
+    stored = blob_bytes(services, streamed)
+    assert stored == large
+    assert hashlib.sha256(stored).hexdigest() == streamed["sha256"] == hashlib.sha256(large).hexdigest()
+    assert streamed["size"] == len(large)
+    jsonschema.validate(streamed, SCHEMA)
+    container = azure_clients.container(services.settings, services.settings.mail_container)
+    blob = container.get_blob_client(streamed["blob"]["name"])
+    assert blob.get_blob_properties().content_settings.content_type == "message/rfc822"
+    committed, _ = blob.get_block_list("committed")
+    # Staged in blocks as the bytes came, not uploaded whole (a whole upload of this size is one Put Blob).
+    assert [block.size for block in committed] == [BLOCK_BYTES] * (len(large) // BLOCK_BYTES) + (
+        [len(large) % BLOCK_BYTES] if len(large) % BLOCK_BYTES else []
+    )
+    assert set(dovecot.list_flags(Path(stack.dovecot_config), address, "INBOX")[2]) >= {"\\Seen"}
+    assert services.registry.get(address).last_uid == 3

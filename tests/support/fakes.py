@@ -16,7 +16,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,9 @@ import requests
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
 from collectors.collect import Collector, Sinks
+from collectors.imap_session import ChunkSink
 from collectors.mail_source import Checkpoint
+from collectors.memory_budget import MemoryBudget
 from collectors.tokens import AccessToken
 from shared.after_action import AfterAction, Step
 from shared.errors import TransientError
@@ -164,6 +166,7 @@ class FakeFlowTable(FakeTable):
 class FakeRawStore:
     def __init__(self, journal: Journal, fault: Fault = never) -> None:
         self.blobs: dict[str, bytes] = {}
+        self.writers: list[FakeWriter] = []
         self._journal = journal
         self._fault = fault
 
@@ -177,6 +180,33 @@ class FakeRawStore:
             raise error
         self.blobs[name] = raw
         self._journal.append(f"put:{uid}")
+
+    def open(self, name: str) -> FakeWriter:
+        self.writers.append(writer := FakeWriter(self, name))
+        return writer
+
+
+class FakeWriter:
+    """The bytes kept aside until commit, which stores them as ``put`` does (its faults and journal entry too)."""
+
+    def __init__(self, store: FakeRawStore, name: str) -> None:
+        self.store = store
+        self.name = name
+        self.chunks: list[bytes] = []
+        self.state = "open"
+
+    def write(self, chunk: bytes) -> None:
+        assert self.state == "open", f"write after {self.state}"
+        self.chunks.append(chunk)
+
+    def commit(self) -> None:
+        assert self.state == "open", f"commit after {self.state}"
+        self.store.put(self.name, b"".join(self.chunks))
+        self.state = "committed"
+
+    def abort(self) -> None:
+        if self.state == "open":
+            self.state = "aborted"
 
 
 class FakeEnvelopeQueue:
@@ -422,6 +452,7 @@ class FakeFolder:
         self._last_uid = last_uid
         self._journal = journal
         self._fault = fault
+        self.streamed: list[int] = []  # UIDs handed over in chunks
 
     @property
     def uidvalidity(self) -> int:
@@ -435,7 +466,13 @@ class FakeFolder:
         box = self._server.folders.get(self._name, {})
         return {uid: len(raw) for uid, raw in box.items() if uid > self._last_uid}
 
-    def fetch_batches(self, batches: Iterable[list[int]]) -> Iterator[tuple[list[int], dict[int, bytes]]]:
+    def fetch_batches(
+        self,
+        batches: Iterable[list[int]],
+        *,
+        streamed: Collection[int] = (),
+        sink: Callable[[int], ChunkSink] | None = None,
+    ) -> Generator[tuple[list[int], dict[int, bytes]]]:
         box = self._server.folders.get(self._name, {})
         for index, batch in enumerate(batches):
             if self._server.on_batch is not None:
@@ -443,7 +480,23 @@ class FakeFolder:
             error = self._fault(f"fetch:{batch[0]}")
             if error is not None:
                 raise error
+            if batch[0] in streamed and batch[0] in box:
+                assert sink is not None and len(batch) == 1
+                self.streamed.append(batch[0])
+                self._stream(batch[0], box[batch[0]], sink(batch[0]))
+                yield batch, {}
+                continue
             yield batch, {uid: box[uid] for uid in batch if uid in box}
+
+    def _stream(self, uid: int, raw: bytes, to: ChunkSink) -> None:
+        """The bytes in three chunks; the fault ``cut:<uid>`` strikes after the first (a cut in the literal)."""
+        third = max(1, len(raw) // 3)
+        for start in range(0, len(raw), third):
+            if start:
+                error = self._fault(f"cut:{uid}")
+                if error is not None:
+                    raise error
+            to.write(raw[start : start + third])
 
     def fetch_headers(self, ids: Iterable[int]) -> dict[int, bytes]:
         box = self._server.folders.get(self._name, {})
@@ -516,6 +569,7 @@ class World:
     leases: FakeLeases = field(default_factory=FakeLeases)
     tokens: FakeTokens = field(default_factory=FakeTokens)
     now: list[float] = field(default_factory=lambda: [0.0])
+    budget: MemoryBudget | None = None  # the collectors' shared budget (None: each its own, from the settings)
 
     def __post_init__(self) -> None:
         self.raw = FakeRawStore(self.journal, self.faults)
@@ -535,4 +589,5 @@ class World:
             sinks=Sinks(raw=self.raw, envelopes=self.queue),
             leases=self.leases,
             clock=self.clock,
+            memory_budget=self.budget,
         )

@@ -3,12 +3,14 @@ refuse decisions, deadlines, leases and revocation. The fault suite checks the s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from typing import Any
 
 import pytest
 
+import collectors.collect as collect_module
 from collectors.collect import BATCH_MESSAGES, WORK_ITEM_TTL
 from shared.errors import AfterActionError, MailboxAccessError, NeedsReconsentError, RunOutcome, TransientError
 from shared.registry import Mailbox, MailboxOptions, MailboxStatus
@@ -322,3 +324,43 @@ def test_a_failed_work_item_send_fails_the_fan_out_after_the_others_are_sent() -
         World().collector().fan_out(mailboxes, work)
 
     assert len(work.items) == 39  # the others reached the queue; the failed mailbox waits for the next tick
+
+
+def test_a_large_message_is_streamed_to_its_blob_and_queued_after_the_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(collect_module, "STREAM_ABOVE", 10_000)
+    world = World()
+    register(world)
+    small = mail("small")
+    big = plain(("Subject", "big"), body="y" * 30_000 + "\r\n")
+    uids = [world.server.deliver(raw) for raw in (small, big, small)]
+
+    result = collect(world)
+
+    assert (result.outcome, result.messages, result.bytes) == (RunOutcome.OK, 3, 2 * len(small) + len(big))
+    folder_streamed = [w.name for w in world.raw.writers]
+    assert len(folder_streamed) == 1 and folder_streamed[0].endswith(f"/{uids[1]:010d}.eml")
+    assert world.raw.blobs[folder_streamed[0]] == big
+    (envelope,) = [m for m in world.queue.messages if m["uid"] == uids[1]]
+    assert envelope["size"] == len(big) and envelope["sha256"] == hashlib.sha256(big).hexdigest()
+    assert envelope["subject"] == "big" and envelope["blob"]["name"] == folder_streamed[0]
+    journal = world.journal
+    assert [m["uid"] for m in world.queue.messages] == uids
+    assert journal.index(f"put:{uids[1]}") < journal.index(f"send:{uids[1]}")
+    # The batch before the streamed message is finished (acted on, checkpointed) before its bytes are read.
+    assert journal.index("checkpoint:1") < journal.index(f"put:{uids[1]}")
+    assert journal.index(f"send:{uids[1]}") < journal.index(f"apply:seen:{uids[1]}") < journal.index("checkpoint:2")
+
+
+def test_a_streamed_message_past_the_deadline_is_not_committed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(collect_module, "STREAM_ABOVE", 10_000)
+    world = World()
+    register(world)
+    world.server.deliver(plain(("Subject", "big"), body="y" * 30_000 + "\r\n"))
+    world.server.on_batch = lambda index: world.now.__setitem__(0, 1_000.0)  # the clock passes the deadline
+
+    result = collect(world)
+
+    assert (result.outcome, result.messages, result.more) == (RunOutcome.OK, 0, True)
+    (writer,) = world.raw.writers
+    assert writer.state == "aborted" and world.raw.blobs == {} and world.queue.messages == []
+    assert world.registry.get(ADDRESS).last_uid == 0

@@ -5,6 +5,7 @@ import io
 import pytest
 from imapclient import exceptions as imap_errors
 
+import collectors.imap_session as imap_session_module
 from collectors.imap_session import DEFAULT_THROTTLE_BACKOFF, WINDOW_MAX, WINDOW_MIN, ImapSession, _throttle
 from shared.errors import MailboxAccessError, TransientError
 
@@ -251,3 +252,66 @@ def test_the_window_follows_the_round_trip_and_counts_bytes_not_batches() -> Non
         next(batches)  # the scripted server has nothing to say; what counts is what was requested before reading
     sent = imap_session._connection()._imap.sent
     assert len(sent) == 2 + imap_session.window() // (3 * 1024 * 1024), sent
+
+
+class Chunks:
+    """A sink that keeps the chunks it got, per UID."""
+
+    def __init__(self) -> None:
+        self.got: dict[int, list[bytes]] = {}
+
+    def __call__(self, uid: int) -> Chunks:
+        assert uid not in self.got, "one sink call per message"
+        self.got[uid] = []
+        self.uid = uid
+        return self
+
+    def write(self, chunk: bytes) -> None:
+        self.got[self.uid].append(chunk)
+
+
+@pytest.mark.parametrize("uid_after", [False, True], ids=["uid-first", "uid-after-the-body"])
+def test_a_streamed_message_reaches_the_sink_in_chunks_and_nothing_is_sent_after_it(
+    monkeypatch: pytest.MonkeyPatch, uid_after: bool
+) -> None:
+    monkeypatch.setattr(imap_session_module, "STREAM_CHUNK", 4)
+    small, big = b"Subject: s\r\n\r\nhi\r\n", b"Subject: b\r\n\r\n" + b"0123456789" * 3
+    literal = b"BODY[] {%d}\r\n%s" % (len(big), big)
+    items = literal + b" UID 8)" if uid_after else b"UID 8 " + literal + b")"
+    answer = (
+        b"* 1 FETCH (UID 7 BODY[] {%d}\r\n%s)\r\nT1 OK done\r\n" % (len(small), small)
+        + b"* 2 FETCH (" + items + b"\r\nT2 OK done\r\n"
+        + b"* 3 FETCH (UID 9 BODY[] {2}\r\nok)\r\nT3 OK done\r\n"
+    )  # fmt: skip
+    imap_session = reading(answer)
+    imap_session._sizes = {7: len(small), 8: len(big), 9: 2}
+    sink = Chunks()
+    batches = imap_session.fetch_batches([[7], [8], [9]], streamed={8}, sink=sink)
+    sent = imap_session._connection()._imap.sent
+
+    assert next(batches) == ([7], {7: small})
+    assert len(sent) == 1, "the streamed FETCH waits until every earlier answer is read"
+    assert next(batches) == ([8], {})
+    assert b"".join(sink.got[8]) == big and max(map(len, sink.got[8])) == 4
+    assert len(sent) == 2, "nothing is requested while a streamed message is on the wire"
+    assert next(batches) == ([9], {9: b"ok"})
+
+
+def test_a_streamed_message_cut_in_its_bytes_raises_after_handing_over_only_part() -> None:
+    answer = b"* 2 FETCH (UID 8 BODY[] {100}\r\n" + b"x" * 40
+    imap_session = reading(answer)
+    sink = Chunks()
+    with pytest.raises(TransientError, match="lost"):
+        list(imap_session.fetch_batches([[8]], streamed={8}, sink=sink))
+    assert len(b"".join(sink.got[8])) == 40
+
+
+def test_a_body_of_another_uid_in_a_streamed_answer_is_refused() -> None:
+    answer = b"* 2 FETCH (BODY[] {3}\r\nabc UID 9)\r\nT1 OK done\r\n"
+    with pytest.raises(TransientError, match="of UID 8 with another message"):
+        list(reading(answer).fetch_batches([[8]], streamed={8}, sink=Chunks()))
+
+
+def test_a_streamed_message_must_be_alone_in_its_batch() -> None:
+    with pytest.raises(ValueError, match="alone"):
+        list(reading(b"").fetch_batches([[7, 8]], streamed={8}, sink=Chunks()))
