@@ -151,6 +151,7 @@ class _Client(IMAPClient):  # type: ignore[misc]
 
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}\r\n$")  # a line announcing a literal of that many bytes
 _UID_ITEM = re.compile(rb"[( ]UID (\d+)", re.IGNORECASE)
+_SIZE_ITEM = re.compile(rb"[( ]RFC822\.SIZE (\d+)", re.IGNORECASE)
 
 
 def _folder_argument(client: IMAPClient, folder: str) -> bytes:
@@ -433,9 +434,19 @@ class ImapSession:
         if status != "OK":
             raise imap_errors.IMAPClientError(f"UID FETCH failed: {status} {data!r}"[:300])
         _, data = imap._untagged_response(status, data, "FETCH")
-        answer = parse_fetch_response(data, False, True) if data != [None] else {}
+        data = [] if data == [None] else data
         # "n:*" also matches the highest UID when it is below n; unsolicited FETCH answers carry no size.
-        found = {int(uid): int(item[b"RFC822.SIZE"]) for uid, item in answer.items() if b"RFC822.SIZE" in item}
+        if all(isinstance(line, bytes) for line in data):
+            # One line per message, "7 (UID 7 RFC822.SIZE 2048)" in any order: two searches each, where imapclient's
+            # parser cost a quarter of the client's time for 2,000 small messages.
+            found = {}
+            for line in data:
+                uid, size = _UID_ITEM.search(line), _SIZE_ITEM.search(line)
+                if uid is not None and size is not None:
+                    found[int(uid.group(1))] = int(size.group(1))
+        else:  # a literal in some answer (an unsolicited item): the full parser
+            answer = parse_fetch_response(data, False, True)
+            found = {int(uid): int(item[b"RFC822.SIZE"]) for uid, item in answer.items() if b"RFC822.SIZE" in item}
         self._sizes.update(found)
         return {uid: found[uid] for uid in sorted(found) if uid > last_uid}
 
