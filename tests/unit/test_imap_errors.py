@@ -169,7 +169,6 @@ def test_new_sizes_come_with_select_and_leave_out_the_last_message_below_the_che
     assert len(imap.writes) == 2
 
 
-
 def test_new_sizes_read_items_in_any_order_and_answers_with_a_literal() -> None:
     selected = ("OK", [b"[READ-WRITE] done"], {"UIDVALIDITY": [b"9"]})
     lines = [b"1 (RFC822.SIZE 30 UID 10)", b"2 (uid 11 rfc822.size 40 FLAGS (\\Seen))"]
@@ -180,6 +179,7 @@ def test_new_sizes_read_items_in_any_order_and_answers_with_a_literal() -> None:
     with_literal = [(b"3 (UID 12 RFC822.SIZE 50 X-NOTE {2}", b"hi"), b")", b"4 (UID 13 RFC822.SIZE 60)"]
     imap = Scripted(SELECT=selected, FETCH=("OK", [b"done"], {"FETCH": with_literal}))
     assert over(session(), imap).new_sizes(11) == {12: 50, 13: 60}
+
 
 class Wire:
     """The reading side of imaplib over a scripted byte stream: what the FETCH reader sees of a server."""
