@@ -48,6 +48,7 @@ from shared.errors import (
 from shared.folders import same_folder
 from shared.invocation_logs import carried
 from shared.lease import Lease, Leases
+from shared.mailboxes import mailbox_key
 from shared.registry import Mailbox, MailboxMode, MailboxRegistry, MailboxStatus, utcnow
 from shared.settings import Settings
 
@@ -58,9 +59,13 @@ BATCH_BYTES = 16 * 1024 * 1024  # and at most this much mail per FETCH (one larg
 # One instance collects up to this many times COLLECT_MAX_CONCURRENCY mailboxes in a run; above that the timer fans
 # out one work item per mailbox and queue-triggered instances collect them in parallel.
 FANOUT_FACTOR = 4
-# Seconds: a work item not taken by then is dropped; the next tick schedules the mailbox again. An item taken by an
-# instance that dies comes back after the queue trigger's 10-minute visibility timeout, when this has passed too:
-# by then later ticks have put new items for its mailbox on the queue, and its lease (60 s) has long lapsed.
+# Seconds a work item lives on the queue (its time to live). The queue deletes it then, whether it waits or is hidden
+# because an instance took it (Azure Queue Storage: Get Messages may hide a message past its expiry time, and it is
+# deleted at its expiry all the same). The Functions host hides a taken item for 10 minutes, renewed while the function
+# runs; if the instance dies, the item would come back after those 10 minutes, but its time to live is over by then,
+# so it never comes back. The fan-out sends no second item for a mailbox while one is outstanding
+# (``Mailbox.work_item_outstanding``): a lost item -- expired untaken, or taken by an instance that died -- is replaced
+# at the first tick after this time to live, when the dead run's lease (60 s) has long lapsed.
 WORK_ITEM_TTL = 600
 # Concurrent work-item sends (2,000 one by one cost 2,000 storage round trips in a row), within the queue client's
 # connection pool of 10: more threads would open and drop a connection per send.
@@ -75,6 +80,10 @@ BATCH_COST = 2  # bytes reserved per byte of a batch held whole: the bytes as re
 # A streamed message's memory: the block being filled and its joined copy, the blocks being staged, the chunk read
 # from the socket, and the head the envelope is built from.
 STREAM_WORKING_SET = (BLOCKS_IN_FLIGHT + 2) * BLOCK_BYTES + STREAM_CHUNK + HEAD_BYTES
+# A run that changes nothing (no mail, no error to clear, no work item to mark done) writes its success to the registry
+# only when the last one recorded is this old: an empty mailbox costs a registry write every third 5-minute run, not
+# every run. The status page's "last success" is this much behind at most; the stale report waits an hour.
+SUCCESS_RECORD_EVERY = timedelta(minutes=15)
 
 
 @dataclass
@@ -266,33 +275,46 @@ class Collector:
         """More mailboxes than one instance collects well in one run: spread them over instances via the queue."""
         return count > self._settings.max_concurrency * FANOUT_FACTOR
 
-    def fan_out(self, mailboxes: list[Mailbox], work_queue: WorkQueue) -> int:
-        """Put one work item per mailbox on the work queue, FANOUT_THREADS at a time. A failed send raises (after the
-        sends already started end): its mailbox waits for the next tick, and the run is reported as failed."""
+    def fan_out(self, mailboxes: list[Mailbox], work_queue: WorkQueue, *, ttl: int = WORK_ITEM_TTL) -> int:
+        """Put one work item per mailbox on the work queue, FANOUT_THREADS at a time, except for a mailbox whose last
+        item is still outstanding (waiting, or being collected): a slow backlog or a stuck instance never multiplies
+        items. Each item sent is then noted in the mailbox's row with when it expires (``ttl`` seconds). A failed send
+        raises (after the sends already started end): its mailbox waits for the next tick, and the run is reported as
+        failed. Returns how many items were sent."""
+        now = utcnow()
+        due = [m for m in mailboxes if not m.work_item_outstanding(now)]
+        item = now.isoformat()
+        sent: list[tuple[str, str, datetime]] = []
 
         def send(mailbox: Mailbox) -> None:
-            work_queue.send_message(
-                json.dumps({"mailbox": mailbox.address, "enqueued_at": utcnow().isoformat()}),
-                time_to_live=WORK_ITEM_TTL,
-            )
+            work_queue.send_message(json.dumps({"mailbox": mailbox.address, "enqueued_at": item}), time_to_live=ttl)
+            # Taken from the clock after the send: never before the queue's own expiry of the item.
+            sent.append((mailbox.address, item, utcnow() + timedelta(seconds=ttl)))
 
-        with ThreadPoolExecutor(max(1, min(FANOUT_THREADS, len(mailboxes))), thread_name_prefix="fan-out") as pool:
-            for sent in [pool.submit(carried(send), mailbox) for mailbox in mailboxes]:
-                sent.result()
-        logger.info("collect fan-out mailboxes=%d queue=%s", len(mailboxes), work_queue.queue_name)
-        return len(mailboxes)
+        try:
+            with ThreadPoolExecutor(max(1, min(FANOUT_THREADS, len(due))), thread_name_prefix="fan-out") as pool:
+                for done in [pool.submit(carried(send), mailbox) for mailbox in due]:
+                    done.result()
+        finally:
+            # Sent items are noted even when another send failed. An item whose note is lost is only sent once more.
+            self._registry.record_work_items(sent)
+        logger.info(
+            "collect fan-out mailboxes=%d sent=%d outstanding=%d queue=%s",
+            len(mailboxes), len(sent), len(mailboxes) - len(due), work_queue.queue_name,
+        )  # fmt: skip
+        return len(sent)
 
     def collect_work_item(self, text: str) -> MailboxResult | None:
         """Collect the mailbox a work item names. Items for unknown or inactive mailboxes are dropped (None)."""
         try:
-            address = str(json.loads(text)["mailbox"])
-        except (ValueError, KeyError, TypeError):
+            item = json.loads(text)
+            address = str(item["mailbox"])
+            sent = str(item.get("enqueued_at", ""))
+        except (ValueError, KeyError, TypeError, AttributeError):
             logger.warning("work item dropped: not a JSON object with a mailbox")
             return None
-        mailbox = self._registry.find(address)
-        if mailbox is None or mailbox.status is not MailboxStatus.ACTIVE:
-            return None
-        return self.collect_mailbox(mailbox, deadline=self._clock() + self._settings.time_budget_seconds)
+        deadline = self._clock() + self._settings.time_budget_seconds
+        return self._collect_one(address, None, deadline=deadline, work_item=sent)
 
     def run(
         self, mailboxes: list[Mailbox] | None = None, *, budget_seconds: float | None = None
@@ -310,62 +332,96 @@ class Collector:
             return list(pool.map(collect, mailboxes))
 
     def collect_mailbox(self, mailbox: Mailbox, *, deadline: float) -> MailboxResult:
-        """Collect one mailbox under its lease and record the outcome in the registry. Never raises CollectorError."""
+        """Collect one mailbox, as listed, under its lease and record the outcome in the registry. Never raises
+        CollectorError."""
+        result = self._collect_one(mailbox.address, mailbox, deadline=deadline)
+        assert result is not None  # only a work item's mailbox can be unknown
+        return result
+
+    def _collect_one(
+        self, address: str, listed: Mailbox | None, *, deadline: float, work_item: str = ""
+    ) -> MailboxResult | None:
+        """Collect ``address`` under its lease: from its ``listed`` row, read again only when the run has something to
+        do (see ``_collect``), or from the row read under the lease (None: a work item's mailbox). Returns None for a
+        work item whose mailbox is unknown or inactive."""
         started = self._clock()
-        result = MailboxResult(mailbox.address)
+        result = MailboxResult(address)
+        row = listed  # the newest row seen, for the failure count
         try:
-            with self._leases.hold(mailbox.key) as lease:
+            with self._leases.hold(mailbox_key(address)) as lease:
                 if not lease.held:
                     result.outcome = RunOutcome.BUSY
                 else:
-                    # Re-read under the lease: the checkpoint may have moved since the list was taken.
-                    current = self._registry.find(mailbox.address)
-                    if current is None or current.status is not MailboxStatus.ACTIVE:
-                        result.outcome = RunOutcome.DEFERRED  # revoked or disabled while the run was starting
-                    else:
-                        self._collect(current, lease, deadline, result)
+                    if row is None:
+                        # Read under the lease, once: no other run can move the checkpoint until it is released.
+                        row = self._registry.find(address)
+                        if row is None or row.status is not MailboxStatus.ACTIVE:
+                            return None
+                    newer = self._collect(row, lease, deadline, result, fresh=listed is None, work_item=work_item)
+                    if newer is not None:
+                        row = newer
+                        if newer.status is not MailboxStatus.ACTIVE:
+                            result.outcome = RunOutcome.DEFERRED  # revoked or disabled while the run was starting
+                        else:
+                            self._collect(newer, lease, deadline, result, fresh=True, work_item=work_item)
         except CollectorError as e:
             result.outcome = e.error_class
             result.error = e.describe()
-            self._record_failure(mailbox, e)
+            row = self._record_failure(row, address, e, work_item)
         except NotFoundError:
             # Revoked during the run: what reached the queue stays there (at least once); no row to record into.
-            logger.info("mailbox revoked during its run mailbox=%s", mailbox.address)
+            logger.info("mailbox revoked during its run mailbox=%s", address)
             result.outcome = RunOutcome.DEFERRED
         except Exception as e:
             # A defect must cost this mailbox one run, not stop the others: record it and go on.
-            logger.exception("collect failed unexpectedly mailbox=%s error=%s", mailbox.address, type(e).__name__)
+            logger.exception("collect failed unexpectedly mailbox=%s error=%s", address, type(e).__name__)
             unexpected = CollectorError(
-                f"unexpected {type(e).__name__} while collecting {mailbox.address}",
+                f"unexpected {type(e).__name__} while collecting {address}",
                 remedy="nothing is lost (the checkpoint did not move); if it repeats, report it with the log",
             )
             result.outcome = unexpected.error_class
             result.error = unexpected.describe()
-            self._record_failure(mailbox, unexpected)
+            row = self._record_failure(row, address, unexpected, work_item)
         result.duration = self._clock() - started
+        before = row.consecutive_failures if row is not None else 0
         if result.outcome is RunOutcome.OK:
             failures = 0
         elif not result.outcome.failed:
-            failures = mailbox.consecutive_failures
+            failures = before
         else:
-            failures = mailbox.consecutive_failures + 1
+            failures = before + 1
         result.log(failures)
         return result
 
     # -- one mailbox ------------------------------------------------------------------------------------------
 
-    def _collect(self, mailbox: Mailbox, lease: Lease, deadline: float, result: MailboxResult) -> None:
+    def _collect(
+        self, mailbox: Mailbox, lease: Lease, deadline: float, result: MailboxResult, *, fresh: bool, work_item: str
+    ) -> Mailbox | None:
+        """Collect ``mailbox`` under ``lease``. A ``fresh`` row was read under the lease. A listed one may be behind:
+        another run may have collected the mailbox between the listing and this lease. When the folder holds nothing
+        after the listed checkpoint, the run has nothing to collect whatever the real checkpoint (a checkpoint only
+        moves forward), and it writes neither checkpoint nor counters: the listed row serves, with no read. Otherwise
+        the row is read again under the lease; if it changed, it is returned (``DEFERRED`` when it is gone) for the
+        caller to start again from it. Returns None when the run is done."""
         options = mailbox.options
         token, login_refused = self._token(mailbox, deadline)
         if token.saved_at is not None:
             self._registry.record_token_saved(mailbox.address, token.saved_at, token.secret_name)
         with self._source.open(mailbox, token.token, login_refused=login_refused) as folder:
+            sizes = folder.sizes()
+            if not fresh and (sizes or not _at_checkpoint(mailbox, folder.checkpoint) or _owes_work(mailbox)):
+                current = self._registry.find(mailbox.address)
+                if current is None:
+                    result.outcome = RunOutcome.DEFERRED  # revoked while the run was starting
+                    return None
+                if current != mailbox:
+                    return current
             self._apply_pending(mailbox, folder)
             checkpoint = folder.checkpoint
             # Placeholders stay listed on the mailbox until someone deals with them in Outlook (they leave the folder).
             same = folder.uidvalidity == mailbox.uidvalidity
             known = folder.existing(mailbox.placeholder_uids) if same and mailbox.placeholder_uids else []
-            sizes = folder.sizes()
             newest = max(sizes, default=0)
             oversize_handled = self._oversize(mailbox, folder, sizes)
             batches = list(self._plan(sizes, options.max_messages, options.max_bytes))
@@ -428,13 +484,37 @@ class Collector:
                 # Every message is handled, the oversize ones too: the checkpoint passes them all.
                 checkpoint = folder.checkpoint_after(newest)
         placeholders = sorted({*known, *result.placeholders})
-        if tuple(placeholders) != mailbox.placeholder_uids:
-            self._registry.record_placeholders(mailbox.address, placeholders)
+        self._record_success(
+            mailbox,
+            checkpoint,
+            result.messages,
+            placeholders if tuple(placeholders) != mailbox.placeholder_uids else None,
+            work_item,
+        )
+        return None
+
+    def _record_success(
+        self,
+        mailbox: Mailbox,
+        checkpoint: Checkpoint,
+        messages: int,
+        placeholders: list[int] | None,
+        work_item: str,
+    ) -> None:
+        """One registry write for the run's success, with what changed; none when nothing did and the last success
+        recorded is younger than SUCCESS_RECORD_EVERY."""
+        moved = bool(messages) or not _at_checkpoint(mailbox, checkpoint)
+        healthy = not mailbox.last_error_class and not mailbox.consecutive_failures
+        recent = mailbox.last_success_at is not None and utcnow() - mailbox.last_success_at < SUCCESS_RECORD_EVERY
+        if not moved and placeholders is None and not work_item and healthy and recent:
+            return
         self._registry.record_success(
             mailbox.address,
-            checkpoint=checkpoint,
-            collected_total=mailbox.collected_total + result.messages,
-            collected_today=collected_today(mailbox, result.messages),
+            checkpoint=checkpoint if moved else None,
+            collected_total=mailbox.collected_total + messages if moved else None,
+            collected_today=collected_today(mailbox, messages),
+            placeholders=placeholders,
+            work_item=work_item,
         )
 
     def _apply_pending(self, mailbox: Mailbox, folder: MailFolder) -> None:
@@ -670,21 +750,41 @@ class Collector:
         self._registry.record_checkpoint(mailbox.address, checkpoint)
         return checkpoint
 
-    def _record_failure(self, mailbox: Mailbox, error: CollectorError) -> None:
-        if isinstance(error, NeedsReconsentError) and mailbox.mode == MailboxMode.APP:
-            # No one signs in for an app-mode mailbox: re-consent is never the remedy, whatever raised this.
-            error = ConfigurationError(str(error), remedy="check the app's credential and admin consent")
-        retry_after = None
-        if isinstance(error, TransientError) and error.retry_after:
-            retry_after = utcnow() + timedelta(seconds=error.retry_after)
+    def _record_failure(
+        self, mailbox: Mailbox | None, address: str, error: CollectorError, work_item: str
+    ) -> Mailbox | None:
+        """Record a failed run; ``mailbox`` is the newest row seen (None: not read yet, as when a work item's lease
+        could not be taken). Returns the row the failure count was taken from."""
         try:
+            if mailbox is None:
+                mailbox = self._registry.find(address)
+                if mailbox is None:
+                    return None
+            if isinstance(error, NeedsReconsentError) and mailbox.mode == MailboxMode.APP:
+                # No one signs in for an app-mode mailbox: re-consent is never the remedy, whatever raised this.
+                error = ConfigurationError(str(error), remedy="check the app's credential and admin consent")
+            retry_after = None
+            if isinstance(error, TransientError) and error.retry_after:
+                retry_after = utcnow() + timedelta(seconds=error.retry_after)
             self._registry.record_failure(
-                mailbox.address,
+                address,
                 error_class=error.error_class,
                 error=error.describe(),
                 consecutive_failures=mailbox.consecutive_failures + 1,
                 needs_reconsent=isinstance(error, NeedsReconsentError),
                 retry_after=retry_after,
+                work_item=work_item,
             )
         except (CollectorError, NotFoundError) as e:
-            logger.warning("cannot record the outcome mailbox=%s error=%s", mailbox.address, e)
+            logger.warning("cannot record the outcome mailbox=%s error=%s", address, e)
+        return mailbox
+
+
+def _at_checkpoint(mailbox: Mailbox, checkpoint: Checkpoint) -> bool:
+    """Whether ``checkpoint`` is the one the row holds."""
+    return all(getattr(mailbox, column) == value for column, value in checkpoint.items())
+
+
+def _owes_work(mailbox: Mailbox) -> bool:
+    """The row asks for writes that a row out of date could get wrong: an after-action owed, placeholders listed."""
+    return bool(mailbox.pending_after_action or mailbox.placeholder_uids)

@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from azure.core.exceptions import AzureError, ResourceNotFoundError
-from azure.data.tables import TableClient, UpdateMode
+from azure.data.tables import TableClient, TableTransactionError, UpdateMode
 
 from shared.after_action import AfterAction, Step
 from shared.after_action import plan as plan_after_action
@@ -162,6 +162,11 @@ class Mailbox:
     # Messages Exchange served as a placeholder (it could not convert them to MIME): left in the mailbox, listed
     # here until they are gone from the folder. Stored as "1,5,9" (a table has no list type).
     placeholder_uids: tuple[int, ...] = ()
+    # Fan-out: the last work item sent for this mailbox (its ``enqueued_at`` text), when the queue drops it unless taken
+    # (its time to live), and the last item whose collection ended. See ``work_item_outstanding``.
+    work_item: str = ""
+    work_item_expires_at: datetime | None = None
+    work_item_done: str = ""
 
     def __post_init__(self) -> None:
         # A stored row holds plain text.
@@ -174,6 +179,12 @@ class Mailbox:
     @property
     def key(self) -> str:
         return mailbox_key(self.address)
+
+    def work_item_outstanding(self, now: datetime) -> bool:
+        """Whether a work item for this mailbox is still waiting on the queue or being collected: sent, its collection
+        not ended, and its time to live not over (after that the queue has dropped it, taken or not)."""
+        expires = self.work_item_expires_at
+        return bool(self.work_item) and self.work_item != self.work_item_done and expires is not None and now < expires
 
     def to_public(self) -> dict[str, Any]:
         """A JSON-ready view for admins (no secrets are held in the row in the first place)."""
@@ -191,6 +202,7 @@ _COLUMNS = frozenset(_ROW_FIELDS) | {f"opt_{name}" for name in _OPTION_FIELDS}
 # folder's UIDVALIDITY and last UID finished, and the same per folder (shared.checkpoints). A new source adds its own.
 CHECKPOINT_COLUMNS = frozenset({"uidvalidity", "last_uid", "folder_checkpoints"})
 MAX_ERROR_CHARS = 1000  # of last_error: the message and its remedy, not a traceback
+TRANSACTION_ROWS = 100  # Table storage's limit of operations in one transaction (batch)
 
 
 def _uid_list(uids: Sequence[int]) -> str:
@@ -300,33 +312,67 @@ class MailboxRegistry:
         """The after-action still owed to queued mail (empty text: none)."""
         self._merge(address, pending_after_action=pending)
 
-    def record_placeholders(self, address: str, uids: Sequence[int]) -> None:
-        """The messages Exchange serves as placeholders in the collected folder now (empty: none any more)."""
-        self._merge(address, placeholder_uids=_uid_list(sorted(set(uids))))
-
     def record_success(
         self,
         address: str,
         *,
-        checkpoint: Mapping[str, int | str],
-        collected_total: int,
+        checkpoint: Mapping[str, int | str] | None = None,
+        collected_total: int | None = None,
         collected_today: int = 0,
+        placeholders: Sequence[int] | None = None,
+        work_item: str = "",
     ) -> None:
-        """A run ended well: the final checkpoint, the failure status cleared, and ``collected_today`` the count
-        of messages collected on this UTC day (the status page's)."""
+        """A run ended well, in one write: the failure status cleared and the time of the success; with the run's
+        outcome where it changed something: the final ``checkpoint``, ``collected_total`` with ``collected_today`` (the
+        status page's count for this UTC day), the messages Exchange serves as ``placeholders`` now (empty: none any
+        more), and ``work_item``, the work item whose collection this was (the fan-out may send the next one)."""
         now = utcnow()
-        self._merge(
-            address,
-            **_checkpoint_fields(checkpoint),
-            last_run_at=now,
-            last_success_at=now,
-            last_error_class="",
-            last_error="",
-            consecutive_failures=0,
-            collected_total=collected_total,
-            collected_today=collected_today,
-            collected_day=now.date().isoformat(),
-        )
+        fields: dict[str, Any] = {
+            "last_run_at": now,
+            "last_success_at": now,
+            "last_error_class": "",
+            "last_error": "",
+            "consecutive_failures": 0,
+        }
+        if checkpoint is not None:
+            fields.update(_checkpoint_fields(checkpoint))
+        if collected_total is not None:
+            fields.update(
+                collected_total=collected_total, collected_today=collected_today, collected_day=now.date().isoformat()
+            )
+        if placeholders is not None:
+            fields["placeholder_uids"] = _uid_list(sorted(set(placeholders)))
+        if work_item:
+            fields["work_item_done"] = work_item
+        self._merge(address, **fields)
+
+    def record_work_items(self, sent: Sequence[tuple[str, str, datetime]]) -> int:
+        """Work items ``(address, item, expires_at)`` are on the fan-out queue. Written as table transactions of up to
+        TRANSACTION_ROWS rows (every row is in one partition), so 2,000 mailboxes cost 20 calls, not 2,000. A row gone
+        meanwhile (the mailbox was revoked) is skipped, never created again. Returns how many rows were written."""
+        written = 0
+        for start in range(0, len(sent), TRANSACTION_ROWS):
+            chunk = sent[start : start + TRANSACTION_ROWS]
+            entities = [
+                {
+                    "PartitionKey": PARTITION,
+                    "RowKey": mailbox_key(address),
+                    "work_item": item,
+                    "work_item_expires_at": expires_at,
+                }
+                for address, item, expires_at in chunk
+            ]
+            if self._call(self._merge_all, entities):
+                written += len(chunk)
+                continue
+            # A row of the chunk is gone, and a transaction is all or nothing: row by row instead.
+            for address, item, expires_at in chunk:
+                try:
+                    self._merge(address, work_item=item, work_item_expires_at=expires_at)
+                    written += 1
+                except NotFoundError:
+                    logger.info("work item sent for a mailbox revoked meanwhile mailbox=%s", address)
+        return written
 
     def set_status(self, address: str, status: MailboxStatus) -> None:
         """An admin paused or resumed the mailbox; a resume starts its failure count anew."""
@@ -352,9 +398,11 @@ class MailboxRegistry:
         consecutive_failures: int,
         needs_reconsent: bool = False,
         retry_after: datetime | None = None,
+        work_item: str = "",
     ) -> None:
         """A run failed: what and how often; ``needs_reconsent`` stops collection until the next consent;
-        ``retry_after`` skips the mailbox until then (throttling)."""
+        ``retry_after`` skips the mailbox until then (throttling); ``work_item``: the work item whose collection
+        this was (the fan-out may send the next one)."""
         fields: dict[str, Any] = {
             "last_run_at": utcnow(),
             "last_error_class": str(error_class),
@@ -365,6 +413,8 @@ class MailboxRegistry:
             fields["status"] = MailboxStatus.NEEDS_RECONSENT.value
         if retry_after is not None:
             fields["retry_after"] = retry_after
+        if work_item:
+            fields["work_item_done"] = work_item
         self._merge(address, **fields)
 
     def set_options(self, address: str, options: MailboxOptions) -> None:
@@ -381,6 +431,16 @@ class MailboxRegistry:
             self._call(self._table.update_entity, entity, mode=UpdateMode.MERGE)
         except ResourceNotFoundError:
             raise NotFoundError(address) from None
+
+    def _merge_all(self, entities: Sequence[Mapping[str, Any]]) -> bool:
+        """Merge ``entities`` in one transaction; False (nothing written) when one of their rows does not exist."""
+        try:
+            self._table.submit_transaction([("update", e, {"mode": UpdateMode.MERGE}) for e in entities])
+        except TableTransactionError as e:
+            if e.status_code == 404:
+                return False
+            raise
+        return True
 
     def delete(self, address: str) -> None:
         """Succeeds when the row is already absent (under the current key and that of older releases)."""

@@ -23,6 +23,7 @@ from typing import Any
 import msal
 import requests
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableTransactionError
 
 from collectors.collect import Collector, Sinks
 from collectors.imap_session import ChunkSink
@@ -107,6 +108,16 @@ class FakeTable:
 
     def delete_entity(self, partition: str, row: str) -> None:
         self.rows.pop((partition, row), None)
+
+    def submit_transaction(self, operations: list[tuple[str, Mapping[str, Any], Mapping[str, Any]]]) -> None:
+        """Merges only (what the registry sends), all or nothing as the service: a missing row fails them all."""
+        for index, (_, entity, _) in enumerate(operations):
+            if (entity["PartitionKey"], entity["RowKey"]) not in self.rows:
+                error = TableTransactionError(message=f"{index}:The specified resource does not exist.")
+                error.status_code = 404
+                raise error
+        for _, entity, _ in operations:
+            self.rows[(entity["PartitionKey"], entity["RowKey"])].update(self._plain(entity))
 
 
 class _Entity(dict[str, Any]):
