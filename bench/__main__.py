@@ -53,7 +53,10 @@ def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[dict[str, Any]]
         "keyvault": lambda info: keyvault_economy.run(info, hours=args.hours),
         "many_mailboxes": lambda info: many_mailboxes.run(info, mailboxes=args.mailboxes),
         "many_fanout": lambda info: many_fanout.run(
-            info, mailboxes=args.fanout_mailboxes, latency_mailboxes=args.latency_mailboxes
+            info,
+            mailboxes=args.fanout_mailboxes,
+            latency_mailboxes=args.latency_mailboxes,
+            consents=args.fanout_consents,
         ),
         "round_trips": round_trips.run,
         "glpi": lambda info: glpi_tickets.run(info, messages=max(8, int(200 * args.scale)), repeat=args.repeat),
@@ -69,7 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         "--fanout-mailboxes", type=int, default=2000, help="mailboxes of benchmark 6b, fanned out (default 2000)"
     )
     parser.add_argument(
-        "--latency-mailboxes", type=int, default=500, help="mailboxes of benchmark 6d, at 20 ms RTT (default 500)"
+        "--fanout-consents",
+        choices=("seeded", "real"),
+        default="seeded",
+        help="benchmark 6b's mailboxes: one real consent and shared mailboxes of it written to the registry "
+        "(default), or a real consent each (about a second per mailbox)",
+    )
+    parser.add_argument(
+        "--latency-mailboxes",
+        type=int,
+        default=500,
+        help="mailboxes of benchmark 6d, at 20 ms RTT (default 500; 0 leaves it out)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs per comparison (default 3)")
     parser.add_argument(

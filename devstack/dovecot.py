@@ -302,6 +302,13 @@ def grant_full_access(config: Path, delegate: str, mailbox: str, *aliases: str) 
     _change_grants(config, add=_access_lines(delegate, mailbox, [mailbox, *aliases]))
 
 
+def grant_full_access_to_all(config: Path, delegate: str, mailboxes: Sequence[str], *, revoke: bool = False) -> None:
+    """``grant_full_access`` (or, with ``revoke``, its reverse) for many mailboxes by their primary addresses, in
+    one change of the list: a benchmark's thousands of shared mailboxes without a second's wait for each."""
+    lines = [line for mailbox in mailboxes for line in _access_lines(delegate, mailbox, [mailbox])]
+    _change_grants(config, **({"remove": lines} if revoke else {"add": lines}))
+
+
 def revoke_full_access(config: Path, delegate: str, mailbox: str, *aliases: str) -> None:
     """Take Full Access back (Remove-MailboxPermission). Succeeds when there was none."""
     _change_grants(config, remove=_access_lines(delegate, mailbox, [mailbox, *aliases]))
