@@ -6,8 +6,9 @@ GLPI is a PHP application with a database and cannot be installed from the regis
 legacy REST API over HTTPS the way GLPI's own ``Glpi\\Api\\API`` and ``APIRest`` classes answer (docs/fidelity.md
 names the source of each behaviour): ``initSession`` / ``killSession`` with ``App-Token`` and
 ``Authorization: user_token``, ``Session-Token`` on every other call, error arrays ``["ERROR_...", "message"]``
-with GLPI's status codes, ``Ticket``, ``ITILFollowup``, ``Document`` (multipart with an ``uploadManifest``),
-``Document_Item``, ``Ticket_User`` and ``User``, sub-items (``Ticket/1/ITILFollowup``) and ``search``.
+with GLPI's status codes, ``Ticket`` (its status, and ``_linkedto`` as the mail collector passes it),
+``ITILFollowup`` (``add_reopen``), ``Document`` (multipart with an ``uploadManifest``), ``Document_Item``,
+``Ticket_User``, ``Ticket_Ticket`` and ``User``, sub-items (``Ticket/1/ITILFollowup``) and ``search``.
 
 Awkward parts kept on purpose: input keys that are not columns are dropped silently (GLPI 10 has no
 ``externalid``); a ticket without a requester gets the API user; text comes back HTML-encoded unless the client
@@ -17,7 +18,7 @@ before anything else and answers 400, not 401.
 Test hooks under ``/_control/`` (loopback only, JSON): ``POST faults`` (``status``, ``delay_ms``, ``count``,
 ``path`` substring, ``method``, ``after``: serve the request, then drop the connection so the answer is lost),
 ``DELETE faults``, ``POST expire_sessions``, ``POST users`` (a known user with e-mail addresses), ``GET state``
-(every ticket with its actors, follow-ups and documents), ``GET stats``, ``POST reset``, ``GET health``.
+(every ticket with its actors, links, follow-ups and documents), ``GET stats``, ``POST reset``, ``GET health``.
 
 Run: ``python -m devstack.glpi --port 10680 --cert server.pem --key server.key --tokens glpi-tokens.json``.
 """
@@ -55,7 +56,9 @@ DEFAULT_PORT = 10680
 API_USER_ID = 2  # GLPI's "glpi" super-admin: the user whose API token the consumer logs in with
 MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_DOCUMENT_MAX_BYTES = 2 * 1024 * 1024  # GLPI's document_max_size default (2 MiB), PHP's upload_max_filesize too
-STATUS_CLOSED = 6
+STATUS_INCOMING, STATUS_ASSIGNED, STATUS_WAITING, STATUS_SOLVED, STATUS_CLOSED = 1, 2, 4, 5, 6
+REOPENABLE = frozenset({STATUS_WAITING, STATUS_SOLVED, STATUS_CLOSED})  # CommonITILObject::getReopenableStatusArray
+LINK_TYPES = frozenset({1, 2, 3, 4})  # Ticket_Ticket::LINK_TO, DUPLICATE_WITH, SON_OF, PARENT_OF
 ACTOR_TYPES = {"requester": 1, "assign": 2, "observer": 3}
 DOC_BASE = "view documentation in your browser at"
 
@@ -70,6 +73,7 @@ TICKET_COLUMNS = frozenset(
 FOLLOWUP_COLUMNS = frozenset({"itemtype", "items_id", "content", "is_private", "requesttypes_id", "users_id", "date"})
 DOCUMENT_COLUMNS = frozenset({"entities_id", "name", "comment", "mime", "documentcategories_id", "is_recursive"})
 DOCUMENT_ITEM_COLUMNS = frozenset({"documents_id", "itemtype", "items_id", "entities_id", "users_id"})
+TICKET_TICKET_COLUMNS = frozenset({"tickets_id_1", "tickets_id_2", "link"})
 
 Json = dict[str, Any]
 
@@ -113,7 +117,8 @@ class Store:
         self.sessions: dict[str, int] = {}
         self.active_entities: dict[str, tuple[str, bool]] = {}
         self.tables: dict[str, dict[int, Json]] = {
-            t: {} for t in ("Ticket", "ITILFollowup", "Document", "Document_Item", "Ticket_User", "User")
+            t: {}
+            for t in ("Ticket", "ITILFollowup", "Document", "Document_Item", "Ticket_User", "Ticket_Ticket", "User")
         }
         self.blobs: dict[int, bytes] = {}
         self.next_id: Counter[str] = Counter()
@@ -438,6 +443,8 @@ class _Handler(DispatchingHandler):
                 raise GlpiError(404, "ERROR_ITEM_NOT_FOUND", "Item not found")
             if sub in ("ITILFollowup", "Document_Item"):
                 rows = [r for r in store.tables[sub].values() if r["itemtype"] == itemtype and r["items_id"] == item_id]
+            elif sub == "Ticket_Ticket":  # a link belongs to both of its tickets
+                rows = [r for r in store.tables[sub].values() if item_id in (r["tickets_id_1"], r["tickets_id_2"])]
             else:
                 key = f"{itemtype.lower()}s_id"
                 rows = [r for r in store.tables[sub].values() if r.get(key) == item_id]
@@ -521,6 +528,11 @@ class _Handler(DispatchingHandler):
             row.setdefault("users_id_recipient", user)
             new_id = store.add_row("Ticket", row)
             self._actors(new_id, entry, user)
+            linked = entry.get("_linkedto")
+            if isinstance(linked, int | str) and str(linked).isdigit() and int(linked) in store.tables["Ticket"]:
+                # Ticket::post_addItem: the mail collector's "_linkedto" becomes a Ticket_Ticket link (LINK_TO);
+                # a ticket that does not exist is no link, and the new ticket stays.
+                self._link_tickets(new_id, int(linked), 1)
             return new_id, f"Item successfully added: {name} (ID {new_id})"
         if itemtype == "ITILFollowup":
             row = {k: v for k, v in entry.items() if k in FOLLOWUP_COLUMNS}
@@ -533,6 +545,13 @@ class _Handler(DispatchingHandler):
             row.setdefault("is_private", 0)
             new_id = store.add_row("ITILFollowup", row)
             parent["date_mod"] = _now()
+            if entry.get("add_reopen") and parent.get("status") in REOPENABLE:
+                # ITILFollowup::post_addItem with "_reopen": back to Assigned when someone is assigned, else New.
+                assigned = any(
+                    a["tickets_id"] == parent["id"] and a["type"] == ACTOR_TYPES["assign"]
+                    for a in store.tables["Ticket_User"].values()
+                )
+                parent["status"] = STATUS_ASSIGNED if assigned else STATUS_INCOMING
             return new_id, "Item successfully added"
         if itemtype == "Document":
             if not files:
@@ -561,6 +580,13 @@ class _Handler(DispatchingHandler):
             return self._link(
                 int(row.get("documents_id") or 0), str(row.get("itemtype")), int(row.get("items_id") or 0), user
             ), ""
+        if itemtype == "Ticket_Ticket":
+            row = {k: v for k, v in entry.items() if k in TICKET_TICKET_COLUMNS}
+            try:
+                first, second, link = (int(row.get(k) or 0) for k in ("tickets_id_1", "tickets_id_2", "link"))
+            except (TypeError, ValueError):
+                raise GlpiError(400, "ERROR_GLPI_ADD", "Invalid input") from None
+            return self._link_tickets(first, second, link or 1), "Item successfully added"
         if itemtype == "User":
             raise GlpiError(403, "ERROR_RIGHT_MISSING", "You don't have permission to perform this action.")
         raise GlpiError(400, "ERROR_GLPI_ADD", f"{itemtype} cannot be added through this stand-in")
@@ -576,6 +602,18 @@ class _Handler(DispatchingHandler):
             "Document_Item",
             {"documents_id": documents_id, "itemtype": itemtype, "items_id": items_id, "users_id": user},
         )
+
+    def _link_tickets(self, first: int, second: int, link: int) -> int:
+        """Ticket_Ticket::prepareInputForAdd: two different existing tickets, a known link type, no second link
+        between the same two tickets (either way round)."""
+        store = self.server.store
+        tickets = store.tables["Ticket"]
+        if first == second or first not in tickets or second not in tickets or link not in LINK_TYPES:
+            raise GlpiError(400, "ERROR_GLPI_ADD", "Invalid input")
+        for row in store.tables["Ticket_Ticket"].values():
+            if {row["tickets_id_1"], row["tickets_id_2"]} == {first, second}:
+                raise GlpiError(400, "ERROR_GLPI_ADD", "Item already linked")
+        return store.add_row("Ticket_Ticket", {"tickets_id_1": first, "tickets_id_2": second, "link": link})
 
     def _actors(self, ticket_id: int, entry: Json, user: int) -> None:
         """Ticket_User rows from the ``_users_id_<role>`` and ``_users_id_<role>_notif`` inputs, as GLPI's
@@ -746,6 +784,10 @@ class _Handler(DispatchingHandler):
             actors: dict[int, list[Json]] = defaultdict(list)
             for actor in store.tables["Ticket_User"].values():
                 actors[actor["tickets_id"]].append(dict(actor))
+            links: dict[int, list[Json]] = defaultdict(list)
+            for link in store.tables["Ticket_Ticket"].values():
+                links[link["tickets_id_1"]].append(dict(link))
+                links[link["tickets_id_2"]].append(dict(link))
 
             def documents(kind: str, item: int) -> list[Json]:
                 return [
@@ -762,6 +804,7 @@ class _Handler(DispatchingHandler):
                     {
                         **ticket,
                         "actors": actors[tid],
+                        "links": links[tid],
                         "followups": followups[tid],
                         "documents": documents("Ticket", tid),
                     }

@@ -48,6 +48,11 @@ STATUS_CLOSED = 6  # CommonITILObject::CLOSED
 UPLOAD_THREADS = 16  # documents uploaded, and the blob and requester read, side by side (shared by invocations)
 USER_CACHE_SECONDS = 300.0
 MAX_ENVELOPE_BYTES = 256 * 1024
+# A message is read whole only up to this size: raw bytes, the parsed tree and the decoded parts take about three
+# times the message, for each of the invocations an instance runs at once (host.json: 4 + 2), within 2 GB. Exchange
+# Online accepts messages up to 150 MB; above the limit the ticket gets the message's beginning and a note.
+MAX_MESSAGE_BYTES = 40 * 1024 * 1024
+HEAD_BYTES = 1024 * 1024
 _ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"]{1,64}@[A-Za-z0-9.-]{1,255}\.[A-Za-z]{2,63}$")
 
 
@@ -103,19 +108,29 @@ def _address_list(envelope: dict[str, Any], name: str) -> list[str]:
     )
 
 
+def _size_of(envelope: dict[str, Any]) -> int:
+    size = envelope.get("size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.0f} MiB" if n >= 1048576 else f"{n / 1024:.0f} KiB"
+
+
 def _valid_address(address: str) -> bool:
     return bool(_ADDRESS.fullmatch(address))
 
 
 class TicketConsumer:
-    """Turns envelopes into GLPI tickets. ``read_blob(container, name)`` returns the raw message bytes."""
+    """Turns envelopes into GLPI tickets. ``read_blob(container, name, limit)`` returns the raw message's first
+    ``limit`` + 1 bytes at most."""
 
     def __init__(
         self,
         client: GlpiClient,
         state: StateStore,
         options: MailboxOptions,
-        read_blob: Callable[[str | None, str], bytes],
+        read_blob: Callable[[str | None, str, int], bytes],
         *,
         upload_threads: int = UPLOAD_THREADS,
     ) -> None:
@@ -171,7 +186,9 @@ class TicketConsumer:
     def _handle(self, envelope: dict[str, Any], key: str, log: str) -> Outcome:
         # Reads that do not depend on the claim run while it is taken: the raw mail and the requester's GLPI user.
         options = self.options.for_mailbox(str(envelope["mailbox"]))
-        blob = self._uploads.submit(self.read_blob, envelope["blob"].get("container"), envelope["blob"]["name"])
+        oversized = _size_of(envelope) > MAX_MESSAGE_BYTES
+        limit = HEAD_BYTES if oversized else MAX_MESSAGE_BYTES
+        blob = self._uploads.submit(self.read_blob, envelope["blob"].get("container"), envelope["blob"]["name"], limit)
         requester = self._requester_address(envelope, options)
         if requester:
             self._uploads.submit(self._user_id, requester)  # fills the cache; its failure shows again when used
@@ -185,7 +202,7 @@ class TicketConsumer:
                 thread.result()
             return Outcome("duplicate", state.ticket_id, state.followup_id, state.reason)
         try:
-            return self._process(envelope, state, key, log, blob)
+            return self._process(envelope, state, key, log, blob, oversized)
         except ClaimLost:
             raise
         except Exception:
@@ -195,7 +212,13 @@ class TicketConsumer:
             raise
 
     def _process(
-        self, envelope: dict[str, Any], state: MessageState, key: str, log: str, blob: Future[bytes]
+        self,
+        envelope: dict[str, Any],
+        state: MessageState,
+        key: str,
+        log: str,
+        blob: Future[bytes],
+        oversized: bool = False,
     ) -> Outcome:
         state.envelope_id = envelope["id"]
         options = self.options.for_mailbox(str(envelope["mailbox"]))
@@ -207,21 +230,37 @@ class TicketConsumer:
             return Outcome("refused", reason=refusal)
 
         target = state.ticket_id if state.kind == "followup" else None
+        closed: int | None = None  # the closed ticket a new one is linked to
         if not state.kind:
-            target = self._thread_target(envelope, options)
+            target, closed = self._thread_target(envelope, options)
             state.kind = "followup" if target else "ticket"
             state.ticket_id = target
+        elif state.kind == "ticket" and state.ticket_id is None:
+            closed = self._thread_target(envelope, options)[1]  # a saved decision; only the link is asked again
         raw = blob.result()
-        if hashlib.sha256(raw).hexdigest() != envelope["sha256"]:
-            raise BadEnvelope("the blob's bytes do not match the envelope's sha256")
-        mail = mail_content.parse_message(
-            raw, max_attachment_bytes=options.max_attachment_bytes, reply=state.kind == "followup"
-        )
+        if oversized:
+            # Only the beginning was read (the whole message would not fit in memory beside the other
+            # invocations'): its text, as far as it goes, and a note; no attachment, as none is whole.
+            mail = mail_content.parse_message(raw[:HEAD_BYTES], max_attachment_bytes=0, reply=state.kind == "followup")
+            mail.notes = [n for n in mail.notes if not n.startswith("Too large attached file")]
+            mail.attachments = []
+            mail.notes.append(
+                f"This message is {_mib(_size_of(envelope))}, above the {_mib(MAX_MESSAGE_BYTES)} the ticket "
+                f"consumer reads: only its first {_mib(HEAD_BYTES)} became this text, and no attachment was "
+                f"imported. The whole message is kept in storage as {str(envelope['blob']['name'])[:300]}."
+            )
+        else:
+            if len(raw) > MAX_MESSAGE_BYTES or hashlib.sha256(raw).hexdigest() != envelope["sha256"]:
+                raise BadEnvelope("the blob's bytes do not match the envelope's sha256 and size")
+            mail = mail_content.parse_message(
+                raw, max_attachment_bytes=options.max_attachment_bytes, reply=state.kind == "followup"
+            )
+        del raw
         saved = self._upload_documents(state, mail, options)
         text = self._text(envelope, mail, state, key)
         try:
             if state.kind == "ticket":
-                outcome = self._ticket(envelope, state, text, options, key)
+                outcome = self._ticket(envelope, state, text, options, key, closed)
             else:
                 outcome = self._followup(state, text, options, key)
         finally:
@@ -272,7 +311,8 @@ class TicketConsumer:
             return f"unknown sender: {requester or '(none)'} is not a GLPI user"
         return ""
 
-    def _thread_target(self, envelope: dict[str, Any], options: TicketOptions) -> int | None:
+    def _thread_target(self, envelope: dict[str, Any], options: TicketOptions) -> tuple[int | None, int | None]:
+        """The ticket the message follows up, and else the closed ticket it answers (for the new ticket's link)."""
         in_reply_to = [envelope["in_reply_to"]] if isinstance(envelope.get("in_reply_to"), str) else []
         references = [r for r in envelope.get("references") or [] if isinstance(r, str)]
         candidates: list[int] = []
@@ -289,15 +329,17 @@ class TicketConsumer:
             ticket = self.client.get("Ticket", ticket_id)
             if ticket is None or ticket.get("is_deleted"):
                 continue
-            if int(ticket.get("status") or 0) == STATUS_CLOSED:
-                # As GLPI's collector: a reply to a closed ticket opens a new one.
-                logger.info("glpi reply to closed ticket=%d opens a new ticket", ticket_id)
-                return None
             if not options.anonymous_followups and not self._may_follow_up(envelope, options, ticket_id):
                 logger.info("glpi reply from a stranger to ticket=%d opens a new ticket", ticket_id)
-                return None
-            return ticket_id
-        return None
+                return None, None
+            if int(ticket.get("status") or 0) == STATUS_CLOSED:
+                # As GLPI's collector (MailCollector::buildTicket, "_linkedto"): a reply to a closed ticket opens
+                # a new one, linked to the closed one unless the mailbox says otherwise.
+                link = ticket_id if options.closed_ticket_replies == "link" else None
+                logger.info("glpi reply to closed ticket=%d opens a new ticket linked=%s", ticket_id, bool(link))
+                return None, link
+            return ticket_id, None
+        return None, None
 
     def _may_follow_up(self, envelope: dict[str, Any], options: TicketOptions, ticket_id: int) -> bool:
         """GLPI's rule without anonymous follow-ups: the sender is a GLPI user, or an address on the ticket
@@ -462,7 +504,13 @@ class TicketConsumer:
         return fields
 
     def _ticket(
-        self, envelope: dict[str, Any], state: MessageState, text: str, options: TicketOptions, key: str
+        self,
+        envelope: dict[str, Any],
+        state: MessageState,
+        text: str,
+        options: TicketOptions,
+        key: str,
+        closed: int | None = None,
     ) -> Outcome:
         if state.ticket_id is None and state.resumed:
             found = self.client.search("Ticket", [(21, "contains", marker_for(key))])
@@ -480,6 +528,9 @@ class TicketConsumer:
                 "type": 1,  # incident, as GLPI's receiver
                 **self._actors(envelope, options),
             }
+            if closed is not None:
+                # GLPI links the new ticket in the same create (Ticket::post_addItem): no second call to lose.
+                fields["_linkedto"] = closed
             # Not saved here: a crash before the message is finished is resumed by the marker search above.
             state.ticket_id = self.client.create("Ticket", fields).id
         return Outcome("ticket", state.ticket_id)
@@ -500,5 +551,7 @@ class TicketConsumer:
                 "content": text,
                 "requesttypes_id": options.followup_requesttypes_id,
             }
+            if options.reopen_on_reply:
+                fields["add_reopen"] = 1  # a solved or waiting ticket goes back to New (or Assigned), as GLPI does
             state.followup_id = self.client.create("ITILFollowup", fields).id
         return Outcome("followup", state.ticket_id, state.followup_id)

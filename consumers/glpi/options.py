@@ -31,6 +31,10 @@ class TicketOptions:
     cc_as_observers: bool = False  # the receiver's add_cc_to_observer, off by default
     unknown_senders: str = "anonymous"  # "anonymous": the address as alternative e-mail; "refuse": no ticket
     anonymous_followups: bool = False  # GLPI's use_anonymous_followups: off, a stranger's reply opens a new ticket
+    # A reply to a closed ticket opens a new one; "link" links it to the closed one as GLPI's collector does
+    # (Ticket_Ticket "linked to"), "new" leaves it unlinked.
+    closed_ticket_replies: str = "link"
+    reopen_on_reply: bool = True  # GLPI's collector adds every follow-up with add_reopen: a solved ticket reopens
     refuse: frozenset[str] = frozenset({"auto_reply", "bounce", "loop"})
     max_attachment_bytes: int = DEFAULT_MAX_ATTACHMENT_BYTES
     glpi_uuid: str | None = None  # GLPI's notification UUID: replies to another GLPI's notifications are not ours
@@ -67,7 +71,11 @@ def _apply(base: TicketOptions, where: str, raw: object) -> TicketOptions:
             if value not in ("anonymous", "refuse"):
                 raise ConfigurationError(f"setting {SETTING}: {where}.unknown_senders must be 'anonymous' or 'refuse'")
             changes[key] = value
-        elif key in ("cc_as_observers", "anonymous_followups"):
+        elif key == "closed_ticket_replies":
+            if value not in ("link", "new"):
+                raise ConfigurationError(f"setting {SETTING}: {where}.closed_ticket_replies must be 'link' or 'new'")
+            changes[key] = value
+        elif key in ("cc_as_observers", "anonymous_followups", "reopen_on_reply"):
             if not isinstance(value, bool):
                 raise ConfigurationError(f"setting {SETTING}: {where}.{key} must be true or false")
             changes[key] = value

@@ -35,10 +35,11 @@ def build_consumer(settings: Settings) -> TicketConsumer:
     client = GlpiClient(glpi.url, user_token=glpi.user_token, app_token=glpi.app_token, ca_bundle=settings.ca_bundle)
     state = StateStore(azure_clients.table(settings, glpi.state_table))
 
-    def read_blob(container: str | None, name: str) -> bytes:
+    def read_blob(container: str | None, name: str, limit: int) -> bytes:
+        """The blob's first ``limit`` + 1 bytes at most: one byte more than allowed tells a larger blob."""
         blob = azure_clients.blob_service(settings).get_blob_client(container or settings.mail_container, name)
         try:
-            data: bytes = blob.download_blob().readall()
+            data: bytes = blob.download_blob(offset=0, length=limit + 1).readall()
         except ResourceNotFoundError:
             raise BadEnvelope(f"the envelope's blob {name[:200]} does not exist") from None
         except AzureError as e:

@@ -7,6 +7,7 @@ auto-replies, empty and invalid senders, long subjects, many attachments.
 from __future__ import annotations
 
 import base64
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -409,19 +410,60 @@ def test_a_reply_becomes_a_followup_without_its_quoted_history(
     assert tickets_with(stack, f"{word}-reply") == []
 
 
-def test_a_reply_to_a_closed_or_unknown_ticket_opens_a_new_one(stack: Stack, glpi_settings: Any, drain: Any) -> None:
-    word = _id()
-    ticket = _new_ticket(stack, glpi_settings, word)
-    consumer = build_consumer(glpi_settings)
+def _set_status(settings: Any, ticket_id: int, status: int) -> None:
+    consumer = build_consumer(settings)
     try:
-        consumer.client.call("PUT", f"Ticket/{ticket['id']}", json={"input": {"status": 6}})
+        consumer.client.call("PUT", f"Ticket/{ticket_id}", json={"input": {"status": status}})
     finally:
         consumer.close()
-    post_mail(glpi_settings, mail(f"Re: [GLPI #{ticket['id']}] again {word}-closed"), mailbox="s@x.test", uid=2)
-    post_mail(glpi_settings, mail(f"Re: [GLPI #99999999] {word}-unknown"), mailbox="s@x.test", uid=3)
-    assert drain() == {"ticket": 2}
-    assert one_ticket(stack, f"{word}-closed")["id"] != ticket["id"]
-    assert one_ticket(stack, f"{word}-unknown")
+
+
+def _ticket_in_status(
+    stack: Stack, app_env: dict[str, str], status: int, **option: Any
+) -> tuple[Any, dict[str, Any], str]:
+    """Settings with the mailbox option given (None: GLPI's default), and a ticket of theirs set to ``status``
+    (5 SOLVED, 6 CLOSED)."""
+    from shared.settings import load_settings
+
+    chosen = {k: v for k, v in option.items() if v is not None}
+    settings = load_settings({**app_env, "GLPI_MAILBOX_OPTIONS": json.dumps({"*": chosen})})
+    word = _id()
+    ticket = _new_ticket(stack, settings, word)
+    _set_status(settings, ticket["id"], status)
+    return settings, ticket, word
+
+
+@pytest.mark.parametrize("closed_ticket_replies", [None, "link", "new"])
+def test_a_reply_to_a_closed_ticket_opens_a_new_one_linked_to_it_and_an_unknown_one_a_plain_one(
+    stack: Stack, app_env: dict[str, str], closed_ticket_replies: str | None
+) -> None:
+    settings, ticket, word = _ticket_in_status(stack, app_env, 6, closed_ticket_replies=closed_ticket_replies)
+    post_mail(settings, mail(f"Re: [GLPI #{ticket['id']}] again {word}-closed"), mailbox="s@x.test", uid=2)
+    post_mail(settings, mail(f"Re: [GLPI #99999999] {word}-unknown"), mailbox="s@x.test", uid=3)
+    assert run(settings, retry_visibility=0) == {"ticket": 2}
+    new = one_ticket(stack, f"{word}-closed")
+    assert new["id"] != ticket["id"] and new["followups"] == []
+    if closed_ticket_replies == "new":
+        assert new["links"] == []
+    else:  # GLPI's default: the new ticket is "linked to" the closed one (Ticket_Ticket::LINK_TO)
+        assert [(k["tickets_id_1"], k["tickets_id_2"], k["link"]) for k in new["links"]] == [
+            (new["id"], ticket["id"], 1)
+        ]
+    assert one_ticket(stack, f"{word}-unknown")["links"] == []
+    closed = next(t for t in glpi_state(stack)["tickets"] if t["id"] == ticket["id"])
+    assert closed["status"] == 6 and closed["followups"] == []
+
+
+@pytest.mark.parametrize("reopen_on_reply", [None, False])
+def test_a_reply_to_a_solved_ticket_is_a_followup_that_reopens_it_unless_told_not_to(
+    stack: Stack, app_env: dict[str, str], reopen_on_reply: bool | None
+) -> None:
+    settings, ticket, word = _ticket_in_status(stack, app_env, 5, reopen_on_reply=reopen_on_reply)
+    post_mail(settings, mail(f"Re: [GLPI #{ticket['id']}] not fixed {word}-solved"), mailbox="s@x.test", uid=2)
+    assert run(settings, retry_visibility=0) == {"followup": 1}
+    after = next(t for t in glpi_state(stack)["tickets"] if t["id"] == ticket["id"])
+    assert len(after["followups"]) == 1 and after["links"] == []
+    assert after["status"] == (5 if reopen_on_reply is False else 1)  # back to New: nobody is assigned
 
 
 def test_a_reply_to_another_glpi_is_not_threaded_when_our_uuid_is_known(stack: Stack, app_env: dict[str, str]) -> None:
@@ -720,3 +762,88 @@ def test_glpi_down_brings_a_message_back_later_each_time_then_poisons_it(
     assert gaps[1][0] > gaps[0][0]
     assert len(list(poison.peek_messages())) == 1
     assert list(queue.peek_messages()) == []
+
+
+# --- the stand-in's ticket links, as GLPI answers -----------------------------------------------------------
+
+
+def test_the_standin_links_tickets_as_glpi_and_refuses_bad_links(stack: Stack, glpi_settings: Any) -> None:
+    from consumers.glpi.client import GlpiRefused
+
+    word = _id()
+    consumer = build_consumer(glpi_settings)
+    try:
+        first = consumer.client.create("Ticket", {"name": f"one {word}", "content": "x"}).id
+        # "_linkedto" naming no ticket: the ticket is made, without a link (Ticket_Ticket refuses the input).
+        second = consumer.client.create("Ticket", {"name": f"two {word}", "content": "x", "_linkedto": 99999999}).id
+        for hostile in (
+            {"tickets_id_1": first, "tickets_id_2": first, "link": 1},  # a ticket and itself
+            {"tickets_id_1": first, "tickets_id_2": 99999999, "link": 1},  # no such ticket
+            {"tickets_id_1": first, "tickets_id_2": second, "link": 9},  # no such link type
+            {"tickets_id_1": "x", "tickets_id_2": second, "link": 1},
+        ):
+            with pytest.raises(GlpiRefused) as refused:
+                consumer.client.create("Ticket_Ticket", hostile)
+            assert refused.value.code == "ERROR_GLPI_ADD"
+        link = consumer.client.create("Ticket_Ticket", {"tickets_id_1": second, "tickets_id_2": first, "link": 1}).id
+        with pytest.raises(GlpiRefused):  # the same two tickets again, either way round
+            consumer.client.create("Ticket_Ticket", {"tickets_id_1": first, "tickets_id_2": second, "link": 2})
+        assert [r["id"] for r in consumer.client.sub_items("Ticket", first, "Ticket_Ticket")] == [link]
+    finally:
+        consumer.close()
+    assert next(t["links"] for t in tickets_with(stack, word) if t["id"] == second)[0]["link"] == 1
+
+
+# --- a message too large to read whole ---------------------------------------------------------------------
+
+
+def test_a_message_above_the_read_limit_becomes_a_ticket_from_its_beginning_with_a_note(
+    stack: Stack, glpi_settings: Any, drain: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from consumers.glpi import handler as handler_module
+
+    monkeypatch.setattr(handler_module, "MAX_MESSAGE_BYTES", 64 * 1024)  # 40 MiB in production
+    monkeypatch.setattr(handler_module, "HEAD_BYTES", 16 * 1024)  # 1 MiB
+    read: list[int] = []
+    real = handler_module.TicketConsumer.__init__
+
+    def counting_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        real(self, *args, **kwargs)
+        inner = self.read_blob
+
+        def read_blob(container: str | None, name: str, limit: int) -> bytes:
+            data: bytes = inner(container, name, limit)
+            read.append(len(data))
+            return data
+
+        self.read_blob = read_blob
+
+    monkeypatch.setattr(handler_module.TicketConsumer, "__init__", counting_init)
+    word = _id()
+    parts = [
+        ("Content-Type: text/plain; charset=utf-8", f"the printer {word} is on fire".encode()),
+        (
+            'Content-Type: application/octet-stream\r\nContent-Disposition: attachment; filename="big.bin"\r\n'
+            "Content-Transfer-Encoding: base64",
+            base64.encodebytes(b"\x00" * 200_000),
+        ),
+    ]
+    raw = multipart(f"Huge {word}", parts)
+    envelope = post_mail(glpi_settings, raw, mailbox="s@x.test", uid=1)
+    assert envelope["size"] == len(raw) > 64 * 1024
+    assert drain() == {"ticket": 1}
+    ticket = one_ticket(stack, word)
+    assert f"the printer {word} is on fire" in ticket["content"]
+    assert ticket["documents"] == []
+    assert "above the 64 KiB the ticket consumer reads" in ticket["content"]
+    assert envelope["blob"]["name"] in ticket["content"]
+    assert read == [16 * 1024 + 1]  # only the beginning was downloaded, never the whole blob
+
+    # A blob larger than its envelope says is read no further than the limit, and refused.
+    small = post_mail(glpi_settings, mail(f"Small {word}"), mailbox="s@x.test", uid=2)
+    blob = azure_clients.container(glpi_settings, glpi_settings.mail_container).get_blob_client(small["blob"]["name"])
+    blob.upload_blob(raw, overwrite=True)
+    read.clear()
+    assert drain() == {"failed": 4, "poisoned": 1}
+    assert read and max(read) == 64 * 1024 + 1
+    assert tickets_with(stack, f"Small {word}") == []
