@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
+from email.message import Message
 from typing import Any
 
 from collectors.envelope.addresses import ADDRESS_FIELDS, HEADER_NAMES, parse_addresses
@@ -40,6 +41,7 @@ __all__ = [
     "QUEUE_MESSAGE_LIMIT",
     "SCHEMA",
     "build_envelope",
+    "describe_message",
     "encode_for_queue",
     "encoded_size",
     "envelope_id",
@@ -91,6 +93,41 @@ def build_envelope(
     """
     notes = Notes()
     message = parse_message(raw, notes)
+    return describe_message(
+        message,
+        notes,
+        size=len(raw),
+        sha256=hashlib.sha256(raw).hexdigest(),
+        mailbox=mailbox,
+        folder=folder,
+        uidvalidity=uidvalidity,
+        uid=uid,
+        blob_url=blob_url,
+        blob_name=blob_name,
+        collected_at=collected_at,
+        blob_container=blob_container,
+        max_encoded_bytes=max_encoded_bytes,
+    )
+
+
+def describe_message(
+    message: Message,
+    notes: Notes,
+    *,
+    size: int,
+    sha256: str,
+    mailbox: str,
+    folder: str,
+    uidvalidity: int,
+    uid: int,
+    blob_url: str,
+    blob_name: str,
+    collected_at: datetime,
+    blob_container: str | None = None,
+    max_encoded_bytes: int = QUEUE_MESSAGE_LIMIT,
+) -> dict[str, Any]:
+    """The envelope of a parsed message (whole, or the bounded skeleton ``stream.EnvelopeStream`` builds), with
+    ``notes`` holding what the parse found so far. Same guarantees and errors as ``build_envelope``."""
     headers = raw_headers(message)
 
     lists: dict[str, list[dict[str, str]]] = {}
@@ -125,8 +162,8 @@ def build_envelope(
         "subject": None if subject is None else clip(subject, SUBJECT_CHARS, "subject", notes),
         "date": date,
         "date_raw": date_raw,
-        "size": len(raw),
-        "sha256": hashlib.sha256(raw).hexdigest(),
+        "size": size,
+        "sha256": sha256,
         "blob": {"container": blob_container, "name": blob_name, "url": blob_url},
         "content_type": body.content_type,
         "attachments": body.attachments,

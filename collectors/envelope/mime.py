@@ -46,6 +46,22 @@ _CONTENT_RUN = re.compile(rb"(?m)^(?:[^\s:\-][^:\r\n]*+\r?\n)++")
 _TAG = re.compile(r"<[^>]*>")
 
 
+def new_marker() -> str:
+    """A marker for the cuts of one message: random, so that mail cannot forge one."""
+    return f"\x00cut-{secrets.token_hex(8)}"
+
+
+def cut_marker(notes: Notes, chars: int, letters: int) -> bytes:
+    """The line that stands for a cut: the characters it removed and the base64 letters among them (see
+    ``_approx_size``, which removes the line and adds the counts back)."""
+    return f"{notes.thin_marker} {chars} {letters}\x00\n".encode()
+
+
+def letters_in(data: bytes | bytearray, start: int, end: int) -> int:
+    """Bytes of ``data[start:end]`` that count as base64 letters: all but line ends, blanks and padding."""
+    return end - start - sum(data.count(c, start, end) for c in (b"\r", b"\n", b" ", b"\t", b"="))
+
+
 def thin(raw: bytes, notes: Notes) -> bytes:
     """``raw`` with long runs of content lines cut short; each cut leaves a marker line with the characters and
     the base64 letters it removed, so that attachment sizes stay exact (see ``_approx_size``).
@@ -67,10 +83,8 @@ def thin(raw: bytes, notes: Notes) -> bytes:
         if cut <= 0 or last <= cut:  # a few very long lines: nothing worth cutting between them
             continue
         if not notes.thin_marker:
-            notes.thin_marker = f"\x00cut-{secrets.token_hex(8)}"
-        chars = last - cut
-        letters = chars - sum(raw.count(c, cut, last) for c in (b"\r", b"\n", b" ", b"\t", b"="))
-        pieces += [view[done:cut], f"{notes.thin_marker} {chars} {letters}\x00\n".encode()]
+            notes.thin_marker = new_marker()
+        pieces += [view[done:cut], cut_marker(notes, last - cut, letters_in(raw, cut, last))]
         done = last
     if not pieces:
         return raw
@@ -89,10 +103,20 @@ def parse_message(raw: bytes, notes: Notes) -> Message:
         for start in range(0, len(thinned), FEED_CHUNK):
             parser.feed(bytes(view[start : start + FEED_CHUNK]))
         return parser.close()
-    except RecursionError:
-        notes.mime("MIME nesting too deep to parse; headers only")
     except Exception as exc:  # compat32 parsing is lenient; this guards against stdlib bugs on hostile input
+        note_parse_failure(exc, notes)
+    return headers_only(raw, notes)
+
+
+def note_parse_failure(exc: Exception, notes: Notes) -> None:
+    if isinstance(exc, RecursionError):
+        notes.mime("MIME nesting too deep to parse; headers only")
+    else:
         notes.mime(f"MIME structure could not be parsed ({type(exc).__name__}); headers only")
+
+
+def headers_only(raw: bytes, notes: Notes) -> Message:
+    """The message's headers, with everything after them as the payload: what is left when the parse failed."""
     try:
         return BytesParser(policy=email_policy.compat32).parsebytes(raw, headersonly=True)
     except Exception as exc:  # same reason: an envelope with no headers beats a lost message
@@ -269,6 +293,18 @@ def _tidy(text: str) -> str:
     return scrub(text.strip())[:PREVIEW_CHARS]
 
 
+def _is_body_text(content_type: str, disposition: str | None, filename: str | None) -> bool:
+    return content_type in ("text/plain", "text/html") and disposition != "attachment" and filename is None
+
+
+def body_text_type(part: Message) -> str | None:
+    """``text/plain`` or ``text/html`` when ``read_body`` would take this leaf part for body text (a preview
+    source) rather than an attachment, else None. Notes of its own: what matters is found again by ``read_body``."""
+    scratch = Notes()
+    content_type = _content_type(part, scratch)
+    return content_type if _is_body_text(content_type, _disposition(part), _filename(part, scratch)) else None
+
+
 @dataclass
 class Body:
     content_type: str = "text/plain"
@@ -297,7 +333,7 @@ def read_body(message: Message, notes: Notes) -> Body:
             continue
         disposition = _disposition(part)
         filename = _filename(part, notes)
-        if content_type in ("text/plain", "text/html") and disposition != "attachment" and filename is None:
+        if _is_body_text(content_type, disposition, filename):
             # Body text, not a file: the first of each kind feeds the preview, later ones (list footers,
             # alternative versions) are text of the same message.
             if content_type == "text/plain":
