@@ -6,37 +6,19 @@ Sources are listed in docs/fidelity.md."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from devstack import dovecot
 from shared.registry import MailboxStatus
 from tests.conftest import simple_message
-from tests.support.faults import check_delivery, collect, doveadm, stored_version
-from tests.support.imap_proxy import ImapProxy, proxy_for
+from tests.support.faults import check_delivery, collect, doveadm, stored_version, uids
+from tests.support.imap_proxy import ImapProxy, app_env_through_proxy, proxy_fixture  # noqa: F401 (the fixtures)
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 PLACEHOLDER_START = "Retrieval using the IMAP4 protocol failed for the following message:"
-
-
-@pytest.fixture
-def proxy(stack: Stack) -> Iterator[ImapProxy]:
-    with proxy_for(stack) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-def app_env(app_env: dict[str, str], proxy: ImapProxy) -> dict[str, str]:
-    return {**app_env, "IMAP_PORT": str(proxy.port)}
-
-
-def uids(stack: Stack, address: str, folder: str = "INBOX") -> list[int]:
-    return dovecot.list_uids(Path(stack.dovecot_config), address, folder)
 
 
 def placeholder(subject: str) -> bytes:

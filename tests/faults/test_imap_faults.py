@@ -7,7 +7,6 @@ between SEARCH and FETCH. Each case checks that nothing is lost and what the reg
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,25 +20,13 @@ from devstack import dovecot
 from shared import azure_clients
 from shared.registry import MailboxStatus, utcnow
 from tests.conftest import large_message, simple_message
-from tests.support.faults import check_delivery, collect, doveadm, stored_version
-from tests.support.imap_proxy import ImapProxy, proxy_for
+from tests.support.faults import check_delivery, collect, doveadm, stored_version, uids
+from tests.support.imap_proxy import ImapProxy, app_env_through_proxy, proxy_fixture  # noqa: F401 (the fixtures)
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 BODY_FETCH = r"^UID FETCH .*BODY\.PEEK\[\]"
-
-
-@pytest.fixture
-def proxy(stack: Stack) -> Iterator[ImapProxy]:
-    with proxy_for(stack) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-def app_env(app_env: dict[str, str], proxy: ImapProxy) -> dict[str, str]:
-    """The collector reaches Dovecot only through the proxy."""
-    return {**app_env, "IMAP_PORT": str(proxy.port)}
 
 
 def mailbox_with_mail(consent: Any, deliver: Any, address: str, count: int, **options: str) -> list[bytes]:
@@ -52,10 +39,6 @@ def mailbox_with_mail(consent: Any, deliver: Any, address: str, count: int, **op
 
 def flags(stack: Stack, address: str, folder: str = "INBOX") -> dict[int, set[str]]:
     return dovecot.list_flags(Path(stack.dovecot_config), address, folder)
-
-
-def uids(stack: Stack, address: str, folder: str = "INBOX") -> list[int]:
-    return dovecot.list_uids(Path(stack.dovecot_config), address, folder)
 
 
 def test_a_connection_cut_in_the_middle_of_a_fetch_batch_loses_nothing(

@@ -18,6 +18,7 @@ from typing import Any
 
 import msal
 
+from devstack import dovecot
 from shared import azure_clients
 from shared.mailboxes import mailbox_key
 from tests.support.stack import Stack
@@ -169,3 +170,8 @@ def doveadm(stack: Stack, *args: str) -> str:
     )
     assert result.returncode == 0, f"doveadm {' '.join(args[:2])}: {result.stderr.decode(errors='replace')}"
     return result.stdout.decode(errors="replace")
+
+
+def uids(stack: Stack, address: str, folder: str = "INBOX") -> list[int]:
+    """The UIDs in ``folder`` of ``address``, read from Dovecot itself."""
+    return dovecot.list_uids(Path(stack.dovecot_config), address, folder)

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import pytest
+
 from tests.support.stack import Stack
 
 THROTTLE_TEXT = "Request is throttled. Suggested Backoff Time: {ms} milliseconds"  # Exchange Online's wording
@@ -342,3 +344,19 @@ def proxy_for(stack: Stack) -> Iterator[ImapProxy]:
         ca=stack.ca_bundle,
     ) as proxy:
         yield proxy
+
+
+# Fixtures for a test module whose collector reaches Dovecot through the proxy: import both into the module.
+
+
+@pytest.fixture(name="proxy")
+def proxy_fixture(stack: Stack) -> Iterator[ImapProxy]:
+    """A proxy of the test's own in front of the shared stack's Dovecot."""
+    with proxy_for(stack) as proxy:
+        yield proxy
+
+
+@pytest.fixture(name="app_env")
+def app_env_through_proxy(app_env: dict[str, str], proxy: ImapProxy) -> dict[str, str]:
+    """The app's settings with IMAP through the proxy: the collector reaches Dovecot only through it."""
+    return {**app_env, "IMAP_PORT": str(proxy.port)}
