@@ -170,6 +170,23 @@ def deliver(stack: Stack) -> Callable[..., None]:
 
 
 @pytest.fixture
+def consented_with_mail(
+    consent: Callable[..., Consented], new_address: Callable[[], str], deliver: Callable[..., None]
+) -> Callable[..., list[str]]:
+    """Fresh mailboxes, each authorized through the real consent flow, with ``per_mailbox`` messages each."""
+
+    def run(mailboxes: int, *, per_mailbox: int = 0) -> list[str]:
+        addresses = [new_address() for _ in range(mailboxes)]
+        for address in addresses:
+            consent(address)
+            for n in range(per_mailbox):
+                deliver(address, simple_message(f"{n} for {address}"))
+        return addresses
+
+    return run
+
+
+@pytest.fixture
 def queue_messages(services: Any) -> Callable[[], list[dict[str, Any]]]:
     """Every envelope on this test's mail queue (peeked through a base64-decoding client, then drained)."""
 

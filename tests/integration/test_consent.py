@@ -53,6 +53,17 @@ def signed_in(stack: Stack, services: Any, redirect_uri: str, entra_session: req
     return run
 
 
+@pytest.fixture
+def new_sign_in(signed_in: Any, new_address: Any) -> Any:
+    """A fresh address signed in at the stand-in: (the address, the fields posted back, not yet completed)."""
+
+    def run(**options: Any) -> tuple[str, dict[str, str]]:
+        address = new_address()
+        return address, signed_in(address, **options)
+
+    return run
+
+
 def stack_port(settings: Any) -> int:
     return int(re.search(r"TableEndpoint=http://127.0.0.1:(\d+)/", settings.storage.connection_string).group(1))
 
@@ -78,18 +89,16 @@ def test_consent_stores_the_token_in_key_vault_and_registers_the_mailbox(
     assert "RefreshToken" in (secret.value or "")
 
 
-def test_a_reused_state_is_refused_and_stores_nothing_more(services: Any, signed_in: Any, new_address: Any) -> None:
-    address = new_address()
-    fields = signed_in(address)
+def test_a_reused_state_is_refused_and_stores_nothing_more(services: Any, new_sign_in: Any) -> None:
+    _, fields = new_sign_in()
     services.consent.complete(fields)
     with pytest.raises(ConsentProblem) as problem:
         services.consent.complete(fields)
     assert problem.value.kind is ConsentFailure.INVALID and "already used" in problem.value.detail
 
 
-def test_a_double_submit_completes_once(services: Any, signed_in: Any, new_address: Any) -> None:
-    address = new_address()
-    fields = signed_in(address)
+def test_a_double_submit_completes_once(services: Any, new_sign_in: Any) -> None:
+    _, fields = new_sign_in()
     with ThreadPoolExecutor(4) as pool:
         outcomes = list(pool.map(lambda _: _outcome(services, fields), range(4)))
     assert sorted(outcomes) == ["invalid", "invalid", "invalid", "stored"]
@@ -118,28 +127,29 @@ def test_missing_forged_and_unknown_state(services: Any, fields: dict[str, str],
     assert (problem.value.kind, problem.value.title) == (ConsentFailure.INVALID, title)
 
 
-def test_an_expired_flow_is_refused(services: Any, signed_in: Any, new_address: Any) -> None:
-    address = new_address()
-    fields = signed_in(address)
+def expire_flow(services: Any, state: str) -> TableClient:
+    """Move a started flow's expiry into the past; returns the flows' table."""
     flows = azure_clients.table(services.settings, services.settings.consent_table)
-    entity = flows.get_entity(FLOW_PARTITION, fields["state"])
+    entity = flows.get_entity(FLOW_PARTITION, state)
     entity["expires_at"] = utcnow() - timedelta(seconds=1)
     flows.update_entity(entity)
+    return flows
+
+
+def test_an_expired_flow_is_refused(services: Any, new_sign_in: Any) -> None:
+    address, fields = new_sign_in()
+    expire_flow(services, fields["state"])
     with pytest.raises(ConsentProblem) as problem:
         services.consent.complete(fields)
     assert problem.value.title == "Sign-in expired"
     assert nothing_stored(services, address)
 
 
-def test_the_scheduled_upkeep_deletes_expired_flows(services: Any, signed_in: Any, new_address: Any) -> None:
+def test_the_scheduled_upkeep_deletes_expired_flows(services: Any, new_sign_in: Any) -> None:
     from collectors.scheduled import upkeep
 
-    address = new_address()
-    fields = signed_in(address)
-    flows = azure_clients.table(services.settings, services.settings.consent_table)
-    entity = flows.get_entity(FLOW_PARTITION, fields["state"])
-    entity["expires_at"] = utcnow() - timedelta(seconds=1)
-    flows.update_entity(entity)
+    _, fields = new_sign_in()
+    flows = expire_flow(services, fields["state"])
     upkeep(services)
     with pytest.raises(ResourceNotFoundError):
         flows.get_entity(FLOW_PARTITION, fields["state"])
@@ -243,11 +253,8 @@ def test_entra_errors_at_sign_in_are_explained(
     assert nothing_stored(services, address)
 
 
-def test_a_code_that_fails_to_redeem_stores_nothing(
-    services: Any, signed_in: Any, new_address: Any, entra_control: Any
-) -> None:
-    address = new_address()
-    fields = signed_in(address)
+def test_a_code_that_fails_to_redeem_stores_nothing(services: Any, new_sign_in: Any, entra_control: Any) -> None:
+    address, fields = new_sign_in()
     entra_control(
         "faults",
         {
@@ -264,9 +271,8 @@ def test_a_code_that_fails_to_redeem_stores_nothing(
     assert nothing_stored(services, address)
 
 
-def test_key_vault_down_stores_nothing(services: Any, signed_in: Any, new_address: Any, keyvault_control: Any) -> None:
-    address = new_address()
-    fields = signed_in(address)
+def test_key_vault_down_stores_nothing(services: Any, new_sign_in: Any, keyvault_control: Any) -> None:
+    address, fields = new_sign_in()
     keyvault_control("faults", {"status": 503, "count": -1, "method": "PUT"})
     with pytest.raises(TransientError):
         services.consent.complete(fields)
@@ -275,10 +281,9 @@ def test_key_vault_down_stores_nothing(services: Any, signed_in: Any, new_addres
 
 
 def test_a_registry_write_failure_never_leaves_a_row_without_its_secret(
-    settings: Any, services: Any, signed_in: Any, new_address: Any
+    settings: Any, services: Any, new_sign_in: Any
 ) -> None:
-    address = new_address()
-    fields = signed_in(address)
+    address, fields = new_sign_in()
     unreachable = settings.storage.connection_string.replace(f":{stack_port(settings)}/", ":9/")
     dead = TableClient.from_connection_string(unreachable, "x", connection_timeout=1, retry_total=0)
     broken = ConsentService(
@@ -396,12 +401,11 @@ def test_fifty_concurrent_consents_all_land(stack: Stack, services: Any, redirec
 
 
 def test_no_token_code_or_secret_reaches_the_logs(
-    stack: Stack, services: Any, signed_in: Any, new_address: Any, caplog: pytest.LogCaptureFixture
+    stack: Stack, services: Any, new_sign_in: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # MSAL and azure-core log request details at DEBUG
     redaction.install()  # as function_app does at import: the filter sits in front of every handler
-    address = new_address()
-    fields = signed_in(address)
+    address, fields = new_sign_in()
     services.consent.complete(fields)
     cache = services.tokens._store.load(address).serialized
     secrets = {fields["code"], stack.client_secret, *re.findall(r'"secret": "([^"]+)"', cache)}

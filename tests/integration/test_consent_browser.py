@@ -4,37 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 
 from collectors.imap_session import ImapSession
-from devstack.browser import consent_in_browser
 from tests.conftest import simple_message
 from tests.support.app_host import LocalApp
+from tests.support.browser_consent import consent_in_chromium
 from tests.support.faults import collect
-from tests.support.secret_scan import record_page
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
-
-
-def authorize_link(host: LocalApp, address: str) -> str:
-    return f"{host.origin}/api/mailboxes/{quote(address)}/authorize?code={host.key}"
 
 
 def test_an_admin_authorizes_a_mailbox_in_chromium_and_its_token_logs_in_to_imap(
     stack: Stack, local_host: LocalApp, services: Any, new_address: Any, tmp_path: Path
 ) -> None:
     address = new_address()
-    page = consent_in_browser(
-        authorize_link(local_host, address),
-        login=address,
-        password=stack.user_password,
-        trust_cert=Path(stack.tls_cert),
-        screenshot=tmp_path / "done.png",
-    )
-    record_page("browser consent page", page.text)
+    page = consent_in_chromium(stack, local_host, address, screenshot=tmp_path / "done.png")
     assert (page.status, page.title) == (200, "Mailbox authorized")
     assert address in page.text and "Key Vault" in page.text
     row = services.registry.get(address)
@@ -58,11 +45,7 @@ def sign_in_by_upn(stack: Stack, host: LocalApp, entra_control: Any, address: st
     """Make an account whose UPN is not its mailbox address ``own``, and authorize ``address`` as it in Chromium."""
     upn = f"{own.split('@', maxsplit=1)[0]}@contoso.onmicrosoft.com"
     entra_control("accounts", {"upn": upn, "mail": own, "aliases": []})
-    page = consent_in_browser(
-        authorize_link(host, address), login=upn, password=stack.user_password, trust_cert=Path(stack.tls_cert)
-    )
-    record_page("browser consent page", page.text)
-    return upn, page
+    return upn, consent_in_chromium(stack, host, address, login=upn)
 
 
 def test_an_account_whose_upn_differs_from_the_mailbox_authorizes_it_in_chromium_and_collection_works(
@@ -91,14 +74,7 @@ def test_declining_in_chromium_shows_why_and_stores_nothing(
     stack: Stack, local_host: LocalApp, services: Any, new_address: Any
 ) -> None:
     address = new_address()
-    page = consent_in_browser(
-        authorize_link(local_host, address),
-        login=address,
-        password=stack.user_password,
-        accept=False,
-        trust_cert=Path(stack.tls_cert),
-    )
-    record_page("browser consent page", page.text)
+    page = consent_in_chromium(stack, local_host, address, accept=False)
     assert (page.status, page.title) == (403, "Consent declined")
     assert "AADSTS65004" in page.text and "authorize link again" in page.text
     assert services.registry.find(address) is None

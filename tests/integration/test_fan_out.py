@@ -24,7 +24,6 @@ import pytest
 
 from shared.lease import LEASE_SECONDS
 from shared.registry import Mailbox
-from tests.conftest import simple_message
 from tests.support.app_host import LocalApp, serve_app
 
 pytestmark = pytest.mark.integration
@@ -70,25 +69,10 @@ def _visible_items(services: Any) -> list[dict[str, Any]]:
     return [json.loads(m.content) for m in services.work_queue().peek_messages(max_messages=32)]
 
 
-def _consent_with_mail(consent: Any, new_address: Any, deliver: Any, mailboxes: int, per_mailbox: int) -> list[str]:
-    addresses = [new_address() for _ in range(mailboxes)]
-    for address in addresses:
-        consent(address)
-        for n in range(per_mailbox):
-            deliver(address, simple_message(f"{n} for {address}"))
-    return addresses
-
-
 def test_two_worker_processes_share_the_work_items_and_collect_each_mailbox_once(
-    app_env: dict[str, str],
-    services: Any,
-    consent: Any,
-    new_address: Any,
-    deliver: Any,
-    queue_messages: Any,
-    tmp_path: Path,
+    app_env: dict[str, str], services: Any, consented_with_mail: Any, queue_messages: Any, tmp_path: Path
 ) -> None:
-    addresses = _consent_with_mail(consent, new_address, deliver, mailboxes=12, per_mailbox=2)
+    addresses = consented_with_mail(12, per_mailbox=2)
     env = _worker_env(app_env)
     with contextlib.ExitStack() as hosts:
         first = hosts.enter_context(serve_app(env, tmp_path / "first"))
@@ -146,20 +130,14 @@ def test_a_lost_item_is_replaced_by_the_first_tick_after_its_time_to_live(servic
 
 
 def test_a_killed_worker_s_items_expire_while_hidden_and_the_next_tick_replaces_them(
-    app_env: dict[str, str],
-    services: Any,
-    consent: Any,
-    new_address: Any,
-    deliver: Any,
-    queue_messages: Any,
-    tmp_path: Path,
+    app_env: dict[str, str], services: Any, consented_with_mail: Any, queue_messages: Any, tmp_path: Path
 ) -> None:
     # As in Azure: the host hides a taken item longer than the item lives (10 minutes against WORK_ITEM_TTL), so a
     # dead host's items never come back; and an item lives longer than the lease of a dead run. Both shortened here.
     ttl = LEASE_SECONDS + 5
     visibility = ttl + 20
     env = _worker_env(app_env, LOCAL_QUEUE_PROCESSING_VISIBILITY_SECONDS=str(visibility))
-    addresses = _consent_with_mail(consent, new_address, deliver, mailboxes=3, per_mailbox=2)
+    addresses = consented_with_mail(3, per_mailbox=2)
     services.collector.fan_out(services.collector.due_mailboxes(), services.work_queue(), ttl=ttl)
     sent = time.monotonic()
 

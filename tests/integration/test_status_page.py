@@ -69,17 +69,12 @@ def test_an_admin_uses_the_status_page_in_chromium_and_an_owner_re_consents_with
     stack: Stack,
     local_host: LocalApp,
     services: Any,
-    consent: Any,
-    new_address: Any,
-    deliver: Any,
+    consented_with_mail: Any,
     queue_messages: Any,
     tmp_path: Path,
 ) -> None:
-    busy, broken, quiet = new_address(), new_address(), new_address()
-    for address in (busy, broken, quiet):
-        consent(address)
-    for i in range(3):
-        deliver(busy, simple_message(f"status page {i}"))
+    [busy] = consented_with_mail(1, per_mailbox=3)
+    broken, quiet = consented_with_mail(2)
     row = services.registry.get(broken)
     services.registry.put(
         dataclasses.replace(
