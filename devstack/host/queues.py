@@ -10,7 +10,7 @@ import os
 import threading
 import uuid
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -46,8 +46,10 @@ POISON_QUEUE_SUFFIX = "-poison"
 
 
 class QueueRunner(threading.Thread):
-    """Polls one queue like the Functions queue trigger: a small batch at a time, delete on success, the message
-    back on the queue on failure, and the poison queue once it has been dequeued ``maxDequeueCount`` times.
+    """Polls one queue like the Functions queue trigger: a batch at a time, and the next batch as soon as no more than
+    ``newBatchThreshold`` messages are still being processed (so up to ``batchSize + newBatchThreshold`` at once, and
+    a slow message never holds back the others); delete on success, the message back on the queue on failure, and
+    the poison queue once it has been dequeued ``maxDequeueCount`` times.
     """
 
     def __init__(self, host: LocalHost, entry: FunctionEntry, connection_string: str, queue_name: str) -> None:
@@ -75,15 +77,21 @@ class QueueRunner(threading.Thread):
         interval = MIN_POLLING_INTERVAL_SECONDS
         failing = False
         ceiling = max(self._options.max_polling_interval.total_seconds(), MIN_POLLING_INTERVAL_SECONDS)
-        with ThreadPoolExecutor(self._options.batch_size, thread_name_prefix=f"queue-{self._entry.name}") as pool:
+        batch, threshold = self._options.batch_size, self._options.new_batch_threshold
+        running: set[Future[None]] = set()
+        with ThreadPoolExecutor(batch + threshold, thread_name_prefix=f"queue-{self._entry.name}") as pool:
             while not stopping.is_set():
+                if len(running) > threshold:
+                    done, _ = wait_futures(running, timeout=1.0, return_when=FIRST_COMPLETED)
+                    running -= done
+                    continue
                 try:
                     if self._queue is None:
                         self._connect()
                     messages = list(
                         self._queue.receive_messages(
-                            messages_per_page=self._options.batch_size,
-                            max_messages=self._options.batch_size,
+                            messages_per_page=batch,
+                            max_messages=batch,
                             visibility_timeout=self.processing_visibility,
                         )
                     )
@@ -107,7 +115,9 @@ class QueueRunner(threading.Thread):
                     interval = min(interval * 2, ceiling)
                     continue
                 interval = MIN_POLLING_INTERVAL_SECONDS
-                wait_futures([pool.submit(self._process_safely, message) for message in messages])
+                running |= {pool.submit(self._process_safely, message) for message in messages}
+                running = {f for f in running if not f.done()}
+            wait_futures(running)
 
     def _process_safely(self, message: Any) -> None:
         try:

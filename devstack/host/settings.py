@@ -95,6 +95,9 @@ class HostOptions:
     message_encoding: str = "base64"
     max_dequeue_count: int = DEFAULT_MAX_DEQUEUE_COUNT
     batch_size: int = DEFAULT_QUEUE_BATCH_SIZE
+    # A new batch is fetched once this few messages are still being processed, so up to batch_size plus this many
+    # run at once. Azure's default is N * batchSize / 2 for N vCPUs; the local host takes N as 1.
+    new_batch_threshold: int = DEFAULT_QUEUE_BATCH_SIZE // 2
     retry_visibility: timedelta = DEFAULT_QUEUE_RETRY_VISIBILITY
     max_polling_interval: timedelta = DEFAULT_MAX_POLLING_INTERVAL
 
@@ -118,11 +121,16 @@ class HostOptions:
         for name, value in (("maxDequeueCount", max_dequeue), ("batchSize", batch)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise HostError(f"host.json extensions.queues.{name} must be a positive integer")
+        batch = min(batch, MAX_QUEUE_BATCH_SIZE)
+        threshold = queues.get("newBatchThreshold", batch // 2)
+        if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 0:
+            raise HostError("host.json extensions.queues.newBatchThreshold must be a whole number, 0 or more")
         options = cls(
             route_prefix=prefix.strip("/"),
             message_encoding=encoding,
             max_dequeue_count=max_dequeue,
-            batch_size=min(batch, MAX_QUEUE_BATCH_SIZE),
+            batch_size=batch,
+            new_batch_threshold=threshold,
         )
         if "visibilityTimeout" in queues:
             retry = parse_timespan(str(queues["visibilityTimeout"]), setting="extensions.queues.visibilityTimeout")
