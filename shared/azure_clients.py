@@ -110,10 +110,13 @@ def _queue_client(settings: Settings, name: str) -> QueueClient:
 @functools.cache
 def table_service(settings: Settings) -> TableServiceClient:
     storage = settings.storage
+    # Pooled as the blob client: the GLPI consumer's invocations and their helper threads write rows side by side,
+    # and with urllib3's default of 10 a connection beyond that was dropped after use (with a WARNING).
+    options: dict[str, Any] = {**STORAGE_TIMEOUTS, "transport": _PooledTransport()}
     if storage.connection_string:
-        return TableServiceClient.from_connection_string(storage.connection_string, **STORAGE_TIMEOUTS)
+        return TableServiceClient.from_connection_string(storage.connection_string, **options)
     assert storage.table_uri is not None
-    return TableServiceClient(storage.table_uri, credential=azure_credential(settings), **STORAGE_TIMEOUTS)
+    return TableServiceClient(storage.table_uri, credential=azure_credential(settings), **options)
 
 
 @functools.cache
