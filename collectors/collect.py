@@ -27,8 +27,7 @@ from typing import Any, Protocol
 from collectors.app_tokens import AppTokenProvider, exchange_refusal
 from collectors.envelope import build_envelope, encode_for_queue
 from collectors.envelope.classification import placeholder, refused
-from collectors.head_envelope import HEAD_BYTES
-from collectors.head_envelope import HeadEnvelopeStream as EnvelopeStream
+from collectors.envelope.stream import SKELETON_BYTES, EnvelopeStream
 from collectors.imap_session import STREAM_CHUNK
 from collectors.mail_source import Checkpoint, MailFolder, MailSource
 from collectors.memory_budget import MemoryBudget, Reservation
@@ -78,8 +77,8 @@ STORE_THREADS = 8  # concurrent blob uploads, shared by the mailboxes of a worke
 STREAM_ABOVE = 8 * 1024 * 1024
 BATCH_COST = 2  # bytes reserved per byte of a batch held whole: the bytes as read, and the envelope parser's copies
 # A streamed message's memory: the block being filled and its joined copy, the blocks being staged, the chunk read
-# from the socket, and the head the envelope is built from.
-STREAM_WORKING_SET = (BLOCKS_IN_FLIGHT + 2) * BLOCK_BYTES + STREAM_CHUNK + HEAD_BYTES
+# from the socket, and the envelope's skeleton with the parser's tree of it (counted twice: a bound, not a measure).
+STREAM_WORKING_SET = (BLOCKS_IN_FLIGHT + 2) * BLOCK_BYTES + STREAM_CHUNK + 2 * SKELETON_BYTES
 # A run that changes nothing (no mail, no error to clear, no work item to mark done) writes its success to the registry
 # only when the last one recorded is this old: an empty mailbox costs a registry write every third 5-minute run, not
 # every run. The status page's "last success" is this much behind at most; the stale report waits an hour.
