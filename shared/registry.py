@@ -203,6 +203,13 @@ _COLUMNS = frozenset(_ROW_FIELDS) | {f"opt_{name}" for name in _OPTION_FIELDS}
 CHECKPOINT_COLUMNS = frozenset({"uidvalidity", "last_uid", "folder_checkpoints"})
 MAX_ERROR_CHARS = 1000  # of last_error: the message and its remedy, not a traceback
 TRANSACTION_ROWS = 100  # Table storage's limit of operations in one transaction (batch)
+# After a connection lost before the answer (ServiceResponseError) azure-core retries only GET, PUT, DELETE and the
+# like. The registry's merges, and its transactions of merges (POST), write the same values when repeated: the SDK
+# may retry them too. At 2,000 mailboxes a run otherwise failed now and then when Azurite closed a kept-alive
+# connection as it was reused.
+_RETRY_MERGES: dict[str, Any] = {
+    "retry_on_methods": frozenset({"HEAD", "GET", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH", "MERGE", "POST"})
+}
 
 
 def _uid_list(uids: Sequence[int]) -> str:
@@ -428,14 +435,16 @@ class MailboxRegistry:
             raise ValueError(f"not registry columns: {', '.join(sorted(unknown))}")
         entity: dict[str, Any] = {"PartitionKey": PARTITION, "RowKey": mailbox_key(address), **fields}
         try:
-            self._call(self._table.update_entity, entity, mode=UpdateMode.MERGE)
+            self._call(self._table.update_entity, entity, mode=UpdateMode.MERGE, **_RETRY_MERGES)
         except ResourceNotFoundError:
             raise NotFoundError(address) from None
 
     def _merge_all(self, entities: Sequence[Mapping[str, Any]]) -> bool:
         """Merge ``entities`` in one transaction; False (nothing written) when one of their rows does not exist."""
         try:
-            self._table.submit_transaction([("update", e, {"mode": UpdateMode.MERGE}) for e in entities])
+            self._table.submit_transaction(
+                [("update", e, {"mode": UpdateMode.MERGE}) for e in entities], **_RETRY_MERGES
+            )
         except TableTransactionError as e:
             if e.status_code == 404:
                 return False

@@ -3,7 +3,9 @@ path is 2,000 calls a run, and each one a round trip to the storage account.
 
 An empty run from the timer's listing costs the lease and its release, and no registry call while its last success
 recorded is recent; a work item's run reads its row once under the lease and writes once (the success, which ends
-the item). These counts may shrink; a change that makes them grow fails here.
+the item). These counts may shrink; a change that makes them grow fails here. A merge whose connection drops before
+the answer is retried by the SDK (it writes the same values again), so a kept-alive connection closed by the
+service costs a retry, not a failed run.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from azure.core.exceptions import ServiceResponseError
 from azure.core.pipeline.transport import RequestsTransport
 
 from collectors.collect import SUCCESS_RECORD_EVERY
-from shared.registry import MailboxStatus, utcnow
+from shared.registry import Mailbox, MailboxStatus, utcnow
 
 pytestmark = pytest.mark.integration
 
@@ -114,3 +117,29 @@ def test_an_empty_work_item_reads_its_row_under_the_lease_and_writes_once(
     methods = sorted(method for service, method, _ in calls.sent if service == "table")
     assert calls.by_service() == {"blob": 2, "table": 2}, calls.sent
     assert methods == ["GET", "PATCH"] or methods == ["GET", "MERGE"], calls.sent
+
+
+@pytest.mark.parametrize("method", ["PATCH", "POST"])
+def test_a_registry_merge_whose_connection_drops_before_the_answer_is_retried(
+    services: Any, new_address: Any, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    address = new_address()
+    services.registry.put(Mailbox(address))
+    dropped: list[str] = []
+    send = RequestsTransport.send
+
+    def drops_once(transport: Any, request: Any, **kwargs: Any) -> Any:
+        if request.method in (method, "MERGE" if method == "PATCH" else method) and not dropped:
+            dropped.append(request.method)
+            raise ServiceResponseError("the connection closed before the answer (a test)")
+        return send(transport, request, **kwargs)
+
+    monkeypatch.setattr(RequestsTransport, "send", drops_once)
+    if method == "PATCH":
+        services.registry.record_oversize(address, "a note")
+    else:
+        services.registry.record_work_items([(address, "item", utcnow() + timedelta(minutes=10))])
+
+    assert dropped, "no merge was sent"
+    row = services.registry.get(address)
+    assert row.last_oversize == "a note" if method == "PATCH" else row.work_item == "item"

@@ -100,7 +100,7 @@ class FakeTable:
     def upsert_entity(self, entity: Mapping[str, Any], mode: Any = None) -> None:
         self.rows[(entity["PartitionKey"], entity["RowKey"])] = self._plain(entity)
 
-    def update_entity(self, entity: Mapping[str, Any], mode: Any = None) -> None:
+    def update_entity(self, entity: Mapping[str, Any], mode: Any = None, **kwargs: Any) -> None:
         key = (entity["PartitionKey"], entity["RowKey"])
         if key not in self.rows:
             raise ResourceNotFoundError("entity not found")
@@ -109,7 +109,9 @@ class FakeTable:
     def delete_entity(self, partition: str, row: str) -> None:
         self.rows.pop((partition, row), None)
 
-    def submit_transaction(self, operations: list[tuple[str, Mapping[str, Any], Mapping[str, Any]]]) -> None:
+    def submit_transaction(
+        self, operations: list[tuple[str, Mapping[str, Any], Mapping[str, Any]]], **kwargs: Any
+    ) -> None:
         """Merges only (what the registry sends), all or nothing as the service: a missing row fails them all."""
         for index, (_, entity, _) in enumerate(operations):
             if (entity["PartitionKey"], entity["RowKey"]) not in self.rows:
