@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from email.message import Message
-from typing import Any
+from typing import Any, NotRequired, TypedDict, Unpack
 
 from collectors.envelope.addresses import ADDRESS_FIELDS, HEADER_NAMES, parse_addresses
 from collectors.envelope.classification import LOOP_HEADER, classify
@@ -40,6 +40,7 @@ __all__ = [
     "QUEUE_MARGIN",
     "QUEUE_MESSAGE_LIMIT",
     "SCHEMA",
+    "MessageMeta",
     "build_envelope",
     "describe_message",
     "encode_for_queue",
@@ -68,19 +69,23 @@ def envelope_id(mailbox: str, uidvalidity: int, uid: int) -> str:
     return f"{mailbox}/{uidvalidity}/{uid}"
 
 
-def build_envelope(
-    raw: bytes,
-    *,
-    mailbox: str,
-    folder: str,
-    uidvalidity: int,
-    uid: int,
-    blob_url: str,
-    blob_name: str,
-    collected_at: datetime,
-    blob_container: str | None = None,
-    max_encoded_bytes: int = QUEUE_MESSAGE_LIMIT,
-) -> dict[str, Any]:
+class MessageMeta(TypedDict):
+    """What the caller knows of a message besides its bytes: where it was collected, where its blob is, and the
+    queue's size limit. ``build_envelope`` and the streamed envelopes take these keywords and hand them on to
+    ``describe_message``, which names each."""
+
+    mailbox: str
+    folder: str
+    uidvalidity: int
+    uid: int
+    blob_url: str
+    blob_name: str
+    collected_at: datetime
+    blob_container: NotRequired[str | None]
+    max_encoded_bytes: NotRequired[int]
+
+
+def build_envelope(raw: bytes, **meta: Unpack[MessageMeta]) -> dict[str, Any]:
     """Describe one message for the queue; the result matches ``schemas/envelope.v1.json``.
 
     Never raises because of the message's content: undecodable headers are kept raw and listed in
@@ -93,21 +98,7 @@ def build_envelope(
     """
     notes = Notes()
     message = parse_message(raw, notes)
-    return describe_message(
-        message,
-        notes,
-        size=len(raw),
-        sha256=hashlib.sha256(raw).hexdigest(),
-        mailbox=mailbox,
-        folder=folder,
-        uidvalidity=uidvalidity,
-        uid=uid,
-        blob_url=blob_url,
-        blob_name=blob_name,
-        collected_at=collected_at,
-        blob_container=blob_container,
-        max_encoded_bytes=max_encoded_bytes,
-    )
+    return describe_message(message, notes, size=len(raw), sha256=hashlib.sha256(raw).hexdigest(), **meta)
 
 
 def describe_message(

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import datetime
 from email import policy as email_policy
 from email.feedparser import BytesFeedParser
 from email.message import Message
 from email.parser import BytesParser
-from typing import Any
+from typing import Any, Unpack
 
-from collectors.envelope import describe_message
-from collectors.envelope.fitting import QUEUE_MESSAGE_LIMIT
+from collectors.envelope import MessageMeta, describe_message
 from collectors.envelope.mime import (
     MAX_DEPTH,
     MAX_PARTS,
@@ -140,19 +138,7 @@ class EnvelopeStream:
                 break
         self._flush()
 
-    def envelope(
-        self,
-        *,
-        mailbox: str,
-        folder: str,
-        uidvalidity: int,
-        uid: int,
-        blob_url: str,
-        blob_name: str,
-        collected_at: datetime,
-        blob_container: str | None = None,
-        max_encoded_bytes: int = QUEUE_MESSAGE_LIMIT,
-    ) -> dict[str, Any]:
+    def envelope(self, **meta: Unpack[MessageMeta]) -> dict[str, Any]:
         """The envelope of the bytes fed, as ``build_envelope`` describes it (same guarantees, same errors).
 
         May be called more than once (with other metadata); no bytes may be fed after the first call.
@@ -169,15 +155,7 @@ class EnvelopeStream:
             notes,
             size=self._size,
             sha256=self.sha256,
-            mailbox=mailbox,
-            folder=folder,
-            uidvalidity=uidvalidity,
-            uid=uid,
-            blob_url=blob_url,
-            blob_name=blob_name,
-            collected_at=collected_at,
-            blob_container=blob_container,
-            max_encoded_bytes=max_encoded_bytes,
+            **meta,
         )
 
     # -- closing ---------------------------------------------------------------------------------------------
