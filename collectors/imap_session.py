@@ -54,6 +54,9 @@ class ChunkSink(Protocol):
     def write(self, chunk: bytes) -> None: ...
 
 
+SinkFor = Callable[[int], ChunkSink]  # the sink of a streamed message, by its UID
+
+
 @functools.cache
 def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
     """One verifying TLS context per CA bundle, shared by every session: loading the certificates takes about
@@ -212,7 +215,7 @@ class ImapSession:
         self._sizes_ahead: tuple[int, dict[int, int]] | None = None  # new_sizes() answer read with SELECT's
         self._done: dict[bytes, tuple[bytes, bytes]] = {}  # FETCH completions read while reading an earlier one
         self._sizes: dict[int, int] = {}  # every size learned, for the pipelining window
-        self._streaming: tuple[bytes, int, Callable[[int], ChunkSink]] | None = None  # tag, UID, sink being read
+        self._streaming: tuple[bytes, int, SinkFor] | None = None  # tag, UID, sink being read
         self.rtt = DEFAULT_RTT  # seconds: SELECT's round trip, once measured
 
     def __enter__(self) -> ImapSession:
@@ -491,11 +494,7 @@ class ImapSession:
         return self._answer(self._send_fetch(uids))
 
     def fetch_batches(
-        self,
-        batches: Iterable[list[int]],
-        *,
-        streamed: Collection[int] = (),
-        sink: Callable[[int], ChunkSink] | None = None,
+        self, batches: Iterable[list[int]], *, streamed: Collection[int] = (), sink: SinkFor | None = None
     ) -> Generator[tuple[list[int], dict[int, bytes]]]:
         """``(uids, fetch(uids))`` for each batch in order, with the next batches already requested up to the
         window (``window()`` bytes beyond the batch being read, and always the next one).

@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Generator, Iterable, Iterator,
 from contextlib import AbstractContextManager
 from typing import Protocol
 
-from collectors.imap_session import ChunkSink, ImapSession
+from collectors.imap_session import ImapSession, SinkFor
 from shared.after_action import Step
 from shared.checkpoints import Checkpoint as FolderCheckpoint
 from shared.checkpoints import checkpoint_of, with_checkpoint
@@ -49,11 +49,7 @@ class MailFolder(Protocol):
         ...
 
     def fetch_batches(
-        self,
-        batches: Iterable[list[int]],
-        *,
-        streamed: Collection[int] = (),
-        sink: Callable[[int], ChunkSink] | None = None,
+        self, batches: Iterable[list[int]], *, streamed: Collection[int] = (), sink: SinkFor | None = None
     ) -> Generator[tuple[list[int], dict[int, bytes]]]:
         """``(ids, {id: exact bytes})`` per batch, in order; ids deleted meanwhile are absent from the dict.
 
@@ -114,11 +110,7 @@ class ImapFolder:
         return self._session.new_sizes(self._last_uid)
 
     def fetch_batches(
-        self,
-        batches: Iterable[list[int]],
-        *,
-        streamed: Collection[int] = (),
-        sink: Callable[[int], ChunkSink] | None = None,
+        self, batches: Iterable[list[int]], *, streamed: Collection[int] = (), sink: SinkFor | None = None
     ) -> Generator[tuple[list[int], dict[int, bytes]]]:
         return self._session.fetch_batches(batches, streamed=streamed, sink=sink)
 
