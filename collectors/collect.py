@@ -14,9 +14,11 @@ is its envelope queued. Mail in hand is bounded per worker by a memory budget it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import queue
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -77,8 +79,10 @@ STORE_THREADS = 8  # concurrent blob uploads, shared by the mailboxes of a worke
 STREAM_ABOVE = 8 * 1024 * 1024
 BATCH_COST = 2  # bytes reserved per byte of a batch held whole: the bytes as read, and the envelope parser's copies
 # A streamed message's memory: the block being filled and its joined copy, the blocks being staged, the chunk read
-# from the socket, and the envelope's skeleton with the parser's tree of it (counted twice: a bound, not a measure).
-STREAM_WORKING_SET = (BLOCKS_IN_FLIGHT + 2) * BLOCK_BYTES + STREAM_CHUNK + 2 * SKELETON_BYTES
+# from the socket, the chunks the envelope walk lags behind, and the envelope's skeleton with the parser's tree of it
+# (counted twice: a bound, not a measure).
+FEED_AHEAD = 4  # chunks of STREAM_CHUNK
+STREAM_WORKING_SET = (BLOCKS_IN_FLIGHT + 2) * BLOCK_BYTES + (FEED_AHEAD + 1) * STREAM_CHUNK + 2 * SKELETON_BYTES
 # A run that changes nothing (no mail, no error to clear, no work item to mark done) writes its success to the registry
 # only when the last one recorded is this old: an empty mailbox costs a registry write every third 5-minute run, not
 # every run. The status page's "last success" is this much behind at most; the stale report waits an hour.
@@ -185,15 +189,54 @@ def blob_name(mailbox_key: str, uidvalidity: int, uid: int) -> str:
 
 
 class _Streamed:
-    """One message on its way from the socket: each chunk goes to its blob writer and its envelope stream."""
+    """One message on its way from the socket: each chunk goes to its blob writer, and to its envelope stream on a
+    thread of its own, so that the MIME walk (Python, about as slow as the link) does not pace the socket reads and
+    the block uploads. The walk lags behind the socket by at most FEED_AHEAD chunks."""
 
-    def __init__(self, writer: RawWriter) -> None:
+    def __init__(self, writer: RawWriter, pool: ThreadPoolExecutor) -> None:
         self.writer = writer
         self.envelope = EnvelopeStream()
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(FEED_AHEAD)
+        self._ended = False
+        self._stopped = False
+        self._walk = pool.submit(carried(self._feed))
+
+    def _feed(self) -> None:
+        error: BaseException | None = None
+        while (chunk := self._chunks.get()) is not None:  # always read to the end: the writer must never block
+            if error is None and not self._stopped:
+                try:
+                    self.envelope.feed(chunk)
+                except BaseException as e:  # a defect in the walk: reported with the envelope, not as a hang
+                    error = e
+        if error is not None:
+            raise error
 
     def write(self, chunk: bytes) -> None:
         self.writer.write(chunk)
-        self.envelope.feed(chunk)
+        self._chunks.put(chunk)
+
+    def end(self) -> None:
+        """No more bytes: the walk finishes what it has."""
+        if not self._ended:
+            self._ended = True
+            self._chunks.put(None)
+
+    def walked(self) -> EnvelopeStream:
+        """The envelope stream once every byte written has been walked."""
+        self.end()
+        self._walk.result()
+        return self.envelope
+
+    def abort(self) -> None:
+        """Give up the message: nothing committed, the walk stopped."""
+        self.writer.abort()
+        self._stopped = True
+        if not self._ended:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._chunks.get_nowait()
+            self.end()
 
     def commit(self) -> None:
         try:
@@ -211,7 +254,7 @@ class _Batch:
     stream: _Streamed | None = None  # the one message of a streamed batch, when the server still had it
 
     def size_of(self, uid: int) -> int:
-        return self.stream.envelope.size if self.stream is not None else len(self.messages[uid])
+        return self.stream.walked().size if self.stream is not None else len(self.messages[uid])
 
     def release(self) -> None:
         if self.reservation is not None:
@@ -258,6 +301,8 @@ class Collector:
         self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="store")
         self._enqueue_pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="enqueue")
         self._budget = memory_budget or MemoryBudget(settings.memory_budget_mb * 1024 * 1024)
+        # One MIME walk per mailbox streaming at once (a mailbox streams one message at a time).
+        self._walk_pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="walk")
 
     # -- the run --------------------------------------------------------------------------------------------
 
@@ -429,7 +474,8 @@ class Collector:
             streams: dict[int, _Streamed] = {}
 
             def sink(uid: int) -> _Streamed:
-                streams[uid] = _Streamed(self._sinks.raw.open(blob_name(mailbox.key, folder.uidvalidity, uid)))
+                writer = self._sinks.raw.open(blob_name(mailbox.key, folder.uidvalidity, uid))
+                streams[uid] = _Streamed(writer, self._walk_pool)
                 return streams[uid]
 
             pending: tuple[_Batch, Future[Enqueued]] | None = None
@@ -462,10 +508,12 @@ class Collector:
                         reservation.release()
                         raise
                     batch = _Batch(uids, messages, reservation, streams.pop(uids[0], None))
+                    if batch.stream is not None:
+                        batch.stream.end()  # its last byte is in
                     if self._clock() > deadline:
                         result.more = True  # this batch is not stored: the next run fetches it again
                         if batch.stream is not None:
-                            batch.stream.writer.abort()
+                            batch.stream.abort()
                         batch.release()
                         break
                     # The batch was read while the previous one was being stored.
@@ -478,7 +526,7 @@ class Collector:
             finally:
                 fetched.close()
                 for stream in streams.values():  # cut in the middle of its bytes: nothing of it is committed
-                    stream.writer.abort()
+                    stream.abort()
             if oversize_handled and not result.more:
                 # Every message is handled, the oversize ones too: the checkpoint passes them all.
                 checkpoint = folder.checkpoint_after(newest)
@@ -661,7 +709,7 @@ class Collector:
         mailbox: Mailbox, uidvalidity: int, uid: int, blob: StoredBlob, stream: _Streamed
     ) -> tuple[str, bool, datetime | None, bool]:
         """As ``_envelope``, for a message whose bytes went through ``stream``."""
-        envelope = envelope_of(mailbox, uidvalidity, uid, blob, stream.envelope, collected_at=datetime.now(UTC))
+        envelope = envelope_of(mailbox, uidvalidity, uid, blob, stream.walked(), collected_at=datetime.now(UTC))
         return Collector._queued(envelope)
 
     @staticmethod

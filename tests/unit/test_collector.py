@@ -364,3 +364,24 @@ def test_a_streamed_message_past_the_deadline_is_not_committed(monkeypatch: pyte
     (writer,) = world.raw.writers
     assert writer.state == "aborted" and world.raw.blobs == {} and world.queue.messages == []
     assert world.registry.get(ADDRESS).last_uid == 0
+
+
+def test_a_defect_in_the_envelope_walk_fails_the_run_without_a_hang_or_an_envelope(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(collect_module, "STREAM_ABOVE", 10_000)
+    monkeypatch.setattr(collect_module, "FEED_AHEAD", 1)  # the writer would block at once on a walk that stopped
+
+    class Broken(collect_module.EnvelopeStream):
+        def feed(self, chunk: bytes) -> None:
+            raise RuntimeError("walk defect")
+
+    monkeypatch.setattr(collect_module, "EnvelopeStream", Broken)
+    world = World()
+    register(world)
+    world.server.deliver(plain(("Subject", "big"), body="y" * 30_000 + "\r\n"))
+
+    result = collect(world)
+
+    assert result.outcome.failed and "RuntimeError" in result.error
+    assert world.queue.messages == [] and world.registry.get(ADDRESS).last_uid == 0
