@@ -50,7 +50,7 @@ from shared.folders import same_folder
 from shared.invocation_logs import carried
 from shared.lease import Lease, Leases
 from shared.mailboxes import mailbox_key
-from shared.registry import Mailbox, MailboxMode, MailboxRegistry, MailboxStatus, utcnow
+from shared.registry import CHECKPOINT_COLUMNS, Mailbox, MailboxMode, MailboxRegistry, MailboxStatus, utcnow
 from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -459,8 +459,11 @@ class Collector:
                 if current is None:
                     result.outcome = RunOutcome.DEFERRED  # revoked while the run was starting
                     return None
-                if current != mailbox:
+                if not _collects_the_same(current, mailbox):
                     return current
+                # Only bookkeeping moved (this run's own token save, say): go on from the newer row, on this
+                # connection and with this token, rather than fetch a token and log in a second time.
+                mailbox = current
             self._apply_pending(mailbox, folder)
             checkpoint = folder.checkpoint
             # Placeholders stay listed on the mailbox until someone deals with them in Outlook (they leave the folder).
@@ -830,6 +833,18 @@ class Collector:
 def _at_checkpoint(mailbox: Mailbox, checkpoint: Checkpoint) -> bool:
     """Whether ``checkpoint`` is the one the row holds."""
     return all(getattr(mailbox, column) == value for column, value in checkpoint.items())
+
+
+# What a run reads from its row to decide what to fetch, and where. A row that differs from the listed one only
+# elsewhere (token age, counters, last run and error texts, work items) does not change what the open folder holds.
+_COLLECTION_FIELDS = (
+    "status", "mode", "tenant_id", "signed_in_as", "options", *sorted(CHECKPOINT_COLUMNS),
+    "pending_after_action", "placeholder_uids",
+)  # fmt: skip
+
+
+def _collects_the_same(a: Mailbox, b: Mailbox) -> bool:
+    return all(getattr(a, name) == getattr(b, name) for name in _COLLECTION_FIELDS)
 
 
 def _owes_work(mailbox: Mailbox) -> bool:

@@ -11,10 +11,11 @@ from datetime import timedelta
 from typing import Any
 
 from collectors.collect import SUCCESS_RECORD_EVERY, WORK_ITEM_TTL
+from collectors.tokens import AccessToken
 from shared.errors import TransientError
 from shared.registry import Mailbox, MailboxStatus, utcnow
 from tests.mail_corpus import plain
-from tests.support.fakes import FakeTable, World
+from tests.support.fakes import FakeTable, FakeTokens, World
 
 ADDRESS = "support@contoso.example"
 
@@ -156,6 +157,30 @@ def test_a_listing_taken_before_another_run_collected_is_read_again_and_nothing_
     assert Counter(world.queue.ids()) == {f"{ADDRESS}/7/{uid}": 1 for uid in [*uids, 4]}
     row = world.registry.get(ADDRESS)
     assert (row.last_uid, row.collected_total) == (4, 4)
+
+
+class SavingTokens(FakeTokens):
+    """Every access token is a renewal that reached Key Vault (the daily rewrite of the token cache)."""
+
+    def access_token(
+        self, address: str, *, signed_in_as: str, deadline: float | None = None, secret_name: str = ""
+    ) -> AccessToken:
+        self.calls.append(address)
+        return AccessToken("access-token-for-tests", 0.0, renewed=True, saved_at=utcnow())
+
+
+def test_a_run_that_saves_its_token_and_finds_mail_logs_in_once() -> None:
+    # The token save changes the row between the listing and the read under the lease; that alone must not start the
+    # run again (a second token, a second Key Vault write, a second login).
+    world = World(table=CountingTable(), tokens=SavingTokens())
+    world.registry.put(Mailbox(ADDRESS))
+    world.server.deliver(mail("new"))
+
+    (result,) = world.collector().run(world.registry.list())
+    assert result.messages == 1
+    assert world.tokens.calls == [ADDRESS]
+    assert world.source.opened == 1
+    assert world.registry.get(ADDRESS).token_saved_at is not None
 
 
 def test_a_mailbox_paused_after_the_listing_is_not_collected() -> None:
