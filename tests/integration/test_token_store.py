@@ -156,7 +156,7 @@ def test_a_403_right_after_provisioning_says_the_role_may_still_be_propagating(
     address = new_address()
     consent(address)
     services.tokens.forget(address)
-    app = app_object_id(stack)
+    app = app_object_id(stack.info)
     keyvault_control("roles", {"principal": app, "role": "Key Vault Secrets Officer", "delay_seconds": 3})
     try:
         with pytest.raises(ConfigurationError) as denied:
