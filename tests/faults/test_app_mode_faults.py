@@ -18,9 +18,8 @@ from devstack import dovecot
 from devstack.stack import app_object_id
 from shared.registry import MailboxStatus, utcnow
 from tests.conftest import simple_message
-from tests.faults.test_imap_faults import app_env, proxy  # noqa: F401 - the collector reaches Dovecot through the proxy
 from tests.support.faults import check_delivery, collect
-from tests.support.imap_proxy import ImapProxy
+from tests.support.imap_proxy import ImapProxy, app_env_through_proxy, proxy_fixture  # noqa: F401 - the collector reaches Dovecot through the proxy
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -93,7 +92,7 @@ def test_an_app_token_failure_is_classified_with_its_remedy_and_never_needs_reco
 
 @pytest.mark.parametrize("command", [r"^AUTHENTICATE ", r"^SELECT "], ids=["at-login", "at-select"])
 def test_throttling_defers_an_app_mode_mailbox_for_the_suggested_backoff(
-    services: Any, proxy: ImapProxy, app_mailbox: Any, new_address: Any, queue_messages: Any,  # noqa: F811
+    services: Any, proxy: ImapProxy, app_mailbox: Any, new_address: Any, queue_messages: Any,
     command: str,
 ) -> None:  # fmt: skip
     address = new_address()
@@ -116,7 +115,7 @@ def test_throttling_defers_an_app_mode_mailbox_for_the_suggested_backoff(
 
 
 def test_a_connection_cut_in_the_middle_of_a_fetch_loses_nothing_in_app_mode(
-    services: Any, proxy: ImapProxy, app_mailbox: Any, new_address: Any, queue_messages: Any,  # noqa: F811
+    services: Any, proxy: ImapProxy, app_mailbox: Any, new_address: Any, queue_messages: Any,
 ) -> None:  # fmt: skip
     address = new_address()
     sent = app_mailbox(address, 60)
