@@ -24,12 +24,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from collectors.app_tokens import AppTokenProvider, exchange_refusal
 from collectors.envelope import build_envelope, encode_for_queue
 from collectors.envelope.classification import placeholder, refused
-from collectors.envelope.stream import SKELETON_BYTES, EnvelopeStream
 from collectors.imap_session import STREAM_CHUNK
 from collectors.mail_source import Checkpoint, MailFolder, MailSource
 from collectors.memory_budget import MemoryBudget, Reservation
@@ -52,6 +51,9 @@ from shared.lease import Lease, Leases
 from shared.mailboxes import mailbox_key
 from shared.registry import CHECKPOINT_COLUMNS, Mailbox, MailboxMode, MailboxRegistry, MailboxStatus, utcnow
 from shared.settings import Settings
+
+if TYPE_CHECKING:  # imported with the first streamed message, so that importing the app stays cheap
+    from collectors.envelope.stream import EnvelopeStream
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +82,10 @@ STREAM_ABOVE = 8 * 1024 * 1024
 BATCH_COST = 2  # bytes reserved per byte of a batch held whole: the bytes as read, and the envelope parser's copies
 # A streamed message's memory: the block being filled and its joined copy, the blocks being staged, the chunk read
 # from the socket, the chunks the envelope walk lags behind, and the envelope's skeleton with the parser's tree of it
-# (counted twice: a bound, not a measure).
+# (twice collectors.envelope.stream.SKELETON_BYTES, a unit test keeps them in step: a bound, not a measure).
 FEED_AHEAD = 4  # chunks of STREAM_CHUNK
-STREAM_WORKING_SET = (BLOCKS_IN_FLIGHT + 2) * BLOCK_BYTES + (FEED_AHEAD + 1) * STREAM_CHUNK + 2 * SKELETON_BYTES
+ENVELOPE_WALK_BYTES = 8 * 1024 * 1024
+STREAM_WORKING_SET = (BLOCKS_IN_FLIGHT + 2) * BLOCK_BYTES + (FEED_AHEAD + 1) * STREAM_CHUNK + ENVELOPE_WALK_BYTES
 # A run that changes nothing (no mail, no error to clear, no work item to mark done) writes its success to the registry
 # only when the last one recorded is this old: an empty mailbox costs a registry write every third 5-minute run, not
 # every run. The status page's "last success" is this much behind at most; the stale report waits an hour.
@@ -195,6 +198,8 @@ class _Streamed:
 
     def __init__(self, writer: RawWriter, pool: ThreadPoolExecutor) -> None:
         self.writer = writer
+        from collectors.envelope.stream import EnvelopeStream
+
         self.envelope = EnvelopeStream()
         self._chunks: queue.Queue[bytes | None] = queue.Queue(FEED_AHEAD)
         self._ended = False

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import collectors.collect as collect_module
+import collectors.envelope.stream as envelope_stream
 from collectors.collect import BATCH_MESSAGES, WORK_ITEM_TTL
 from shared.errors import AfterActionError, MailboxAccessError, NeedsReconsentError, RunOutcome, TransientError
 from shared.registry import Mailbox, MailboxOptions, MailboxStatus
@@ -372,11 +376,11 @@ def test_a_defect_in_the_envelope_walk_fails_the_run_without_a_hang_or_an_envelo
     monkeypatch.setattr(collect_module, "STREAM_ABOVE", 10_000)
     monkeypatch.setattr(collect_module, "FEED_AHEAD", 1)  # the writer would block at once on a walk that stopped
 
-    class Broken(collect_module.EnvelopeStream):
+    class Broken(envelope_stream.EnvelopeStream):
         def feed(self, chunk: bytes) -> None:
             raise RuntimeError("walk defect")
 
-    monkeypatch.setattr(collect_module, "EnvelopeStream", Broken)
+    monkeypatch.setattr(envelope_stream, "EnvelopeStream", Broken)
     world = World()
     register(world)
     world.server.deliver(plain(("Subject", "big"), body="y" * 30_000 + "\r\n"))
@@ -385,3 +389,15 @@ def test_a_defect_in_the_envelope_walk_fails_the_run_without_a_hang_or_an_envelo
 
     assert result.outcome.failed and "RuntimeError" in result.error
     assert world.queue.messages == [] and world.registry.get(ADDRESS).last_uid == 0
+
+
+def test_a_streamed_message_budget_covers_the_envelope_walk_and_its_module_loads_only_when_needed() -> None:
+    assert collect_module.ENVELOPE_WALK_BYTES >= 2 * envelope_stream.SKELETON_BYTES
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, collectors.collect; print('collectors.envelope.stream' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(collect_module.__file__).parents[1],
+    )
+    assert loaded.stdout.strip() == "False", "the walk's module must not weigh on the app's import (benchmark 4)"
