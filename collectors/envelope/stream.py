@@ -55,8 +55,8 @@ UNDECIDED_LINE_BYTES = 16 * 1024  # a line in a header section with no colon by 
 PIECE_BYTES = 1024 * 1024  # a large chunk is walked in pieces of this size, so that no copy of it is made
 
 _HEADERS, _CONTENT, _AFTER_SEPARATOR, _STOPPED = range(4)
+_NOTHING = re.compile(b"(?!)")
 _EOL = re.compile(rb"\r\n?|\n")
-_DASH_LINE = re.compile(rb"(?:\r\n|\r|\n)--")  # a line end followed by a line that may be a boundary
 # email.feedparser.headerRE on bytes: its string pattern sees 8-bit bytes as surrogates, outside these ranges.
 _HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
 _FIELD_NAME_SO_FAR = re.compile(rb"[\x21-\x39\x3b-\x7e]*")
@@ -72,6 +72,10 @@ class _Level:
             "(?P<sep>" + re.escape(separator) + r")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$"
         ).match
         self.digest = digest
+        try:  # the line as bytes starts with this; a boundary the parser decoded from RFC 2231 matches no line
+            self.prefix: bytes | None = separator.encode("ascii", "surrogateescape")
+        except UnicodeEncodeError:
+            self.prefix = None
 
 
 class EnvelopeStream:
@@ -107,6 +111,8 @@ class EnvelopeStream:
         self._cut_letters = 0
         self._held = b""
         self._line_start = True
+        self._next_boundary = self._at_boundary = _NOTHING  # see _start_run
+        self._edge = 0
 
     @property
     def size(self) -> int:
@@ -362,6 +368,19 @@ class EnvelopeStream:
         self._held = b""
         self._line_start = True
         self._scanned = 0
+        self._edge = 0
+        # Content is searched in C for a line that is a boundary of the open multiparts, or may still become one
+        # at the end of the bytes so far: lines that only look like one ("-- " signatures, "--" rules, "--B-x")
+        # cost no Python, however many there are.
+        prefixes = sorted({level.prefix for level in self._levels[:relevant] if level.prefix is not None})
+        if prefixes:
+            either = b"(?:" + b"|".join(re.escape(prefix) for prefix in prefixes) + b")"
+            line = either + rb"(?:-?\Z|(?:--)?[ \t]*(?:\r\n|\r|\n|\Z))"
+            self._next_boundary = re.compile(rb"(?:\r\n|\r|\n)(?=" + line + b")")
+            self._at_boundary = re.compile(line)
+            self._edge = 2 + max(len(prefix) for prefix in prefixes)
+        else:
+            self._relevant = 0
 
     def _content(self, buf: bytearray, pos: int, final: bool) -> int:
         size = len(buf)
@@ -371,9 +390,9 @@ class EnvelopeStream:
             self._take(buf, pos, size)
             return size
         if self._line_start:
-            if size - pos < 2 and not final:
+            if size - pos < self._edge and not final:
                 return pos
-            if buf.startswith(b"--", pos):
+            if self._at_boundary.match(buf, pos):
                 told = self._dash_line(buf, pos, final, self._relevant)
                 if told is None:
                     return pos
@@ -385,16 +404,16 @@ class EnvelopeStream:
                     self._take(buf, pos, end)
                     self._line_start = True
                     return end
-        match = _DASH_LINE.search(buf, pos)
+        match = self._next_boundary.search(buf, pos)
         if match is not None:
-            upto = match.end() - 2
+            upto = match.end()
             self._take(buf, pos, upto)
             self._line_start = True
             return upto
         if final:
             self._take(buf, pos, size)
             return size
-        upto = size - 3  # a line end and "--" may still straddle the edge of the next chunk
+        upto = size - self._edge  # a line end and a boundary may still straddle the edge of the next chunk
         if upto <= pos:
             return pos
         self._take(buf, pos, upto)

@@ -365,6 +365,14 @@ def header_of_50_mb() -> Iterator[bytes]:
     yield b"\r\n\r\nbody\r\n"
 
 
+def lines_that_look_like_boundaries() -> Iterator[bytes]:
+    # Signature dashes, rules and near-boundaries on every line: each one could end the part, none does.
+    yield b"From: a@example.org\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n\r\n"
+    for _ in range(25):
+        yield b"-- \r\n--\r\n--Bx\r\n--B-\r\n" * 50_000
+    yield b"--B--\r\n"
+
+
 HOSTILE_STREAMS: list[tuple[Callable[[], Iterator[bytes]], Callable[[dict[str, Any]], bool]]] = [
     (attachment_50_mb, lambda e: e["attachments"][0]["size"] == 700 * BLOCK and e["preview"] == "see the attachment"),
     (line_less_150_mb_attachment, lambda e: e["attachments"][0]["size"] == 2025 * BLOCK and e["mime_problems"] == []),
@@ -382,6 +390,10 @@ HOSTILE_STREAMS: list[tuple[Callable[[], Iterator[bytes]], Callable[[dict[str, A
             [a["size"] for a in e["attachments"]] == [700 * BLOCK]
             and "CloseBoundaryNotFoundDefect" in e["mime_problems"]
         ),
+    ),
+    (
+        lines_that_look_like_boundaries,
+        lambda e: e["content_type"] == "multipart/mixed" and e["counts"]["attachments"] == 0 and not e["mime_problems"],
     ),
     (
         header_of_50_mb,
