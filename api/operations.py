@@ -226,7 +226,9 @@ def _do(services: Services, req: func.HttpRequest, action: str, address: str, wh
             mailbox = services.registry.get(address)
             if mailbox.status != MailboxStatus.ACTIVE:
                 return notice(f"{address} is {mailbox.status}: only active mailboxes are collected.", ok=False)
-            result = services.collector.collect_mailbox(mailbox, deadline=time.monotonic() + COLLECT_NOW_BUDGET)
+            result = services.collector.collect_mailbox(
+                mailbox, deadline=time.monotonic() + COLLECT_NOW_BUDGET, asked=True
+            )
             ok = result.outcome in (RunOutcome.OK, RunOutcome.BUSY)  # busy: a run already collecting it
             text = f"{address}: {result.outcome}, {result.messages} messages collected"
             return notice(

@@ -103,6 +103,7 @@ class MailboxResult:
     more: bool = False  # caps or the time budget left mail for the next run
     max_delay: float | None = None  # seconds from a message's Date header to its envelope on the queue, the longest
     placeholders: list[int] = field(default_factory=list)  # UIDs Exchange served as placeholders in this run
+    asked: bool = False  # an admin asked for this run (the status page's "collect now")
 
     def log(self, consecutive_failures: int) -> None:
         level = logging.WARNING if self.outcome.failed else logging.INFO
@@ -380,21 +381,22 @@ class Collector:
             collect = carried(functools.partial(self.collect_mailbox, deadline=deadline))
             return list(pool.map(collect, mailboxes))
 
-    def collect_mailbox(self, mailbox: Mailbox, *, deadline: float) -> MailboxResult:
+    def collect_mailbox(self, mailbox: Mailbox, *, deadline: float, asked: bool = False) -> MailboxResult:
         """Collect one mailbox, as listed, under its lease and record the outcome in the registry. Never raises
-        CollectorError."""
-        result = self._collect_one(mailbox.address, mailbox, deadline=deadline)
+        CollectorError. A run an admin ``asked`` for records its success even when it found nothing new, so that the
+        status page shows it."""
+        result = self._collect_one(mailbox.address, mailbox, deadline=deadline, asked=asked)
         assert result is not None  # only a work item's mailbox can be unknown
         return result
 
     def _collect_one(
-        self, address: str, listed: Mailbox | None, *, deadline: float, work_item: str = ""
+        self, address: str, listed: Mailbox | None, *, deadline: float, work_item: str = "", asked: bool = False
     ) -> MailboxResult | None:
         """Collect ``address`` under its lease: from its ``listed`` row, read again only when the run has something to
         do (see ``_collect``), or from the row read under the lease (None: a work item's mailbox). Returns None for a
         work item whose mailbox is unknown or inactive."""
         started = self._clock()
-        result = MailboxResult(address)
+        result = MailboxResult(address, asked=asked)
         row = listed  # the newest row seen, for the failure count
         try:
             with self._leases.hold(mailbox_key(address)) as lease:
@@ -545,6 +547,7 @@ class Collector:
             result.messages,
             placeholders if tuple(placeholders) != mailbox.placeholder_uids else None,
             work_item,
+            always=result.asked,
         )
         return None
 
@@ -555,13 +558,15 @@ class Collector:
         messages: int,
         placeholders: list[int] | None,
         work_item: str,
+        *,
+        always: bool = False,
     ) -> None:
         """One registry write for the run's success, with what changed; none when nothing did and the last success
-        recorded is younger than SUCCESS_RECORD_EVERY."""
+        recorded is younger than SUCCESS_RECORD_EVERY, unless ``always``."""
         moved = bool(messages) or not _at_checkpoint(mailbox, checkpoint)
         healthy = not mailbox.last_error_class and not mailbox.consecutive_failures
         recent = mailbox.last_success_at is not None and utcnow() - mailbox.last_success_at < SUCCESS_RECORD_EVERY
-        if not moved and placeholders is None and not work_item and healthy and recent:
+        if not moved and placeholders is None and not work_item and healthy and recent and not always:
             return
         self._registry.record_success(
             mailbox.address,

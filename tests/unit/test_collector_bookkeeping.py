@@ -143,6 +143,19 @@ def test_an_empty_run_from_the_listing_reads_nothing_and_writes_its_success_now_
     assert world.registry.get(ADDRESS).last_success_at > old
 
 
+def test_a_run_an_admin_asked_for_records_its_success_even_when_it_found_nothing() -> None:
+    world = World(table=CountingTable())
+    world.registry.put(Mailbox(ADDRESS))
+    collector = world.collector()
+    collector.collect_mailbox(world.registry.get(ADDRESS), deadline=world.clock() + 100)  # the first success
+    first = world.registry.get(ADDRESS).last_success_at
+
+    collector.collect_mailbox(world.registry.get(ADDRESS), deadline=world.clock() + 100)
+    assert world.registry.get(ADDRESS).last_success_at == first, "a timer run with nothing new writes nothing"
+    collector.collect_mailbox(world.registry.get(ADDRESS), deadline=world.clock() + 100, asked=True)
+    assert world.registry.get(ADDRESS).last_success_at > first, "the status page shows the run it was asked for"
+
+
 def test_a_listing_taken_before_another_run_collected_is_read_again_and_nothing_is_queued_twice() -> None:
     world = World(table=CountingTable())
     world.registry.put(Mailbox(ADDRESS))
