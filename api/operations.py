@@ -28,8 +28,6 @@ from api.consent import callback_uri
 from api.identity import PRINCIPAL_HEADER, acting_admin
 from api.pages import SECURITY_HEADERS, json_answer, page
 from api.statuses import bad_request, consent_failure, link_refused, not_found, service_failure
-from collectors.diagnose import diagnose
-from collectors.replay import replay
 from collectors.services import Services, get_services
 from shared.audit import FUNCTION_KEY
 from shared.errors import CollectorError, NotFoundError, RunOutcome
@@ -236,7 +234,7 @@ def _do(services: Services, req: func.HttpRequest, action: str, address: str, wh
                 ok=ok,
                 detail=[result.error] * bool(result.error),
             )
-        report = diagnose(services.settings, services.registry, services.collector.token_for, address).to_public()
+        report = _diagnosis(services, address)
         if action == "test":
             verdict = "works" if report["ok"] else "has a problem"
             return notice(f"The connection to {address} {verdict}: IMAP login {report['login']}.", ok=report["ok"],
@@ -343,10 +341,14 @@ def reconsent_link(req: func.HttpRequest) -> func.HttpResponse:
 @_json_errors
 def diagnose_mailbox(req: func.HttpRequest) -> func.HttpResponse:
     """Token claims, IMAP login and capabilities, folders and messages waiting (never a token)."""
-    services = get_services()
-    return json_answer(
-        200, diagnose(services.settings, services.registry, services.collector.token_for, _address(req)).to_public()
-    )
+    return json_answer(200, _diagnosis(get_services(), _address(req)))
+
+
+def _diagnosis(services: Services, address: str) -> dict[str, Any]:
+    # Imported on use, as the CLI does: a timer's cold start never needs the diagnosis or the replay.
+    from collectors.diagnose import diagnose
+
+    return diagnose(services.settings, services.registry, services.collector.token_for, address).to_public()
 
 
 def _moment(value: Any, name: str) -> datetime | None:
@@ -380,6 +382,8 @@ def replay_mailbox(req: func.HttpRequest) -> func.HttpResponse:
     queue_name = str(data.get("queue") or "")
     if queue_name and not _QUEUE_NAME.fullmatch(queue_name):
         raise ValueError("queue must be a storage queue name (3-63 lower-case letters, digits and dashes)")
+    from collectors.replay import replay  # imported on use, as the diagnosis is
+
     services = get_services()
     mailbox = services.registry.get(_address(req))
     result = replay(

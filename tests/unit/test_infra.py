@@ -1240,7 +1240,7 @@ def test_azure_yaml_declares_one_function_service_and_the_hooks() -> None:
     assert re.findall(r"^  (\w+):$", services, re.MULTILINE) == ["api"]
     for line in ("    project: .", "    language: python", "    host: function"):
         assert line in services.splitlines()
-    for hook in ("preprovision", "postprovision", "postdown"):
+    for hook in ("prepackage", "preprovision", "postprovision", "postdown"):
         assert f"\n  {hook}:\n" in text, f"azure.yaml lacks the {hook} hook"
         for script in (f"infra/hooks/{hook}.sh", f"infra/hooks/{hook}.ps1"):
             assert f"run: ./{script}" in text
@@ -1266,9 +1266,12 @@ def test_host_json_choices() -> None:
 def test_funcignore_keeps_local_files_out_of_the_package() -> None:
     entries = {line.strip() for line in (ROOT / ".funcignore").read_text(encoding="utf-8").splitlines() if line.strip()}
     needed = {"tests", "infra", "devstack", "bench", ".venv", ".stack", "scripts", "local.settings*.json", ".git*"}
-    needed |= {"node_modules", "__pycache__", "docs"}
+    needed |= {"node_modules", "docs"}
     assert needed <= entries, f"missing: {sorted(needed - entries)}"
-    assert not {"function_app.py", "api", "collectors", "shared", "host.json", "requirements.txt"} & entries
+    shipped = {"function_app.py", "api", "collectors", "consumers", "shared", "host.json", "requirements.txt"}
+    assert not shipped & entries
+    # The app's bytecode ships (the prepackage hook compiles it, tests/unit/test_prepackage.py).
+    assert not {"__pycache__", "*.pyc"} & entries
 
 
 # ---------------------------------------------------------------------------------------------------------------
