@@ -20,6 +20,7 @@ from typing import Any
 
 from bench import (
     cold_start,
+    empty_before_wire,
     end_to_end,
     glpi_tickets,
     keyvault_economy,
@@ -41,6 +42,7 @@ ORDER = (
     "many_fanout",
     "glpi",
     "round_trips",
+    "empty_before_wire",
 )
 
 
@@ -59,6 +61,9 @@ def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[dict[str, Any]]
             consents=args.fanout_consents,
         ),
         "round_trips": round_trips.run,
+        "empty_before_wire": lambda info: empty_before_wire.run(
+            info, mailboxes=args.before_wire_mailboxes, rounds=args.repeat
+        ),
         "glpi": lambda info: glpi_tickets.run(info, messages=max(8, int(200 * args.scale)), repeat=args.repeat),
     }
 
@@ -83,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=500,
         help="mailboxes of benchmark 6d, at 20 ms RTT (default 500; 0 leaves it out)",
+    )
+    parser.add_argument(
+        "--before-wire-mailboxes",
+        type=int,
+        default=500,
+        help="mailboxes of benchmark 6d against the commit before the wire work (default 500)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs per comparison (default 3)")
     parser.add_argument(
