@@ -92,9 +92,10 @@ def summarize(mailboxes: int, times: dict[str, list[float]], loads: list[str], s
         ratio,
         f"<= {GOAL}x",
         ratio <= GOAL,
-        f"one Collector.run per side and round, one worker each, alternating ({', '.join(order(1))} then the "
-        f"reverse), after {WARM_RUNS} warm-up runs; spread max/min: new {max(new) / min(new):.2f}x, old "
-        f"{max(old) / min(old):.2f}x; {setup}; load average (1/5/15 min) {', then '.join(loads)}",
+        f"ratio {ratio:.3f}; one Collector.run per side and round, one worker each, alternating "
+        f"({', '.join(order(1))} then the reverse), after {WARM_RUNS} warm-up runs; spread max/min: "
+        f"new {max(new) / min(new):.2f}x, old {max(old) / min(old):.2f}x; {setup}; "
+        f"load average (1/5/15 min) {', then '.join(loads)}",
     )
 
 
