@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,40 +240,12 @@ class Workspace:
 
     def close(self) -> None:
         """Delete this workspace's queues, containers, tables, Key Vault secrets and Maildirs (best effort)."""
-        from azure.core.exceptions import ResourceNotFoundError
+        from bench.empty_side import purge_secrets, remove_storage
 
-        from shared import azure_clients
-
-        s = self.settings
-        steps: list[Callable[[], object]] = [
-            lambda: azure_clients.queue(s, s.mail_queue).delete_queue(),
-            lambda: azure_clients.queue(s, s.work_queue).delete_queue(),
-            lambda: azure_clients.blob_service(s).delete_container(s.mail_container),
-            lambda: azure_clients.blob_service(s).delete_container(s.lease_container),
-            lambda: azure_clients.table_service(s).delete_table(s.mailbox_table),
-            lambda: azure_clients.table_service(s).delete_table(s.consent_table),
-        ]
-        for step in steps:
-            try:
-                step()
-            except ResourceNotFoundError:
-                pass
-            except Exception as e:  # cleanup goes on; the names are unique anyway
-                say(f"cleanup of {self.name}: {type(e).__name__}")
-        client = azure_clients.secret_client(s)
-
-        def purge(address: str) -> None:
-            from shared.mailboxes import mailbox_key
-
-            try:
-                client.begin_delete_secret(mailbox_key(address)).wait()
-                client.purge_deleted_secret(mailbox_key(address))
-            except Exception:  # already gone
-                pass
-
+        for left in remove_storage(self.settings):  # cleanup goes on; the names are unique anyway
+            say(f"cleanup of {self.name}: {left}")
         if not self.info.get("own_key_vault"):  # a private vault goes away with its process
-            with ThreadPoolExecutor(8) as pool:
-                list(pool.map(purge, list(self.addresses)))
+            purge_secrets(self.settings, list(self.addresses))
         mail_root = Path(self.info["dovecot_config"]).parent / "mail"
         for home in mail_root.glob(f"{self.tag}-*"):
             shutil.rmtree(home, ignore_errors=True)

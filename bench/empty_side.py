@@ -124,42 +124,54 @@ class Side:
         }
 
     def close(self) -> dict[str, Any]:
-        from azure.core.exceptions import ResourceNotFoundError
-
-        from shared import azure_clients
-
-        s = self.settings
-        steps = [
-            lambda: azure_clients.queue(s, s.mail_queue).delete_queue(),
-            lambda: azure_clients.queue(s, s.work_queue).delete_queue(),
-            lambda: azure_clients.blob_service(s).delete_container(s.mail_container),
-            lambda: azure_clients.blob_service(s).delete_container(s.lease_container),
-            lambda: azure_clients.table_service(s).delete_table(s.mailbox_table),
-            lambda: azure_clients.table_service(s).delete_table(s.consent_table),
-        ]
-        left: list[str] = []
-        for step in steps:
-            try:
-                step()
-            except ResourceNotFoundError:
-                pass
-            except Exception as e:  # cleanup goes on; the names are unique anyway
-                left.append(type(e).__name__)
+        left = remove_storage(self.settings)
         if not self.info.get("own_key_vault"):  # a private vault goes away with its process
-            from shared.mailboxes import mailbox_key
-
-            client = azure_clients.secret_client(s)
-
-            def purge(address: str) -> None:
-                try:
-                    client.begin_delete_secret(mailbox_key(address)).wait()
-                    client.purge_deleted_secret(mailbox_key(address))
-                except Exception:  # never written, or already gone
-                    pass
-
-            with ThreadPoolExecutor(SETUP_THREADS) as pool:
-                list(pool.map(purge, self.addresses))
+            purge_secrets(self.settings, self.addresses)
         return {"left": left}
+
+
+def remove_storage(settings: Any) -> list[str]:
+    """Delete a workspace's queues, containers and tables (best effort); the names of the errors left."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    from shared import azure_clients
+
+    s = settings
+    steps = [
+        lambda: azure_clients.queue(s, s.mail_queue).delete_queue(),
+        lambda: azure_clients.queue(s, s.work_queue).delete_queue(),
+        lambda: azure_clients.blob_service(s).delete_container(s.mail_container),
+        lambda: azure_clients.blob_service(s).delete_container(s.lease_container),
+        lambda: azure_clients.table_service(s).delete_table(s.mailbox_table),
+        lambda: azure_clients.table_service(s).delete_table(s.consent_table),
+    ]
+    left: list[str] = []
+    for step in steps:
+        try:
+            step()
+        except ResourceNotFoundError:
+            pass
+        except Exception as e:  # cleanup goes on; the names are unique anyway
+            left.append(type(e).__name__)
+    return left
+
+
+def purge_secrets(settings: Any, addresses: list[str]) -> None:
+    """Delete and purge the mailboxes' token secrets (best effort: never written, or already gone)."""
+    from shared import azure_clients
+    from shared.mailboxes import mailbox_key
+
+    client = azure_clients.secret_client(settings)
+
+    def purge(address: str) -> None:
+        try:
+            client.begin_delete_secret(mailbox_key(address)).wait()
+            client.purge_deleted_secret(mailbox_key(address))
+        except Exception:  # never written, or already gone
+            pass
+
+    with ThreadPoolExecutor(SETUP_THREADS) as pool:
+        list(pool.map(purge, addresses))
 
 
 def main(argv: list[str] | None = None) -> int:
