@@ -47,6 +47,7 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from devstack.faults import FaultQueue
 from devstack.tls_http import DispatchingHandler, TlsServer
 
 logger = logging.getLogger("devstack.glpi")
@@ -184,36 +185,10 @@ class Fault:
             after=after,
         )
 
-
-class Faults:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._queue: list[Fault] = []
-
-    def add(self, fault: Fault) -> None:
-        with self._lock:
-            self._queue.append(fault)
-
-    def take(self, method: str, path: str) -> Fault | None:
-        with self._lock:
-            for fault in self._queue:
-                if fault.count == 0:
-                    continue
-                if fault.method and fault.method != method:
-                    continue
-                if fault.path and fault.path not in path:
-                    continue
-                if fault.count > 0:
-                    fault.count -= 1
-                fault.served += 1
-                return fault
-        return None
-
-    def clear(self) -> int:
-        with self._lock:
-            live = sum(1 for f in self._queue if f.count != 0)
-            self._queue.clear()
-            return live
+    def matches(self, method: str, path: str | None) -> bool:
+        if self.method and self.method != method:
+            return False
+        return not self.path or (path is not None and self.path in path)
 
 
 # ------------------------------------------------------------------------------------------------ the server
@@ -225,7 +200,7 @@ class GlpiServer(TlsServer):
     def __init__(self, address: tuple[str, int], ssl_context: ssl.SSLContext, store: Store) -> None:
         super().__init__(address, _Handler, ssl_context)
         self.store = store
-        self.faults = Faults()
+        self.faults: FaultQueue[Fault] = FaultQueue()
         self.stats: Counter[str] = Counter()
         self.stats_lock = threading.Lock()
         port = self.server_address[1]

@@ -50,6 +50,7 @@ from typing import Any, NoReturn
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 # Named outright: run with ``python -m`` the module is __main__, and log queries want one stable name.
+from devstack.faults import FaultQueue
 from devstack.tls_http import DispatchingHandler, TlsServer
 
 logger = logging.getLogger("devstack.keyvault")
@@ -552,35 +553,9 @@ class Fault:
         return self.name is None or (name is not None and self.name == name.lower())
 
 
-class Faults:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._queue: list[Fault] = []
-
-    def add(self, fault: Fault) -> None:
-        with self._lock:
-            self._queue.append(fault)
-
-    def take(self, method: str, name: str | None) -> Fault | None:
-        """The first live fault matching the request, charged one use; faults apply in the order added."""
-        with self._lock:
-            for fault in self._queue:
-                if fault.count != 0 and fault.matches(method, name):
-                    if fault.count > 0:
-                        fault.count -= 1
-                    fault.served += 1
-                    return fault
-            return None
-
-    def clear(self) -> int:
-        with self._lock:
-            live = sum(1 for f in self._queue if f.count != 0)
-            self._queue.clear()
-            return live
-
+class Faults(FaultQueue[Fault]):
     def snapshot(self) -> list[Json]:
-        with self._lock:
-            return [asdict(f) for f in self._queue]
+        return [asdict(f) for f in self.faults()]
 
 
 class Stats:
