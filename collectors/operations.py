@@ -52,6 +52,13 @@ def token_expires_at(mailbox: Mailbox) -> datetime | None:
     return mailbox.token_saved_at + REFRESH_TOKEN_INACTIVE_LIMIT
 
 
+def keep_alive_due(mailbox: Mailbox, now: datetime) -> bool:
+    """Whether ``Operations.keep_alive`` renews this mailbox's token now (and may write its row)."""
+    if mode_of(mailbox) != DELEGATED or mailbox.status not in (PAUSED, MailboxStatus.DISABLED):
+        return False
+    return mailbox.token_saved_at is None or now - mailbox.token_saved_at >= KEEP_ALIVE_EVERY
+
+
 @dataclass(frozen=True)
 class ReconsentLink:
     value: str
@@ -157,10 +164,7 @@ class Operations:
         now = utcnow()
         renewed = []
         for mailbox in mailboxes:
-            if mode_of(mailbox) != DELEGATED or mailbox.status not in (PAUSED, MailboxStatus.DISABLED):
-                continue
-            saved = mailbox.token_saved_at
-            if saved is not None and now - saved < KEEP_ALIVE_EVERY:
+            if not keep_alive_due(mailbox, now):
                 continue
             try:
                 token = self._tokens.renew(

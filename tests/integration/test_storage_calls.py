@@ -23,7 +23,10 @@ from azure.core.exceptions import ServiceResponseError
 from azure.core.pipeline.transport import RequestsTransport
 
 from collectors.collect import SUCCESS_RECORD_EVERY
+from collectors.scheduled import run_scheduled
+from collectors.services import build_services
 from shared.registry import Mailbox, MailboxStatus, utcnow
+from shared.settings import load_settings
 
 pytestmark = pytest.mark.integration
 
@@ -143,3 +146,25 @@ def test_a_registry_merge_whose_connection_drops_before_the_answer_is_retried(
     assert dropped, "no merge was sent"
     row = services.registry.get(address)
     assert row.last_oversize == "a note" if method == "PATCH" else row.work_item == "item"
+
+
+def test_the_timer_s_fan_out_lists_once_and_notes_a_hundred_items_per_call(
+    app_env: dict[str, str], services: Any, calls: Calls
+) -> None:
+    narrow = build_services(load_settings({**app_env, "COLLECT_MAX_CONCURRENCY": "1"}))  # fans out above 4
+    addresses = [f"fan-{i:03d}@example.test" for i in range(150)]
+    for address in addresses:
+        services.registry.put(Mailbox(address))
+    table = services.settings.mailbox_table
+    calls.sent.clear()
+
+    run_scheduled(narrow, past_due=False)
+
+    registry = Counter(
+        method for service, method, path in calls.sent if service == "table" and (table in path or "$batch" in path)
+    )
+    sends = [path for service, method, path in calls.sent if service == "queue" and method == "POST"]
+    # One listing serves the plan and the reports; 150 items noted in two transactions, not 150 writes.
+    assert registry == {"GET": 1, "POST": 2}, calls.sent
+    assert len(sends) == len(addresses)
+    assert all(m.work_item for m in services.registry.list())

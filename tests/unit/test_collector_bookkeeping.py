@@ -72,6 +72,32 @@ def test_a_second_tick_sends_no_item_for_a_mailbox_whose_item_is_still_outstandi
     assert world.table.calls["submit_transaction"] == 3 and world.table.calls["update_entity"] == 0
 
 
+def test_the_fan_out_notes_each_hundred_items_while_it_sends_the_rest() -> None:
+    world = world_with(250)
+    noted = threading.Event()
+    waited_in_vain: list[int] = []
+
+    class NotingTable(CountingTable):
+        def submit_transaction(self, operations: Any, **kwargs: Any) -> Any:
+            noted.set()
+            return super().submit_transaction(operations, **kwargs)
+
+    class SlowQueue(WorkQueue):
+        def send_message(self, content: Any, **kwargs: Any) -> None:
+            with self._lock:
+                sent = len(self.items)
+            # The sends after the first hundred and a few wait for that hundred's note: a fan-out that notes only
+            # after its last send would keep them waiting.
+            if sent >= 120 and not noted.wait(timeout=5):
+                waited_in_vain.append(sent)
+            super().send_message(content, **kwargs)
+
+    world.table.__class__ = NotingTable
+    assert world.collector().fan_out(world.registry.list(), SlowQueue()) == 250
+    assert not waited_in_vain
+    assert all(m.work_item for m in world.registry.list()) and world.table.calls["submit_transaction"] == 3
+
+
 def test_a_collected_item_lets_the_next_tick_send_again() -> None:
     world = world_with(3)
     collector, work = world.collector(), WorkQueue()

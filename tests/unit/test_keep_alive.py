@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from collectors.operations import Operations
+from collectors.scheduled import upkeep
 from collectors.tokens import AccessToken
 from shared.errors import TransientError
 from shared.registry import Mailbox, MailboxRegistry, MailboxStatus, utcnow
@@ -73,3 +76,47 @@ def test_a_failed_renewal_leaves_the_token_s_age() -> None:
     saved_before = registry.get(PAUSED).token_saved_at
     assert operations.keep_alive(registry.list()) == []
     assert registry.get(PAUSED).token_saved_at == saved_before
+
+
+class _CountingRegistry(MailboxRegistry):
+    def __init__(self) -> None:
+        super().__init__(FakeTable())  # type: ignore[arg-type]
+        self.listings = 0
+
+    def list(self) -> list[Mailbox]:
+        self.listings += 1
+        return super().list()
+
+
+def _upkeep_services(tokens: Any) -> Any:
+    registry = _CountingRegistry()
+    old = utcnow() - timedelta(days=80)  # a token 10 days from expiring unused: the daily line warns of it
+    registry.put(Mailbox(PAUSED, status=MailboxStatus.PAUSED, token_saved_at=old))
+    registry.put(Mailbox("fresh@contoso.example", status=MailboxStatus.PAUSED, token_saved_at=utcnow()))
+    operations = Operations(registry=registry, tokens=tokens, consent=None, signer=None)  # type: ignore[arg-type]
+    consent = SimpleNamespace(purge_expired_flows=lambda: 0)
+    return SimpleNamespace(registry=registry, operations=operations, consent=consent)
+
+
+def test_after_a_fan_out_the_reports_read_the_listing_and_only_the_kept_alive_rows_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    services = _upkeep_services(_Renewing(written=True))
+    listed = services.registry.list()
+
+    with caplog.at_level(logging.WARNING):
+        upkeep(services, listed, run_wrote=False)
+
+    assert services.registry.listings == 1  # the run's listing only
+    # The renewed token is read again: no "expires unused soon" line from the listing's old save time.
+    assert "token expires unused soon" not in caplog.text
+    assert services.registry.get(PAUSED).reconsent_reported_at is None
+
+
+def test_after_a_run_in_this_process_the_reports_read_every_row_again() -> None:
+    services = _upkeep_services(_Renewing(written=False))
+    listed = services.registry.list()
+
+    upkeep(services, listed)
+
+    assert services.registry.listings == 2
