@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -57,7 +56,6 @@ class Side:
         )
         self.settings = load_settings(env)
         self.services = build_services(self.settings)
-        self._local = threading.local()
 
     def setup(self) -> dict[str, Any]:
         from shared import azure_clients
