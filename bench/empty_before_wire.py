@@ -92,7 +92,8 @@ def summarize(mailboxes: int, times: dict[str, list[float]], loads: list[str], s
         ratio,
         f"<= {GOAL}x",
         ratio <= GOAL,
-        f"ratio {ratio:.3f}; one Collector.run per side and round, one worker each, alternating "
+        f"ratio {ratio:.3f} (round by round {spread([n / o for n, o in zip(new, old, strict=False)])}); "
+        f"one Collector.run per side and round, one worker each, alternating "
         f"({', '.join(order(1))} then the reverse), after {WARM_RUNS} warm-up runs; spread max/min: "
         f"new {max(new) / min(new):.2f}x, old {max(old) / min(old):.2f}x; {setup}; "
         f"load average (1/5/15 min) {', then '.join(loads)}",

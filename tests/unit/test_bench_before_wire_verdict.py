@@ -61,6 +61,7 @@ def test_the_ratio_is_the_new_median_over_the_old_one(
     assert row.verdict == ("met" if met else "MISSED")
     assert row.goal == "<= 0.5x"
     assert f"spread max/min: new {max(new) / min(new):.2f}x" in row.note
+    assert f"round by round {new[0] / old[0]:.2f}" in row.note
 
 
 def test_no_ratio_without_timed_runs_on_both_sides() -> None:
