@@ -437,3 +437,20 @@ def test_a_50_mb_message_fed_in_one_chunk_is_walked_in_pieces() -> None:
         tracemalloc.stop()
     assert peak < PEAK_LIMIT, f"one large chunk cost {peak / MB:.1f} MB beyond the chunk itself"
     assert stream.envelope(**OPTIONS)["attachments"][0]["size"] == 700 * BLOCK
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n", b"\r"], ids=["crlf", "lf", "cr"])
+def test_a_boundary_after_long_base64_is_found_whatever_the_line_end(eol: bytes) -> None:
+    # The content walk skips to the first place the boundary's text appears and lets the pattern decide from the
+    # line end before it: the boundary text in the middle of a line ends nothing, the one after the line end does.
+    body = eol.join(base64.b64encode(random.Random(3).randbytes(57)) for _ in range(40_000))
+    raw = eol.join([
+        b"From: a@example.org", b"Content-Type: multipart/mixed; boundary=B", b"", b"--B",
+        b"Content-Type: text/plain", b"", b"see x--B and x--B-- here, not boundaries", b"--B",
+        b"Content-Type: application/octet-stream; name=a.bin", b"Content-Transfer-Encoding: base64", b"",
+        body, b"--B", b"Content-Type: application/octet-stream; name=b.bin", b"", b"tail", b"--B--", b"",
+    ])  # fmt: skip
+    whole = build_envelope(raw, **OPTIONS)
+    assert [a["filename"] for a in whole["attachments"]] == ["a.bin", "b.bin"]
+    for chunks in ([raw], pieces(raw, 64 * 1024), pieces(raw, 4093)):
+        assert streamed(chunks).envelope(**OPTIONS) == whole

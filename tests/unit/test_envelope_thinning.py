@@ -132,3 +132,17 @@ def test_long_lines_are_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:
     got = envelope(raw)
     assert time.perf_counter() - started < 10, "thinning rescans long lines"
     assert got == full_parse(raw, monkeypatch)
+
+
+def test_base64_letters_are_counted_within_the_range_only() -> None:
+    # Each excluded byte is counted from its first occurrence in the range on: one before the range, one only in
+    # its last line, one absent, must all come out as a plain count says.
+    rng = random.Random(5)
+    alphabet = b"AZaz09+/=\r\n \t-"
+    for _ in range(500):
+        data = bytes(rng.choice(alphabet) for _ in range(rng.randrange(0, 120)))
+        start = rng.randrange(0, len(data) + 1)
+        end = rng.randrange(start, len(data) + 1)
+        expected = sum(1 for byte in data[start:end] if byte not in b"\r\n \t=")
+        assert envelope_mime.letters_in(data, start, end) == expected, (data, start, end)
+    assert envelope_mime.letters_in(bytearray(b"==QUJD\r\nRA==\r\n"), 2, 12) == 6
