@@ -57,7 +57,7 @@ def _benchmarks(args: argparse.Namespace) -> dict[str, Callable[[dict[str, Any]]
         "many_fanout": lambda info: many_fanout.run(
             info,
             mailboxes=args.fanout_mailboxes,
-            latency_mailboxes=args.latency_mailboxes,
+            per_mailbox=args.fanout_messages,
             consents=args.fanout_consents,
         ),
         "round_trips": round_trips.run,
@@ -84,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         "(default), or a real consent each (about a second per mailbox)",
     )
     parser.add_argument(
-        "--latency-mailboxes",
+        "--fanout-messages",
         type=int,
-        default=500,
-        help="mailboxes of benchmark 6d, at 20 ms RTT (default 500; 0 leaves it out)",
+        default=5,
+        help="new messages per mailbox of benchmark 6b (default 5; 0 measures only the empty run, 6c)",
     )
     parser.add_argument(
         "--before-wire-mailboxes",
