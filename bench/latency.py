@@ -53,6 +53,9 @@ def fetch_with_imaplib(port: int, address: str, token: str, ca_bundle: str) -> i
     return total
 
 
+READ_TIMEOUT = 120.0
+
+
 class _Receiver:
     """Receives a TLS stream straight into one preallocated buffer (no intermediate chunk, no per-record object),
     and stops at a line holding a given tagged answer: the least work a client can do with the bytes."""
@@ -63,7 +66,10 @@ class _Receiver:
         self.received = 0
 
     def until(self, end: bytes) -> None:
-        """Receive until the data ends with a line holding ``end``; only the newly received tail is searched."""
+        """Receive until a line holding ``end`` has come whole (the data ends with CRLF after it). Each byte is
+        searched once: the answer's tag can come in one record and the rest of its line in a later one."""
+        scan = max(0, self.received - len(end))  # what came before this call answered an earlier command
+        found = -1
         while True:
             if len(self._buffer) - self.received < 1 << 16:
                 self._buffer.extend(bytes(len(self._buffer)))  # doubles; only when the expected size was short
@@ -71,10 +77,10 @@ class _Receiver:
             if not got:
                 raise RuntimeError("the server closed the connection")
             self.received += got
-            tail_from = max(0, self.received - got - len(end) - 2)
-            if self._buffer[self.received - 2 : self.received] == b"\r\n" and (
-                self._buffer.find(end, tail_from, self.received) >= 0
-            ):
+            if found < 0:
+                found = self._buffer.find(end, scan, self.received)
+                scan = max(scan, self.received - len(end) + 1)
+            if found >= 0 and self._buffer[self.received - 2 : self.received] == b"\r\n":
                 return
 
     def restart(self) -> None:
@@ -93,6 +99,7 @@ def fetch_raw(
         context.wrap_socket(raw, server_hostname="localhost") as tls,
     ):
         tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls.settimeout(READ_TIMEOUT)  # a lost answer stops the benchmark with an error, never hangs it
         receiver = _Receiver(tls, expected + (1 << 20))
         receiver.until(b"* OK")
         tls.sendall(b"r1 AUTHENTICATE XOAUTH2 " + sasl + b"\r\n")
