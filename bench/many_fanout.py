@@ -49,6 +49,7 @@ GOAL = 1.5  # fan-out time over the single mailbox's
 PERIOD_SECONDS = 300.0  # the default schedule, every 5 minutes
 WORKERS = 2
 START_SECONDS = 60.0
+STALLED_SECONDS = 60.0  # no new envelope for this long with the work queue empty: the items left have expired
 
 
 @contextlib.contextmanager
@@ -91,6 +92,7 @@ def _workers(ws: Workspace, count: int, folder: Path) -> Iterator[None]:
 def _fan_out_and_drain(ws: Workspace, expected: int) -> tuple[float, float]:
     """The tick's planning (list, due, fan-out) and then the wait until every work item is settled and the expected
     envelopes are on the queue. Returns (planning seconds, total seconds)."""
+    from collectors.collect import WORK_ITEM_TTL
     from collectors.scheduled import run_scheduled
     from shared import azure_clients
 
@@ -99,11 +101,20 @@ def _fan_out_and_drain(ws: Workspace, expected: int) -> tuple[float, float]:
     timer = Timer()
     run_scheduled(ws.services, past_due=False)
     planning = timer.elapsed()
+    last, last_change = -1, time.monotonic()
     while True:
         pending = work.get_queue_properties().approximate_message_count
         queued = mail.get_queue_properties().approximate_message_count
         if pending == 0 and queued >= expected:
             break
+        if queued != last:
+            last, last_change = queued, time.monotonic()
+        elif pending == 0 and time.monotonic() - last_change > STALLED_SECONDS:
+            # Items the hosts did not take within their time to live expire; the next tick would send them again.
+            raise RuntimeError(
+                f"fan-out stalled with {queued} of {expected} envelopes queued and the work queue empty: the rest of "
+                f"the work items expired untaken after their {WORK_ITEM_TTL} s time to live"
+            )
         time.sleep(0.25)
     total = timer.elapsed()
     failed = [m.address for m in ws.services.registry.list() if m.last_error_class]
