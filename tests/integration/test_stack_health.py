@@ -47,3 +47,11 @@ def test_stack_fixture_covers_the_description(stack: Stack) -> None:
     assert len(described) > 20, "the stack description was not read"
     missing = described - set(Stack.__dataclass_fields__)
     assert not missing, f"tests/support/stack.py: add an attribute for {sorted(missing)}"
+
+
+def test_azurite_runs_with_lookups_that_do_not_grow_with_the_account(stack: Stack) -> None:
+    # devstack/azurite_lookups.cjs (tests/unit/test_azurite_lookups.py checks what it does, docs/fidelity.md why).
+    pid = devstack._running_pid("azurite")
+    assert pid is not None
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert command[1:3] == [b"--require", str(devstack.REPO / "devstack" / "azurite_lookups.cjs").encode()]
