@@ -445,3 +445,36 @@ def test_classification_reasons_name_the_evidence() -> None:
     assert "return-path: <> (null sender)" in reasons
     loop = build(plain((LOOP_HEADER, "support@example.test")))["classification"]["reasons"]
     assert loop == ["x-mail-collector-loop: support@example.test"]
+
+
+def test_the_preview_tidies_only_the_prefix_it_needs_and_gives_what_tidying_the_whole_gives() -> None:
+    import random
+    import re
+
+    from collectors.envelope import mime
+    from collectors.envelope.notes import scrub
+
+    def whole(text: str) -> str:
+        """The tidying rules applied to the whole text at once, with the plainest patterns."""
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = re.sub("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", text)
+        text = re.sub(r"[ \t\u00a0]+", " ", text)
+        text = re.sub(r"\n[ \t]*(?:\n[ \t]*)+", "\n\n", text)
+        return scrub(text.strip())[: mime.PREVIEW_CHARS]
+
+    # Texts heavy in what the tidying removes or collapses, so that many need a longer prefix than the first.
+    alphabet = ["word", "x", " ", "  ", "\t", "\u00a0", "\r", "\n", "\r\n", "\n \n", "\x01", "\x00", "\x7f", "\u3000",
+                "\ud800", "\u2028", "é"]  # fmt: skip
+    weights = [20, 10, 30, 10, 5, 3, 5, 8, 5, 4, 2, 1, 1, 1, 1, 1, 2]
+    rng = random.Random(2026)
+    longer = 0
+    for case in range(600):
+        parts = rng.choices(alphabet, weights, k=rng.choice([0, 5, 500, 3000, 12000]))
+        if case % 3 == 0:  # long blank stretches: the first prefix tidies to less than a preview
+            parts = [" \n" * rng.randrange(4000, 30000), *parts]
+        text = "".join(parts)
+        expected = whole(text)
+        assert mime._tidy(text) == expected, case
+        first = mime.PREVIEW_CHARS + mime.PREVIEW_CHARS // 4
+        longer += len(whole(text[:first])) < mime.PREVIEW_CHARS == len(expected)
+    assert longer > 20  # the cases where the first prefix is not enough were met, not only the easy ones
